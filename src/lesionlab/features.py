@@ -1,0 +1,105 @@
+"""Frozen-backbone features, computed once per (backbone, weights, preprocessing, file list) and cached on disk.
+
+In frozen mode the backbone never changes, so running it every epoch (as a Keras model with a
+frozen base does) is pure waste: one pass over the images, then the head trains on vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import ResolvedWeights, build_backbone
+from .data import BadImageError, DataError, Dataset, Sample, decode_samples, describe_bad, normalize
+
+CACHE_VERSION = 1
+
+
+class BadDataError(DataError):
+    def __init__(self, bad: list[BadImageError]):
+        self.bad = bad
+        super().__init__(f"{len(bad)} image(s) cannot be read:\n{describe_bad(bad)}\n"
+                         "Fix or remove them, or pass --skip-bad to train without them "
+                         "(the skipped files are listed in the run folder).")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LESIONLAB_CACHE_DIR", Path.home() / ".cache" / "lesionlab"))
+
+
+def preprocessing(weights: ResolvedWeights) -> dict:
+    """Everything that turns a file into the network's input; stored with runs and exports."""
+    return {"input_size": weights.input_size, "resize": "shorter-side-bicubic+center-crop",
+            "mean": list(weights.mean), "std": list(weights.std), "channels": "RGB", "layout": "NCHW",
+            "scale": "1/255"}
+
+
+@dataclass
+class FeatureTable:
+    relpaths: list[str]
+    features: np.ndarray  # float32 N x D
+    bad: list[tuple[str, str]]  # (relpath, reason) of files that could not be decoded
+
+    def rows(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        index = {r: i for i, r in enumerate(self.relpaths)}
+        keep = [s for s in samples if s.relpath in index]
+        x = self.features[[index[s.relpath] for s in keep]]
+        y = np.array([s.label for s in keep], np.float32)
+        return x, y
+
+
+@torch.inference_mode()
+def extract(backbone: nn.Module, images: np.ndarray, mean, std, batch_size: int = 64,
+            progress: bool = True, desc: str = "features") -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    backbone.eval()
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
+        x = torch.from_numpy(normalize(images[i:i + batch_size], mean, std))
+        out.append(backbone(x).float().numpy())
+    dim = out[0].shape[1] if out else 0
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+def cache_key(weights: ResolvedWeights, dataset: Dataset) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "backbone": weights.backbone, "sha256": weights.sha256,
+                       "pre": preprocessing(weights), "files": dataset.file_list_hash()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_or_compute(dataset: Dataset, weights: ResolvedWeights, seed: int = 0, skip_bad: bool = False,
+                    progress: bool = True, cache: Path | None = None,
+                    backbone: nn.Module | None = None) -> FeatureTable:
+    """Features for every file of ``dataset``; raises ``BadDataError`` on unreadable files unless ``skip_bad``.
+
+    Two processes may compute the same entry at once: each writes a temp file and renames it, and
+    both hold the same numbers, so the loser of the race only wastes time.
+    """
+    from .runfiles import atomic_save_torch
+
+    path = (cache or cache_dir()) / "features" / f"{weights.backbone}-{cache_key(weights, dataset)}.pt"
+    if path.exists():
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        table = FeatureTable(list(obj["relpaths"]), obj["features"].numpy(), [tuple(b) for b in obj["bad"]])
+    else:
+        decoded = decode_samples(dataset.all, weights.input_size, progress)
+        if decoded.bad and not skip_bad:
+            raise BadDataError(decoded.bad)
+        backbone = backbone or build_backbone(weights, seed)
+        feats = extract(backbone, decoded.images, weights.mean, weights.std, progress=progress,
+                        desc=f"{weights.backbone} features")
+        table = FeatureTable([s.relpath for s in decoded.samples], feats,
+                             [(e.path, e.reason) for e in decoded.bad])
+        atomic_save_torch({"relpaths": table.relpaths, "features": torch.from_numpy(feats),
+                           "bad": [list(b) for b in table.bad]}, path)
+    if table.bad and not skip_bad:
+        raise BadDataError([BadImageError(p, r) for p, r in table.bad])
+    return table

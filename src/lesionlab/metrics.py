@@ -1,0 +1,151 @@
+"""Binary screening metrics with stratified-bootstrap CIs, operating points and calibration.
+
+Everything here takes plain arrays (labels 0/1, probabilities of malignant) and returns plain
+numbers, so evaluation, sweeps and ensembles share one definition of each metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score, roc_curve
+
+METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+DEFAULT_RESAMPLES = 1000
+DEFAULT_POLICY = "sensitivity:0.95"
+
+
+def _rates(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    tp = float(np.sum((pred == 1) & (y == 1)))
+    tn = float(np.sum((pred == 0) & (y == 0)))
+    fp = float(np.sum((pred == 1) & (y == 0)))
+    fn = float(np.sum((pred == 0) & (y == 1)))
+    div = lambda a, b: a / b if b else 0.0  # noqa: E731  (sklearn's zero_division=0)
+    precision, recall = div(tp, tp + fp), div(tp, tp + fn)
+    return {
+        "accuracy": div(tp + tn, len(y)),
+        "precision": precision,
+        "recall": recall,
+        "specificity": div(tn, tn + fp),
+        "f1": div(2 * precision * recall, precision + recall),
+    }
+
+
+def point_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    y = np.asarray(y).astype(int)
+    pred = (np.asarray(prob) >= threshold).astype(int)
+    out = _rates(y, pred)
+    out["auc"] = float(roc_auc_score(y, prob)) if 0 < y.sum() < len(y) else float("nan")
+    return out
+
+
+def confusion(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> list[list[int]]:
+    """[[tn, fp], [fn, tp]]."""
+    y = np.asarray(y).astype(int)
+    pred = (np.asarray(prob) >= threshold).astype(int)
+    return [[int(np.sum((y == 0) & (pred == 0))), int(np.sum((y == 0) & (pred == 1)))],
+            [int(np.sum((y == 1) & (pred == 0))), int(np.sum((y == 1) & (pred == 1)))]]
+
+
+def _rank_auc(scores: np.ndarray, n_pos: int) -> float:
+    """Mann-Whitney AUC for scores ordered positives first (ties count one half); equals roc_auc_score."""
+    ranks = rankdata(scores)
+    n_neg = len(scores) - n_pos
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n_resamples: int = DEFAULT_RESAMPLES,
+                 seed: int = 0, alpha: float = 0.05) -> dict[str, list[float]]:
+    """Percentile CIs from a stratified bootstrap: each resample keeps the class counts of the sample."""
+    y = np.asarray(y).astype(int)
+    prob = np.asarray(prob, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    draws: dict[str, list[float]] = {m: [] for m in METRICS}
+    pred = (prob >= threshold).astype(int)
+    for _ in range(n_resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        for k, v in _rates(y[idx], pred[idx]).items():
+            draws[k].append(v)
+        draws["auc"].append(_rank_auc(prob[idx], len(pos)) if len(pos) and len(neg) else float("nan"))
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] for k, v in draws.items()}
+
+
+def metrics_with_ci(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5,
+                    n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """``{metric: {"value", "ci95"}}`` plus ``confusion`` and ``n``; the shape of metrics.json's blocks."""
+    point = point_metrics(y, prob, threshold)
+    ci = bootstrap_ci(y, prob, threshold, n_resamples, seed)
+    out: dict = {k: {"value": point[k], "ci95": ci[k]} for k in METRICS}
+    out["confusion"] = confusion(y, prob, threshold)
+    out["threshold"] = float(threshold)
+    out["n"] = int(len(y))
+    return out
+
+
+# ------------------------------------------------------------------ operating point
+
+
+def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLICY) -> float:
+    """``fixed:T`` | ``youden`` | ``sensitivity:S`` (the highest threshold whose sensitivity is >= S)."""
+    kind, _, arg = policy.partition(":")
+    if kind == "fixed":
+        return float(arg or 0.5)
+    fpr, tpr, thr = roc_curve(y, prob)
+    thr = np.clip(thr, 0.0, 1.0)  # sklearn puts +inf first
+    if kind == "youden":
+        return float(thr[int(np.argmax(tpr - fpr))])
+    if kind == "sensitivity":
+        target = float(arg)
+        if not 0 < target <= 1:
+            raise ValueError(f"sensitivity target must be in (0, 1], got {arg}")
+        ok = np.flatnonzero(tpr >= target)
+        return float(thr[ok[0]])
+    raise ValueError(f"unknown threshold policy '{policy}'; use fixed:0.5, youden or sensitivity:0.95")
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def fit_temperature(y: np.ndarray, logits: np.ndarray) -> float:
+    """Temperature T minimising validation log-loss of sigmoid(logit / T); T > 1 softens over-confidence."""
+    y = np.asarray(y, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64)
+
+    def nll(log_t: float) -> float:
+        p = np.clip(expit(z / np.exp(log_t)), 1e-12, 1 - 1e-12)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
+    """ECE with equal-width bins on P(malignant): sum over bins of |freq - mean prob| weighted by bin size."""
+    y = np.asarray(y, dtype=np.float64)
+    prob = np.asarray(prob, dtype=np.float64)
+    bins = np.minimum((prob * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(y[m].mean() - prob[m].mean())
+    return float(ece)
+
+
+def brier(y: np.ndarray, prob: np.ndarray) -> float:
+    return float(np.mean((np.asarray(prob) - np.asarray(y)) ** 2))
+
+
+def reliability_bins(y: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> list[dict]:
+    bins = np.minimum((np.asarray(prob) * n_bins).astype(int), n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            out.append({"bin": b, "n": int(m.sum()), "mean_prob": float(prob[m].mean()),
+                        "freq": float(np.asarray(y)[m].mean())})
+    return out

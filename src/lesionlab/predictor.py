@@ -1,0 +1,202 @@
+"""One contract for every consumer (CLI, service, evaluation, ensembles): images in, P(malignant) out.
+
+A predictor owns its preprocessing, its calibration temperature and its operating threshold, all
+read from the model folder, so every caller gets the same numbers for the same image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from scipy.special import expit
+
+from . import runfiles as rf
+from .data import normalize, resize_to_input
+
+LABELS = ("benign", "malignant")
+ONNX_FILE = "model.onnx"
+PREPROCESS_FILE = "preprocess.json"
+ENSEMBLE_FILE = "ensemble.json"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+@dataclass
+class ModelInfo:
+    model_id: str
+    backbone: str
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    threshold: float = 0.5
+    threshold_policy: str = "fixed:0.5"
+    temperature: float = 1.0
+    path: str = ""
+    runtime: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def tta_views(batch_hwc: np.ndarray) -> list[np.ndarray]:
+    """Dermoscopy has no canonical orientation: the 8 flips/rotations of the square input."""
+    views = []
+    for k in range(4):
+        r = np.rot90(batch_hwc, k, axes=(1, 2))
+        views += [r, r[:, :, ::-1]]
+    return [np.ascontiguousarray(v) for v in views]
+
+
+class Predictor:
+    """Subclasses implement ``_logits`` on a normalised float32 NCHW batch."""
+
+    info: ModelInfo
+    batch_size = 32
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return np.stack([resize_to_input(im, self.info.input_size) for im in images])
+
+    def logits_from_uint8(self, batch_hwc: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Uncalibrated logits; with ``tta``, the mean logit over the 8 dihedral views."""
+        if tta:
+            return np.mean([self.logits_from_uint8(v) for v in tta_views(batch_hwc)], axis=0)
+        out = [self._logits(normalize(batch_hwc[i:i + self.batch_size], self.info.mean, self.info.std))
+               for i in range(0, len(batch_hwc), self.batch_size)]
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+    def predict_logits(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+        if not images:
+            return np.zeros(0)
+        return self.logits_from_uint8(self.prepare(images), tta)
+
+    def predict(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+        """Calibrated P(malignant) = sigmoid(logit / temperature)."""
+        return expit(self.predict_logits(images, tta) / self.info.temperature)
+
+    def label(self, probability: float) -> str:
+        return LABELS[int(probability >= self.info.threshold)]
+
+
+def _read_operating_point(model_dir: Path) -> dict:
+    path = model_dir / rf.CALIBRATION
+    return rf.read_json(path) if path.exists() else {}
+
+
+def _info(model_dir: Path, runtime: str) -> ModelInfo:
+    pre_path = model_dir / PREPROCESS_FILE
+    if (model_dir / rf.CONFIG).exists():
+        cfg = rf.read_json(model_dir / rf.CONFIG)
+        pre, backbone = cfg["preprocessing"], cfg["backbone"]
+    else:
+        pre = rf.read_json(pre_path)
+        backbone = pre.get("backbone", "unknown")
+    op = _read_operating_point(model_dir)
+    return ModelInfo(
+        model_id=op.get("model_id") or model_dir.name, backbone=backbone, input_size=int(pre["input_size"]),
+        mean=tuple(pre["mean"]), std=tuple(pre["std"]), threshold=float(op.get("threshold", 0.5)),
+        threshold_policy=op.get("policy", "fixed:0.5"), temperature=float(op.get("temperature", 1.0)),
+        path=str(model_dir), runtime=runtime,
+    )
+
+
+class TorchPredictor(Predictor):
+    def __init__(self, model_dir: str | Path, num_threads: int | None = None):
+        import torch
+
+        from .model import load_model
+
+        model_dir = Path(model_dir)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model, self.meta = load_model(model_dir / rf.MODEL)
+        self.info = _info(model_dir, "pytorch")
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x)).numpy()
+
+
+class OnnxPredictor(Predictor):
+    def __init__(self, model_dir: str | Path, num_threads: int | None = None):
+        import onnxruntime as ort
+
+        model_dir = Path(model_dir)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if num_threads:
+            opts.intra_op_num_threads = num_threads
+        self.session = ort.InferenceSession(str(model_dir / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.info = _info(model_dir, "onnxruntime")
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0].reshape(-1)
+
+
+class EnsemblePredictor(Predictor):
+    """Mean of the members' calibrated probabilities; threshold from the ensemble's own calibration.json."""
+
+    def __init__(self, model_dir: str | Path, backend: str = "auto", num_threads: int | None = None):
+        model_dir = Path(model_dir)
+        spec = rf.read_json(model_dir / ENSEMBLE_FILE)
+        self.members = [load_predictor(_member_path(model_dir, m), backend, num_threads) for m in spec["members"]]
+        op = _read_operating_point(model_dir)
+        first = self.members[0].info
+        self.info = ModelInfo(
+            model_id=op.get("model_id") or model_dir.name, backbone="ensemble(" + ",".join(
+                m.info.backbone for m in self.members) + ")", input_size=first.input_size, mean=first.mean,
+            std=first.std, threshold=float(op.get("threshold", 0.5)), threshold_policy=op.get("policy", "fixed:0.5"),
+            temperature=float(op.get("temperature", 1.0)), path=str(model_dir), runtime="+".join(sorted({m.info.runtime for m in self.members})),
+        )
+
+    def predict_logits(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+        """The logit of the mean of the members' calibrated probabilities."""
+        return mean_probability_logit([m.predict(images, tta) for m in self.members])
+
+    def logits_from_uint8(self, batch_hwc: np.ndarray, tta: bool = False) -> np.ndarray:
+        raise TypeError("ensemble members may differ in input size; call predict() with images")
+
+
+def mean_probability_logit(member_probs: Sequence[np.ndarray]) -> np.ndarray:
+    p = np.clip(np.mean(member_probs, axis=0), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def _member_path(ensemble_dir: Path, member: str) -> Path:
+    p = Path(member)
+    return p if p.is_absolute() else (ensemble_dir / p).resolve()
+
+
+def load_predictor(model_dir: str | Path | None = None, backend: str = "auto",
+                   num_threads: int | None = None) -> Predictor:
+    """``auto`` prefers ONNX Runtime when the folder has model.onnx; ``None`` means the bundled default."""
+    model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    if not model_dir.is_dir():
+        raise rf.RunError(f"model folder {model_dir} does not exist")
+    if (model_dir / ENSEMBLE_FILE).exists():
+        return EnsemblePredictor(model_dir, backend, num_threads)
+    has_onnx = (model_dir / ONNX_FILE).exists()
+    if backend == "onnx" or (backend == "auto" and has_onnx):
+        if not has_onnx:
+            raise rf.RunError(f"{model_dir} has no {ONNX_FILE}; run `lesionlab export {model_dir}` first")
+        return OnnxPredictor(model_dir, num_threads)
+    if not (model_dir / rf.MODEL).exists():
+        raise rf.RunError(f"{model_dir} holds neither {rf.MODEL} nor {ONNX_FILE}; is it a lesionlab run folder?")
+    return TorchPredictor(model_dir, num_threads)
+
+
+def describe(predictor: Predictor) -> dict:
+    i = predictor.info
+    return {"model_id": i.model_id, "backbone": i.backbone, "input_size": i.input_size, "threshold": i.threshold,
+            "threshold_policy": i.threshold_policy, "temperature": i.temperature, "runtime": i.runtime}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2)

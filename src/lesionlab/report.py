@@ -1,0 +1,77 @@
+"""Markdown for people: a run's report and metric tables with confidence intervals."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .metrics import METRICS
+
+DISCLAIMER = ("lesionlab is a research tool that screens images; it does not diagnose. A result is not a "
+              "medical opinion: any lesion that worries you needs a clinician.")
+SPLIT_TITLES = {"val": "validation", "test": "test (official split)",
+                "test_dedup": "test_dedup (test without near-duplicates of training images)"}
+
+
+def fmt(block: Mapping) -> str:
+    lo, hi = block["ci95"]
+    return f"{block['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def metrics_table(metrics: Mapping, splits=("val", "test", "test_dedup"), key: str | None = None) -> str:
+    """Rows = metrics, columns = splits; ``key`` picks a sub-block such as ``at_threshold``."""
+    cols = [s for s in splits if s in metrics]
+    blocks = {s: (metrics[s][key] if key else metrics[s]) for s in cols}
+    head = "| metric | " + " | ".join(f"{s} (n={blocks[s]['n']})" for s in cols) + " |"
+    lines = [head, "|---|" + "---|" * len(cols)]
+    for m in METRICS:
+        lines.append(f"| {m} | " + " | ".join(fmt(blocks[s][m]) for s in cols) + " |")
+    lines.append("| confusion [[tn, fp], [fn, tp]] | " + " | ".join(str(blocks[s]["confusion"]) for s in cols) + " |")
+    return "\n".join(lines)
+
+
+def run_report(config: Mapping, metrics: Mapping) -> str:
+    w = config.get("weights", {})
+    thr = metrics["threshold"]
+    cal = metrics["calibration"]
+    pretrained = "ImageNet weights" if config.get("pretrained") else "RANDOM initial weights (no ImageNet weights)"
+    t = config.get("train", {})
+    lines = [
+        f"# lesionlab run: {config.get('backbone')} ({config.get('mode')})",
+        "",
+        f"> {DISCLAIMER}",
+        "",
+        "## Model",
+        f"- backbone `{config.get('backbone')}` from {pretrained}; weights source `{w.get('source')}`, "
+        f"sha256 `{w.get('sha256')}`",
+        f"- head: {config.get('model', {}).get('head')}; transfer mode `{config.get('mode')}`",
+        f"- training: lr {t.get('lr')}, {t.get('epochs')} epochs, batch {t.get('batch_size')}, optimizer "
+        f"{t.get('optimizer')}, schedule {t.get('schedule')}, seed {t.get('seed')}; best validation epoch "
+        f"{config.get('best_epoch')}",
+        f"- data: `{config.get('data', {}).get('root')}`; train {config['data'].get('n_train')}, validation "
+        f"{config['data'].get('n_val')} (group-aware split, seed {config['data'].get('split_seed')}), test "
+        f"{config['data'].get('n_test')}, test_dedup {config['data'].get('n_test_dedup')}",
+        f"- command: `{config.get('command') or 'n/a'}`",
+        "",
+        "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)",
+        "",
+        metrics_table(metrics),
+        "",
+        f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on validation)",
+        "",
+        metrics_table(metrics, key="at_threshold"),
+        "",
+        "## Calibration",
+        f"Temperature {cal['temperature']:.3f}, fitted on validation. Probabilities reported by predict and serve "
+        "are the calibrated ones.",
+        "",
+        "| split | ECE before | ECE after | Brier before | Brier after |",
+        "|---|---|---|---|---|",
+    ]
+    for s in ("val", "test", "test_dedup"):
+        c = cal[s]
+        lines.append(f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | "
+                     f"{c['brier_after']:.4f} |")
+    lines += ["", "## Figures", "", "![ROC](figures/roc.png)", "", "![confusion](figures/confusion.png)", "",
+              "![operating point](figures/confusion_operating.png)", "",
+              "![training](figures/training_curves.png)", "", "![reliability](figures/reliability.png)", ""]
+    return "\n".join(lines)

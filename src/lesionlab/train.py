@@ -1,0 +1,413 @@
+"""Training, top to bottom: config, data, model, loop, checkpoint. Resumable at epoch granularity.
+
+Two transfer modes:
+- ``frozen`` (the study): the backbone is fixed, so its features are computed once (see
+  ``features.py``) and only the head trains, on vectors, in seconds.
+- ``finetune``: the whole network trains on augmented images. BatchNorm layers of the backbone stay
+  in eval mode (their running statistics are frozen; their scale and shift still learn), because
+  batches of 32 dermoscopy images are too small and too unlike ImageNet to re-estimate them, and
+  because some weights (the Coral MobileNetV2) have BatchNorm folded into the convolutions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import runfiles as rf
+from .backbones import ResolvedWeights, build_backbone, resolve_weights
+from .data import Dataset, Sample, decode_samples, load_dataset, normalize
+from .features import BadDataError, FeatureTable, load_or_compute, preprocessing
+from .model import Head, LesionClassifier, build_model, save_model
+
+MODES = ("frozen", "finetune")
+HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "lr", "seconds"]
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "efficientnet_lite0"
+    mode: str = "frozen"
+    lr: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 32
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    optimizer: str = "adam"  # the study's Keras default; "adamw" for the fine-tuning recipe
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "cosine" (with linear warm-up)
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    class_weight: bool = False
+    dropout: float = 0.0
+    augment: str = "auto"  # "auto" = on in finetune, off in frozen; or "none" / "dermoscopy"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got '{self.mode}'")
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("lr must be > 0, epochs >= 1 and batch size >= 1")
+        if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
+            raise ValueError("optimizer must be adam|adamw and schedule constant|cosine")
+
+    @property
+    def augmentation(self) -> str:
+        if self.augment == "auto":
+            return "dermoscopy" if self.mode == "finetune" else "none"
+        return self.augment
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    val_auc: float
+    lr: float
+    seconds: float
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------ pieces shared by both modes
+
+
+def binary_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def make_loss(cfg: TrainConfig, y_train: np.ndarray) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    pos_weight = None
+    if cfg.class_weight:
+        pos = float(y_train.sum())
+        pos_weight = torch.tensor((len(y_train) - pos) / max(pos, 1.0))
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if cfg.label_smoothing:
+            y = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+        return bce(logits, y)
+
+    return loss
+
+
+def make_optimizer(cfg: TrainConfig, params, steps_per_epoch: int):
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Each epoch's randomness depends only on (seed, epoch), so a resumed run equals an unbroken one."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+# ------------------------------------------------------------------ frozen mode: the head on cached features
+
+
+@torch.inference_mode()
+def evaluate_head(head: Head, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tuple[float, float, float]:
+    head.eval()
+    logits = head(x)
+    loss = float(loss_fn(logits, y))
+    acc = float(((logits > 0).float() == y).float().mean())
+    return loss, acc, binary_auc(y.numpy(), logits.numpy())
+
+
+def fit_head(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cfg: TrainConfig,
+    on_epoch: Callable[..., None] | None = None, state: dict | None = None,
+    progress: bool = True,
+) -> Head:
+    """Trains the head for ``cfg.epochs``; ``on_epoch`` sees every epoch (checkpoints, sweeps)."""
+    from tqdm.auto import tqdm
+
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val)
+    torch.manual_seed(cfg.seed + 1)
+    head = Head(xt.shape[1], dropout=cfg.dropout)
+    steps = math.ceil(len(xt) / cfg.batch_size)
+    opt, sched = make_optimizer(cfg, head.parameters(), steps)
+    loss_fn = make_loss(cfg, y_train)
+    start = 0
+    if state:
+        head.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+    bar = tqdm(range(start + 1, cfg.epochs + 1), desc="train head", disable=not progress, unit="epoch",
+               initial=start, total=cfg.epochs)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        head.train()
+        perm = torch.randperm(len(xt), generator=epoch_generator(cfg.seed, epoch))
+        for i in range(0, len(xt), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(head(xt[idx]), yt[idx]).backward()
+            opt.step()
+            sched.step()
+        tr_loss, tr_acc, _ = evaluate_head(head, xt, yt, loss_fn)
+        va_loss, va_acc, va_auc = evaluate_head(head, xv, yv, loss_fn)
+        result = EpochResult(epoch, tr_loss, tr_acc, va_loss, va_acc, va_auc, sched.get_last_lr()[0],
+                             time.perf_counter() - t0)
+        bar.set_postfix(val_acc=f"{va_acc:.3f}", val_loss=f"{va_loss:.3f}")
+        if on_epoch:
+            on_epoch(result, head, opt, sched)
+    return head
+
+
+# ------------------------------------------------------------------ finetune mode: the whole network on images
+
+
+def augment_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Dermoscopy has no up or down: flips, 90-degree turns, a random resized crop, mild colour jitter."""
+    from torchvision.transforms import v2
+
+    crop = v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True)
+    jitter = v2.ColorJitter(0.15, 0.15, 0.1, 0.02)
+    out = []
+    for img in images:  # per image: v2 would share one draw across a batched tensor
+        img = crop(img)
+        if torch.rand(1) < 0.5:
+            img = img.flip(-1)
+        if torch.rand(1) < 0.5:
+            img = img.flip(-2)
+        img = torch.rot90(img, int(torch.randint(0, 4, (1,))), dims=(-2, -1))
+        out.append(jitter(img))
+    return torch.stack(out)
+
+
+def to_input(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 NxCxHxW -> normalised float."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (images_uint8.float() / 255.0 - m) / s
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.inference_mode()
+def model_logits(model: nn.Module, images_hwc: np.ndarray, mean, std, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = [model(torch.from_numpy(normalize(images_hwc[i:i + batch_size], mean, std))).numpy()
+           for i in range(0, len(images_hwc), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def fit_network(
+    model: LesionClassifier, train_imgs: np.ndarray, y_train: np.ndarray, val_imgs: np.ndarray, y_val: np.ndarray,
+    cfg: TrainConfig, weights: ResolvedWeights, on_epoch: Callable | None = None, state: dict | None = None,
+    progress: bool = True,
+) -> LesionClassifier:
+    from tqdm.auto import tqdm
+
+    steps = math.ceil(len(train_imgs) / cfg.batch_size)
+    opt, sched = make_optimizer(cfg, model.parameters(), steps)
+    loss_fn = make_loss(cfg, y_train)
+    start = 0
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+    chw = torch.from_numpy(train_imgs).permute(0, 3, 1, 2)
+    yt = torch.from_numpy(y_train)
+    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=f"finetune {cfg.backbone}",
+               disable=not progress, unit="batch")
+    for epoch in range(start + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        freeze_batchnorm(model.backbone)
+        g = epoch_generator(cfg.seed, epoch)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))  # augmentation draws
+        perm = torch.randperm(len(chw), generator=g)
+        total, correct, seen = 0.0, 0, 0
+        for i in range(0, len(chw), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            batch = chw[idx]
+            if cfg.augmentation == "dermoscopy":
+                batch = augment_batch(batch, weights.input_size)
+            x = to_input(batch, weights.mean, weights.std)
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = loss_fn(logits, yt[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            correct += int(((logits.detach() > 0).float() == yt[idx]).sum())
+            seen += len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}")
+        vl = model_logits(model, val_imgs, weights.mean, weights.std)
+        va_loss = float(loss_fn(torch.from_numpy(vl), torch.from_numpy(y_val)))
+        va_acc = float(((vl > 0) == (y_val > 0.5)).mean())
+        result = EpochResult(epoch, total / seen, correct / seen, va_loss, va_acc, binary_auc(y_val, vl),
+                             sched.get_last_lr()[0], time.perf_counter() - t0)
+        bar.set_postfix(epoch=epoch, val_acc=f"{va_acc:.3f}")
+        if on_epoch:
+            on_epoch(result, model, opt, sched)
+    bar.close()
+    return model
+
+
+# ------------------------------------------------------------------ the run folder
+
+
+def _train_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict:
+    return {"train": asdict(cfg), "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    rf.atomic_write_text(path, buf.getvalue())
+
+
+def write_splits(path: Path, splits: dict[str, list[Sample]]) -> None:
+    lines = ["relpath,label,split"] + [f"{s.relpath},{s.label},{name}" for name in ("train", "val", "test")
+                                       for s in splits[name]]
+    rf.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _check_existing(out: Path, identity: dict) -> None:
+    cfg_path = out / rf.CONFIG
+    if not cfg_path.exists():
+        return
+    old = rf.read_json(cfg_path)
+    old_identity = {k: old.get(k) for k in identity}
+    if old_identity != identity:
+        diff = [k for k in identity["train"] if old.get("train", {}).get(k) != identity["train"][k]]
+        what = f"settings differ: {', '.join(diff)}" if diff else "weights or data files differ"
+        raise rf.RunError(f"{out} already holds a different run ({what}); choose another --out or delete it")
+
+
+def train(
+    cfg: TrainConfig, data: str | Path, out: str | Path, weights: str | Path | None = None,
+    weights_dir: str | Path | None = None, allow_random_init: bool = False, skip_bad: bool = False,
+    progress: bool = True, classes: tuple[str, str] = ("benign", "malignant"), command: str = "",
+) -> Path:
+    """Trains one model into ``out``. Running it again on an unfinished ``out`` resumes; on a finished one, no-op."""
+    out = Path(out)
+    dataset = load_dataset(data, classes)
+    resolved = resolve_weights(cfg.backbone, weights, weights_dir, allow_random_init, cfg.seed)
+    file_hash = dataset.file_list_hash()
+    identity = _train_identity(cfg, resolved, file_hash)
+    _check_existing(out, identity)
+
+    table: FeatureTable | None = None
+    if cfg.mode == "frozen":
+        table = load_or_compute(dataset, resolved, cfg.seed, skip_bad, progress)
+        bad = table.bad
+    else:
+        decoded = decode_samples(dataset.all, resolved.input_size, progress)
+        if decoded.bad and not skip_bad:
+            raise BadDataError(decoded.bad)
+        bad = [(e.path, e.reason) for e in decoded.bad]
+    dataset = dataset.without({p for p, _ in bad})
+    splits = dataset.splits(cfg.split_seed, cfg.val_fraction)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if bad:
+        rf.atomic_write_text(out / rf.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in bad))
+    config = {
+        **identity,
+        "kind": "lesionlab-run",
+        "backbone": cfg.backbone,
+        "mode": cfg.mode,
+        "weights": resolved.describe(),
+        "pretrained": resolved.pretrained,
+        "preprocessing": preprocessing(resolved),
+        "data": {"root": str(Path(data).resolve()), "classes": list(classes), "positive_class": classes[1],
+                 "file_list_sha256": file_hash, "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
+                 "skipped_files": len(bad), **{f"n_{k}": len(v) for k, v in splits.items()}},
+        "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
+        "versions": rf.package_versions(),
+        "command": command,
+    }
+    rf.atomic_write_json(out / rf.CONFIG, config)
+    write_splits(out / "splits.csv", splits)
+
+    state_path = out / rf.STATE
+    if (out / rf.MODEL).exists() and not state_path.exists():
+        return out  # finished earlier
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+    history: list[dict] = state["history"] if state else []
+    best = state["best"] if state else {"val_accuracy": -1.0, "val_loss": float("inf"), "epoch": 0}
+    meta = {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode}
+
+    if cfg.mode == "frozen":
+        backbone = build_backbone(resolved, cfg.seed)
+
+        def full_model(head: nn.Module) -> LesionClassifier:
+            return LesionClassifier(backbone, head)
+    else:
+        model = build_model(resolved, cfg.seed, dropout=cfg.dropout)
+
+        def full_model(net: nn.Module) -> LesionClassifier:
+            return net
+
+    def on_epoch(result: EpochResult, module: nn.Module, opt, sched) -> None:
+        history.append(result.row())
+        better = (result.val_accuracy > best["val_accuracy"]
+                  or (result.val_accuracy == best["val_accuracy"] and result.val_loss < best["val_loss"]))
+        if better:
+            best.update(val_accuracy=result.val_accuracy, val_loss=result.val_loss, epoch=result.epoch)
+            save_model(full_model(module), out / rf.MODEL, {**meta, "epoch": result.epoch})
+        write_history(out / rf.HISTORY, history)
+        rf.atomic_save_torch({"model": module.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "epoch": result.epoch, "history": history,
+                              "best": best}, state_path)
+
+    if cfg.mode == "frozen":
+        x_tr, y_tr = table.rows(splits["train"])
+        x_va, y_va = table.rows(splits["val"])
+        fit_head(x_tr, y_tr, x_va, y_va, cfg, on_epoch, state, progress)
+    else:
+        index = {s.relpath: i for i, s in enumerate(decoded.samples)}
+        pick = lambda ss: (decoded.images[[index[s.relpath] for s in ss]],  # noqa: E731
+                           np.array([s.label for s in ss], np.float32))
+        (tr_img, y_tr), (va_img, y_va) = pick(splits["train"]), pick(splits["val"])
+        fit_network(model, tr_img, y_tr, va_img, y_va, cfg, resolved, on_epoch, state, progress)
+    config["best_epoch"] = best["epoch"]
+    rf.atomic_write_json(out / rf.CONFIG, config)
+    state_path.unlink(missing_ok=True)
+    return out
+
+
+def config_from_run(run_dir: Path) -> TrainConfig:
+    raw = rf.read_json(Path(run_dir) / rf.CONFIG)["train"]
+    return TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})
