@@ -17,6 +17,7 @@ from scipy.special import expit
 
 from . import runfiles as rf
 from .data import normalize, resize_to_input
+from .ood import LesionDetector
 
 LABELS = ("benign", "malignant")
 ONNX_FILE = "model.onnx"
@@ -49,14 +50,34 @@ def tta_views(batch_hwc: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(v) for v in views]
 
 
+@dataclass
+class Prediction:
+    """One image's answer. ``label`` is benign, malignant or not_a_lesion (refused)."""
+
+    probability: float
+    label: str
+    threshold: float
+    logit: float
+    refused: bool = False
+    ood_score: float | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
 class Predictor:
-    """Subclasses implement ``_logits`` on a normalised float32 NCHW batch."""
+    """Subclasses implement ``_forward``: a normalised float32 NCHW batch -> (logits, backbone features)."""
 
     info: ModelInfo
+    detector: "LesionDetector | None" = None
     batch_size = 32
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return self._forward(x)[0]
 
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
         return np.stack([resize_to_input(im, self.info.input_size) for im in images])
@@ -80,6 +101,35 @@ class Predictor:
 
     def label(self, probability: float) -> str:
         return LABELS[int(probability >= self.info.threshold)]
+
+    def forward_uint8(self, batch_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outs = [self._forward(normalize(batch_hwc[i:i + self.batch_size], self.info.mean, self.info.std))
+                for i in range(0, len(batch_hwc), self.batch_size)]
+        logits = np.concatenate([o[0] for o in outs]).astype(np.float64)
+        feats = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
+        return logits, feats
+
+    def analyze(self, images: Sequence[Image.Image], tta: bool = False) -> list[Prediction]:
+        """Probabilities, labels and, when the model folder has a lesion detector, refusals."""
+        if not images:
+            return []
+        batch = self.prepare(images)
+        logits, feats = self.forward_uint8(batch)
+        if tta:
+            logits = self.logits_from_uint8(batch, tta=True)
+        probs = expit(logits / self.info.temperature)
+        scores = self.detector.score(feats) if self.detector is not None and feats is not None else None
+        out = []
+        for i, (z, p) in enumerate(zip(logits, probs)):
+            pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
+            if scores is not None:
+                pred.ood_score = float(scores[i])
+                if scores[i] > self.detector.threshold:
+                    pred.refused, pred.label = True, "not_a_lesion"
+                    pred.reason = (f"does not look like a dermoscopic lesion image (distance {scores[i]:.1f} "
+                                   f"> {self.detector.threshold:.1f})")
+            out.append(pred)
+        return out
 
 
 def _read_operating_point(model_dir: Path) -> dict:
@@ -115,12 +165,14 @@ class TorchPredictor(Predictor):
             torch.set_num_threads(num_threads)
         self.model, self.meta = load_model(model_dir / rf.MODEL)
         self.info = _info(model_dir, "pytorch")
+        self.detector = LesionDetector.load(model_dir)
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         with torch.inference_mode():
-            return self.model(torch.from_numpy(x)).numpy()
+            feats = self.model.backbone(torch.from_numpy(x))
+            return self.model.head(feats).numpy(), feats.numpy()
 
 
 class OnnxPredictor(Predictor):
@@ -135,9 +187,11 @@ class OnnxPredictor(Predictor):
         self.session = ort.InferenceSession(str(model_dir / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.info = _info(model_dir, "onnxruntime")
+        self.detector = LesionDetector.load(model_dir)
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0].reshape(-1)
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outs = self.session.run(None, {self.input_name: x})
+        return outs[0].reshape(-1), (outs[1] if len(outs) > 1 else None)
 
 
 class EnsemblePredictor(Predictor):
@@ -162,6 +216,24 @@ class EnsemblePredictor(Predictor):
 
     def logits_from_uint8(self, batch_hwc: np.ndarray, tta: bool = False) -> np.ndarray:
         raise TypeError("ensemble members may differ in input size; call predict() with images")
+
+    def analyze(self, images: Sequence[Image.Image], tta: bool = False) -> list[Prediction]:
+        """Mean of member probabilities; refused when any member's lesion detector refuses."""
+        if not images:
+            return []
+        per_member = [m.analyze(images, tta) for m in self.members]
+        logits = mean_probability_logit([[p.probability for p in preds] for preds in per_member])
+        probs = expit(logits / self.info.temperature)
+        out = []
+        for i, (z, p) in enumerate(zip(logits, probs)):
+            pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
+            refusals = [preds[i] for preds in per_member if preds[i].refused]
+            scores = [preds[i].ood_score for preds in per_member if preds[i].ood_score is not None]
+            pred.ood_score = max(scores) if scores else None
+            if refusals:
+                pred.refused, pred.label, pred.reason = True, "not_a_lesion", refusals[0].reason
+            out.append(pred)
+        return out
 
 
 def mean_probability_logit(member_probs: Sequence[np.ndarray]) -> np.ndarray:
