@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_CLASSES = ("benign", "malignant")
 #: Formats we decode; anything else is refused rather than handed to an exotic Pillow plugin.
-SAFE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "MPO")
+SAFE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")  # JPEG also opens MPO phone photos
 #: 64 megapixels: a 48 MP phone photo passes, a decompression bomb does not.
 DEFAULT_MAX_PIXELS = 64_000_000
 MIN_SIDE = 32
@@ -196,7 +196,8 @@ def open_image(source: str | Path | bytes, name: str | None = None,
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         if isinstance(e, UnidentifiedImageError):
             raise BadImageError(label, f"not an image in a supported format ({', '.join(SAFE_FORMATS)})") from None
-        raise BadImageError(label, f"decompression bomb: {e}", 413) from None
+        raise BadImageError(label, f"image exceeds the cap of {max_pixels:,} pixels (decompression-bomb guard: "
+                                   f"{e})", 413) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(label, f"corrupt or truncated image ({e})") from None
     if min(img.size) < min_side:

@@ -1,0 +1,110 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesionlab.data import (BadImageError, DataError, decode_samples, load_dataset, open_image, resize_to_input,
+                            split_train_val)
+
+
+def test_shared_dataset_layout(shared_data):
+    ds = load_dataset(shared_data)
+    assert (len(ds.train), len(ds.test)) == (2637, 660)
+    assert sum(s.label for s in ds.train) == 1197  # malignant is the positive class
+    assert ds.groups and len(ds.leaked) == 22
+    splits = ds.splits(seed=0)
+    assert len(splits["test_dedup"]) == 660 - 22
+    assert not {s.relpath for s in splits["test_dedup"]} & ds.leaked
+
+
+def test_validation_split_is_stratified_seeded_and_group_aware(shared_data):
+    ds = load_dataset(shared_data)
+    a = ds.splits(seed=0)
+    b = ds.splits(seed=0)
+    c = ds.splits(seed=1)
+    assert [s.relpath for s in a["val"]] == [s.relpath for s in b["val"]]
+    assert [s.relpath for s in a["val"]] != [s.relpath for s in c["val"]]
+    n_val = len(a["val"])
+    assert 0.17 < n_val / len(ds.train) < 0.23
+    pos_rate = lambda xs: np.mean([s.label for s in xs])  # noqa: E731
+    assert abs(pos_rate(a["val"]) - pos_rate(ds.train)) < 0.03
+    val = {s.relpath for s in a["val"]}
+    train = {s.relpath for s in a["train"]}
+    assert not val & train and len(val | train) == len(ds.train)
+    for g in set(ds.groups.values()):
+        members = {r for r, gg in ds.groups.items() if gg == g and r.startswith("train/")}
+        assert members <= val or members <= train, f"group {g} straddles train and validation"
+
+
+def test_split_without_groups_still_stratified():
+    from lesionlab.data import Sample
+
+    samples = [Sample(f"train/x/{i}.jpg", Path("."), int(i % 3 == 0)) for i in range(100)]
+    tr, va = split_train_val(samples, {}, seed=3)
+    assert len(va) == 20 and sum(s.label for s in va) in (6, 7)
+
+
+def test_empty_folder_says_what_layout_was_expected(tmp_path):
+    with pytest.raises(DataError, match="no 'train' folder.*Expected a folder laid out as train/"):
+        load_dataset(tmp_path)
+
+
+def test_missing_class_folder_is_named(tmp_path):
+    (tmp_path / "train" / "benign").mkdir(parents=True)
+    (tmp_path / "test" / "benign").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"missing class folder .*train/malignant"):
+        load_dataset(tmp_path)
+
+
+def test_custom_class_names(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("nevus", "melanoma"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            Image.new("RGB", (40, 40)).save(d / "a.png")
+    ds = load_dataset(tmp_path, ("nevus", "melanoma"))
+    assert [s.label for s in ds.train] == [0, 1]
+
+
+@pytest.mark.parametrize("name,status,reason", [
+    ("zero", 415, "empty file"),
+    ("text", 415, "not an image"),
+    ("tiny", 422, "too small"),
+    ("huge", 413, "exceeds the cap"),
+    ("truncated", 415, "truncated"),
+])
+def test_bad_images_raise_a_reason_naming_the_file(image_files, name, status, reason):
+    with pytest.raises(BadImageError) as e:
+        open_image(image_files[name])
+    assert e.value.status == status
+    assert reason in e.value.reason
+    assert str(image_files[name]) in str(e.value)
+
+
+def test_alpha_png_and_odd_sizes_are_accepted(image_files):
+    img = open_image(image_files["alpha"])
+    assert img.mode == "RGB" and img.size == (64, 64)
+    arr = resize_to_input(open_image(image_files["good"]), 224)  # 200x300 -> shorter side, centre crop
+    assert arr.shape == (224, 224, 3) and arr.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (60, 40), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif)
+    assert open_image(path).size == (40, 60)
+
+
+def test_bytes_input_and_decode_collects_bad(image_files, tmp_path):
+    assert open_image(image_files["good"].read_bytes()).size == (200, 300)
+    with pytest.raises(BadImageError, match="empty"):
+        open_image(b"")
+    from lesionlab.data import Sample
+
+    samples = [Sample("good", image_files["good"], 0), Sample("text", image_files["text"], 1)]
+    decoded = decode_samples(samples, 64, progress=False)
+    assert [s.relpath for s in decoded.samples] == ["good"]
+    assert [e.path for e in decoded.bad] == ["text"]
