@@ -94,7 +94,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
     kind, _, arg = policy.partition(":")
     if kind == "fixed":
         return float(arg or 0.5)
-    fpr, tpr, thr = roc_curve(y, prob)
+    fpr, tpr, thr = roc_curve(y, prob, drop_intermediate=False)
     thr = np.clip(thr, 0.0, 1.0)  # sklearn puts +inf first
     if kind == "youden":
         return float(thr[int(np.argmax(tpr - fpr))])

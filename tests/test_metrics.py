@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+from lesionlab.metrics import (_rank_auc, bootstrap_ci, brier, choose_threshold, confusion,
+                               expected_calibration_error, fit_temperature, metrics_with_ci, point_metrics)
+
+
+@pytest.fixture
+def scores():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300), np.ones(200)].astype(int)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.2, len(y)), 0, 1)
+    return y, p
+
+
+def test_point_metrics_match_sklearn(scores):
+    y, p = scores
+    m = point_metrics(y, p, 0.5)
+    pred = (p >= 0.5).astype(int)
+    assert m["precision"] == pytest.approx(precision_score(y, pred))
+    assert m["recall"] == pytest.approx(recall_score(y, pred))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+    (tn, fp), (fn, tp) = confusion(y, p)
+    assert m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert tn + fp + fn + tp == len(y)
+
+
+def test_rank_auc_equals_sklearn_with_ties():
+    s = np.array([0.9, 0.5, 0.5, 0.2, 0.5, 0.1, 0.9])
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    assert _rank_auc(s, 3) == pytest.approx(roc_auc_score(y, s))
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_value(scores):
+    y, p = scores
+    a = metrics_with_ci(y, p, n_resamples=300, seed=1)
+    b = metrics_with_ci(y, p, n_resamples=300, seed=1)
+    assert a == b
+    for k in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
+        lo, hi = a[k]["ci95"]
+        assert lo <= a[k]["value"] <= hi and hi - lo < 0.2
+    assert a["n"] == 500 and a["confusion"] == confusion(y, p)
+
+
+def test_threshold_policies(scores):
+    y, p = scores
+    t = choose_threshold(y, p, "sensitivity:0.95")
+    assert point_metrics(y, p, t)["recall"] >= 0.95
+    # the highest such threshold: a hair above it, sensitivity drops under the target
+    assert point_metrics(y, p, t + 1e-9)["recall"] < 0.95
+    assert choose_threshold(y, p, "fixed:0.3") == 0.3
+    assert 0 < choose_threshold(y, p, "youden") < 1
+    with pytest.raises(ValueError, match="unknown threshold policy"):
+        choose_threshold(y, p, "magic")
+
+
+def test_temperature_scaling_fixes_overconfidence():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    overconfident = 3 * true_logit
+    t = fit_temperature(y, overconfident)
+    assert t == pytest.approx(3, rel=0.15)
+    before = expected_calibration_error(y, 1 / (1 + np.exp(-overconfident)))
+    after = expected_calibration_error(y, 1 / (1 + np.exp(-overconfident / t)))
+    assert after < before / 2 and after < 0.03
+    assert brier(y, 1 / (1 + np.exp(-overconfident / t))) < brier(y, 1 / (1 + np.exp(-overconfident)))
+
+
+def test_ece_of_perfect_calibration_is_small():
+    rng = np.random.default_rng(1)
+    p = rng.random(20000)
+    y = (rng.random(20000) < p).astype(int)
+    assert expected_calibration_error(y, p) < 0.02
+
+
+def test_bootstrap_keeps_class_counts(scores):
+    y, p = scores
+    ci = bootstrap_ci(y, p, n_resamples=50, seed=0)
+    assert set(ci) == {"accuracy", "precision", "recall", "specificity", "f1", "auc"}
