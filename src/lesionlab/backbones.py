@@ -269,4 +269,5 @@ def build_backbone(weights: ResolvedWeights, seed: int = 0) -> nn.Module:
 
 
 def num_features(model: nn.Module) -> int:
-    return int(getattr(model, "num_features"))
+    """Width of the pooled output; VGG's pre-logits MLP makes it differ from ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)

@@ -264,7 +264,7 @@ def fit_network(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             correct += int(((logits.detach() > 0).float() == yt[idx]).sum())
             seen += len(idx)
             bar.update(1)
@@ -315,6 +315,49 @@ def _check_existing(out: Path, identity: dict) -> None:
         raise rf.RunError(f"{out} already holds a different run ({what}); choose another --out or delete it")
 
 
+def run_config(cfg: TrainConfig, resolved: ResolvedWeights, data: str | Path, classes: tuple[str, str],
+               file_hash: str, splits: dict[str, list[Sample]], n_skipped: int, command: str = "") -> dict:
+    """config.json's content: one schema for runs from ``train`` and runs written by the sweep."""
+    return {
+        **_train_identity(cfg, resolved, file_hash),
+        "kind": "lesionlab-run",
+        "backbone": cfg.backbone,
+        "mode": cfg.mode,
+        "weights": resolved.describe(),
+        "pretrained": resolved.pretrained,
+        "preprocessing": preprocessing(resolved),
+        "data": {"root": str(Path(data).resolve()), "classes": list(classes), "positive_class": classes[1],
+                 "file_list_sha256": file_hash, "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
+                 "skipped_files": n_skipped, **{f"n_{k}": len(v) for k, v in splits.items()}},
+        "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
+        "versions": rf.package_versions(),
+        "command": command,
+    }
+
+
+def write_run(out: str | Path, cfg: TrainConfig, resolved: ResolvedWeights, data: str | Path,
+              classes: tuple[str, str], file_hash: str, splits: dict[str, list[Sample]],
+              bad: list[tuple[str, str]], history: list[dict], model: LesionClassifier, command: str = "",
+              extra: dict | None = None) -> Path:
+    """A finished run folder from a model trained elsewhere (the sweep), as ``train`` would have left it.
+
+    ``model`` is the state after ``cfg.epochs`` epochs, recorded as the run's best epoch.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if bad:
+        rf.atomic_write_text(out / rf.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in bad))
+    write_splits(out / "splits.csv", splits)
+    write_history(out / rf.HISTORY, history)
+    meta = {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode, "epoch": cfg.epochs}
+    save_model(model, out / rf.MODEL, meta)
+    (out / rf.STATE).unlink(missing_ok=True)
+    config = {**run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command),
+              "best_epoch": cfg.epochs, **(extra or {})}
+    rf.atomic_write_json(out / rf.CONFIG, config)
+    return out
+
+
 def train(
     cfg: TrainConfig, data: str | Path, out: str | Path, weights: str | Path | None = None,
     weights_dir: str | Path | None = None, allow_random_init: bool = False, skip_bad: bool = False,
@@ -343,21 +386,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if bad:
         rf.atomic_write_text(out / rf.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in bad))
-    config = {
-        **identity,
-        "kind": "lesionlab-run",
-        "backbone": cfg.backbone,
-        "mode": cfg.mode,
-        "weights": resolved.describe(),
-        "pretrained": resolved.pretrained,
-        "preprocessing": preprocessing(resolved),
-        "data": {"root": str(Path(data).resolve()), "classes": list(classes), "positive_class": classes[1],
-                 "file_list_sha256": file_hash, "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
-                 "skipped_files": len(bad), **{f"n_{k}": len(v) for k, v in splits.items()}},
-        "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
-        "versions": rf.package_versions(),
-        "command": command,
-    }
+    config = run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command)
     rf.atomic_write_json(out / rf.CONFIG, config)
     write_splits(out / "splits.csv", splits)
 

@@ -1,0 +1,114 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_subset
+from lesionlab import train as train_mod
+from lesionlab.features import BadDataError
+from lesionlab.model import load_model
+from lesionlab.runfiles import RunError
+from lesionlab.train import TrainConfig, fit_head, train
+
+
+@pytest.fixture(scope="module")
+def few_images(shared_data, tmp_path_factory):
+    return make_subset(shared_data, tmp_path_factory.mktemp("few"), n_train=5, n_test=2)
+
+
+def _history(run):
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("backbone", ["resnet50v2", "efficientnetv2b0", "vgg16"])
+def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, tmp_path):
+    with pytest.warns(UserWarning, match="RANDOM"):
+        out = train(TrainConfig(backbone=backbone, epochs=1), few_images, tmp_path / backbone,
+                    weights_dir=tmp_path, allow_random_init=True, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pretrained"] is False and cfg["weights"]["source"] == "random"
+    assert len(_history(out)) == 1
+    model, meta = load_model(out / "model.pt")
+    assert meta["backbone"] == backbone
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1,)
+
+
+def test_finetune_trains_the_whole_network(few_images, shared_weights, tmp_path):
+    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=1, batch_size=4, lr=1e-3)
+    out = train(cfg, few_images, tmp_path / "ft", weights_dir=shared_weights, progress=False)
+    model, _ = load_model(out / "model.pt")
+    from lesionlab.backbones import build_backbone, resolve_weights
+
+    ref = build_backbone(resolve_weights("mobilenetv2", weights_dir=shared_weights))
+    k = "conv_stem.weight"
+    assert not torch.equal(model.backbone.state_dict()[k], ref.state_dict()[k])  # backbone moved
+    # BatchNorm statistics stay frozen in finetune mode
+    assert torch.equal(model.backbone.state_dict()["bn1.running_mean"], ref.state_dict()["bn1.running_mean"])
+
+
+def test_resume_after_a_kill_equals_an_unbroken_run(few_images, tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=4, batch_size=4)
+    unbroken = train(cfg, few_images, tmp_path / "a", progress=False)
+
+    real = train_mod.write_history
+    calls = {"n": 0}
+
+    def dies_in_epoch_3(path, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed before epoch 3 is recorded
+        real(path, rows)
+
+    monkeypatch.setattr(train_mod, "write_history", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, few_images, tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "train_state.pt").exists()
+    assert len(_history(tmp_path / "b")) == 2
+    monkeypatch.setattr(train_mod, "write_history", real)
+    resumed = train(cfg, few_images, tmp_path / "b", progress=False)
+    assert not (resumed / "train_state.pt").exists()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_history(resumed)) == strip(_history(unbroken))
+    a, _ = load_model(unbroken / "model.pt")
+    b, _ = load_model(resumed / "model.pt")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_other_settings_in_the_same_folder_are_refused(few_images, tmp_path):
+    train(TrainConfig(epochs=1), few_images, tmp_path / "r", progress=False)
+    with pytest.raises(RunError, match="settings differ: lr"):
+        train(TrainConfig(epochs=1, lr=0.5), few_images, tmp_path / "r", progress=False)
+
+
+def test_head_after_e_epochs_equals_a_separate_e_epoch_run():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    snapshots = {}
+    fit_head(x, y, x, y, TrainConfig(epochs=5, batch_size=8),
+             on_epoch=lambda r, head, *_: snapshots.__setitem__(r.epoch, {k: v.clone() for k, v in
+                                                                          head.state_dict().items()}),
+             progress=False)
+    short = fit_head(x, y, x, y, TrainConfig(epochs=3, batch_size=8), progress=False)
+    for k, v in short.state_dict().items():
+        assert torch.equal(v, snapshots[3][k])
+
+
+def test_bad_files_stop_training_unless_skipped(shared_data, tmp_path, image_files):
+    data = make_subset(shared_data, tmp_path / "data", n_train=5, n_test=2)
+    (data / "train" / "benign" / "broken.jpg").write_bytes(image_files["truncated"].read_bytes())
+    (data / "train" / "malignant" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(BadDataError) as e:
+        train(TrainConfig(epochs=1), data, tmp_path / "run", progress=False)
+    msg = str(e.value)
+    assert "train/benign/broken.jpg: corrupt or truncated" in msg
+    assert "train/malignant/empty.jpg: empty file" in msg and "--skip-bad" in msg
+    assert not (tmp_path / "run" / "model.pt").exists()
+    out = train(TrainConfig(epochs=1), data, tmp_path / "run", skip_bad=True, progress=False)
+    skipped = (out / "skipped_files.txt").read_text()
+    assert "train/benign/broken.jpg" in skipped and "train/malignant/empty.jpg" in skipped
+    assert json.loads((out / "config.json").read_text())["data"]["skipped_files"] == 2
