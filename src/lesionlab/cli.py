@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -42,8 +41,16 @@ def _classes(value: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _command_line() -> str:
-    return "lesionlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(command: str, **options) -> str:
+    """The command that reproduces a run, spelled out with every setting (not just what was typed)."""
+    parts = ["lesionlab", command]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        elif value is not None:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 @app.command()
@@ -83,8 +90,15 @@ def train(
                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight,
                           augment=augment)
         out = out or Path("runs") / f"{backbone}-{mode}-lr{lr:g}-e{epochs}-s{seed}"
-        run_dir = run_train(cfg, resolve_data(data), out, weights, weights_dir, allow_random_init, skip_bad,
-                            not quiet, _classes(classes), _command_line())
+        data = resolve_data(data)
+        command = _command_line("train", data=data, backbone=backbone, lr=lr, epochs=epochs, mode=mode,
+                                batch_size=batch_size, seed=seed, split_seed=split_seed, optimizer=optimizer,
+                                weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                                label_smoothing=label_smoothing, class_weight=class_weight, augment=augment,
+                                weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,
+                                skip_bad=skip_bad, classes=classes, threshold_policy=threshold_policy, out=out)
+        run_dir = run_train(cfg, data, out, weights, weights_dir, allow_random_init, skip_bad,
+                            not quiet, _classes(classes), command)
         typer.echo(f"trained: {run_dir}")
         if not no_eval:
             metrics = evaluate_run(run_dir, policy=threshold_policy, progress=not quiet)
@@ -165,6 +179,52 @@ def predict(
         typer.echo("Screening aid only, not a diagnosis.", err=True)
     if errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    data: Optional[Path] = typer.Option(None, help="Data folder (default: $LESIONLAB_DATA or ../shared/data/isic-kaggle)."),
+    out: Path = typer.Option(..., help="Sweep folder; running the same command again finishes what is left."),
+    backbones: str = typer.Option("mobilenetv2,resnet50v2,efficientnetv2b0,vgg16", help="Comma-separated backbones (default: the study's four)."),
+    lrs: str = typer.Option("1e-5,5e-4,1e-4,5e-3,1e-3", help="Comma-separated learning rates (default: the study's)."),
+    epochs: str = typer.Option("10,20,30,40,50,100", help="Comma-separated epoch counts (default: the study's)."),
+    mode: str = typer.Option("frozen", help="frozen (study) or finetune."),
+    seeds: int = typer.Option(1, help="Number of training seeds per configuration (seeds 0..N-1)."),
+    batch_size: int = typer.Option(32),
+    weights_dir: Optional[Path] = typer.Option(None, help="Folder of <timm name>*.pth (default: $LESIONLAB_WEIGHTS_DIR or ../shared/weights)."),
+    allow_random_init: bool = typer.Option(False, help="Sweep backbones without ImageNet weights from random weights."),
+    backend: str = typer.Option("local", help="local or ray (pip install 'lesionlab[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+    skip_bad: bool = typer.Option(False, help="Skip unreadable images instead of stopping."),
+    classes: str = typer.Option("benign,malignant", help="Class folder names, negative first."),
+    resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """The study's grid search: select per backbone on validation, evaluate on test; writes Table 1 and Figures 1-3."""
+    from .sweep import SweepError, SweepGrid, parse_list, run_sweep
+
+    try:
+        if seeds < 1:
+            fail("--seeds must be >= 1")
+        grid = SweepGrid(backbones=parse_list(backbones, str, "--backbones"), lrs=parse_list(lrs, float, "--lrs"),
+                         epochs=parse_list(epochs, int, "--epochs"), seeds=tuple(range(seeds)), mode=mode,
+                         batch_size=batch_size)
+        data = resolve_data(data)
+        command = _command_line("sweep", data=data, out=out, backbones=backbones, lrs=lrs, epochs=epochs, mode=mode,
+                                seeds=seeds, batch_size=batch_size, weights_dir=weights_dir,
+                                allow_random_init=allow_random_init, backend=backend, ray_address=ray_address,
+                                skip_bad=skip_bad, classes=classes, resamples=resamples)
+        result = run_sweep(grid, data, out, weights_dir, allow_random_init, backend, ray_address,
+                           skip_bad, _classes(classes), resamples, not quiet, command)
+    except (SweepError, *USER_ERRORS) as e:
+        fail(str(e))
+    typer.echo(f"trained {result.trained} of {len(grid.trials())} trials in {result.seconds['total']:.0f} s; "
+               f"{len(result.rows)} rows in {out / 'results.csv'}")
+    for bb, ch in result.choices.items():
+        test = json.loads((result.selected[bb] / "metrics.json").read_text())["test"]
+        typer.echo(f"{bb:>20}: lr {ch.lr:g}, {ch.epochs} epochs, val acc {ch.val_accuracy:.4f} -> test acc "
+                   f"{test['accuracy']['value']:.4f}, AUC {test['auc']['value']:.4f}  ({result.selected[bb]})")
+    typer.echo(f"table: {out / 'table1.md'}")
 
 
 def main() -> None:
