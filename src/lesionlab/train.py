@@ -370,7 +370,11 @@ def train(
     file_hash = dataset.file_list_hash()
     identity = _train_identity(cfg, resolved, file_hash)
     _check_existing(out, identity)
+    state_path = out / rf.STATE
+    if (out / rf.MODEL).exists() and (out / rf.CONFIG).exists() and not state_path.exists():
+        return out  # finished earlier
 
+    t_start = time.perf_counter()
     table: FeatureTable | None = None
     if cfg.mode == "frozen":
         table = load_or_compute(dataset, resolved, cfg.seed, skip_bad, progress)
@@ -389,13 +393,12 @@ def train(
     config = run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command)
     rf.atomic_write_json(out / rf.CONFIG, config)
     write_splits(out / "splits.csv", splits)
+    data_seconds = time.perf_counter() - t_start  # decoding, and backbone features unless cached
 
-    state_path = out / rf.STATE
-    if (out / rf.MODEL).exists() and not state_path.exists():
-        return out  # finished earlier
     state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
     history: list[dict] = state["history"] if state else []
     best = state["best"] if state else {"val_accuracy": -1.0, "val_loss": float("inf"), "epoch": 0}
+    earlier_seconds = state.get("wall_seconds", 0.0) if state else 0.0
     meta = {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode}
 
     if cfg.mode == "frozen":
@@ -419,7 +422,8 @@ def train(
         write_history(out / rf.HISTORY, history)
         rf.atomic_save_torch({"model": module.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict(), "epoch": result.epoch, "history": history,
-                              "best": best}, state_path)
+                              "best": best, "wall_seconds": earlier_seconds + time.perf_counter() - t_start},
+                             state_path)
 
     if cfg.mode == "frozen":
         x_tr, y_tr = table.rows(splits["train"])
@@ -432,6 +436,14 @@ def train(
         (tr_img, y_tr), (va_img, y_va) = pick(splits["train"]), pick(splits["val"])
         fit_network(model, tr_img, y_tr, va_img, y_va, cfg, resolved, on_epoch, state, progress)
     config["best_epoch"] = best["epoch"]
+    config["timing"] = {
+        "wall_seconds": round(earlier_seconds + time.perf_counter() - t_start, 1),
+        "data_seconds_last_session": round(data_seconds, 1),
+        "epoch_seconds_total": round(sum(float(h["seconds"]) for h in history), 1),
+        "cpu_threads": torch.get_num_threads(),
+        "note": "wall_seconds sums every session of a resumed run; data_seconds is decoding plus backbone "
+                "features (near zero when the feature cache already held them)",
+    }
     rf.atomic_write_json(out / rf.CONFIG, config)
     state_path.unlink(missing_ok=True)
     return out
