@@ -227,6 +227,68 @@ def sweep(
     typer.echo(f"table: {out / 'table1.md'}")
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="An evaluated run folder written by `lesionlab train`."),
+    quantize: Optional[str] = typer.Option(None, help="int8: also try ONNX Runtime static int8 quantization, kept "
+                                                      "only if test AUC stays within 0.005 of the float model."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (default: the one the run was trained on)."),
+    opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
+) -> None:
+    """Write model.onnx and preprocess.json into RUN_DIR, checked against PyTorch on 32 images."""
+    from .export import ExportError, export_run, quantize_run
+
+    if quantize not in (None, "int8"):
+        fail(f"--quantize accepts only int8, got '{quantize}'")
+    if opset < 17:
+        fail(f"--opset must be >= 17, got {opset}")
+    try:
+        result = export_run(run_dir, data, opset, log=typer.echo)
+        typer.echo(f"wrote {result.onnx_path} and {result.preprocess_path}")
+        if quantize:
+            quantize_run(run_dir, data, log=typer.echo)
+    except (ExportError, *USER_ERRORS) as e:
+        fail(str(e))
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, help="Run or ensemble folder (default: the bundled model)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000),
+    workers: int = typer.Option(1, help="uvicorn worker processes."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads per worker (default: cores / workers)."),
+    inference_threads: int = typer.Option(2, help="Requests decoded and inferred at once per worker."),
+    max_body_bytes: int = typer.Option(10_000_000, help="Request body cap (413 above it)."),
+    max_concurrency: int = typer.Option(32, help="Requests admitted at once per worker (503 + Retry-After above)."),
+    timeout: float = typer.Option(15.0, help="Per-request processing timeout in seconds (503 after it)."),
+    backend: str = typer.Option("auto", help="auto (ONNX Runtime when model.onnx exists) | onnx | torch"),
+    access_log: bool = typer.Option(True, help="uvicorn access log (method, path, status; never bodies)."),
+) -> None:
+    """Serve the model over HTTP: /predict (study contract), /v1/predict, /v1/model, health probes, a web page at /.
+
+    Bearer-token auth is on when LESIONLAB_API_TOKENS (comma-separated) or LESIONLAB_API_TOKENS_FILE is set."""
+    import os
+
+    import uvicorn
+
+    from .serve.service import resolve_model_dir
+    from .serve.settings import ServeSettings, default_threads
+
+    try:
+        model_dir = resolve_model_dir(model).resolve()
+        settings = ServeSettings(str(model_dir), max_body_bytes, max_concurrency, timeout, backend,
+                                 threads or default_threads(workers), inference_threads)
+        os.environ.update(settings.to_env())
+        tokens = ServeSettings.from_env(os.environ).tokens  # a bad token file fails here, not in each worker
+    except (OSError, *USER_ERRORS) as e:
+        fail(str(e))
+    typer.echo(f"serving {model_dir} at http://{host}:{port} ({workers} worker(s), {settings.num_threads} "
+               f"thread(s) each, auth {'on' if tokens else 'off'}). Screening aid only, not a diagnosis.", err=True)
+    uvicorn.run("lesionlab.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                access_log=access_log, log_level="info")
+
+
 def main() -> None:
     app()
 

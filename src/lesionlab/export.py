@@ -1,0 +1,285 @@
+"""Export of a trained run to ONNX for serving, with a parity check that refuses a model which drifted.
+
+``model.onnx`` outputs ``[logit (N,), features (N, D)]`` (features feed the lesion detector) for a
+normalised float32 NCHW input with a dynamic batch axis; ``preprocess.json`` tells any runtime how to
+build that input and how to read the logit (temperature, threshold). Optional int8 static
+quantization is kept only when it does not cost test AUC.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from scipy.special import expit
+
+from . import runfiles as rf
+from .data import Sample, decode_samples, load_dataset, normalize
+from .predictor import ENSEMBLE_FILE, ONNX_FILE, PREPROCESS_FILE
+
+INT8_FILE = "model.int8.onnx"
+QUANT_REPORT = "quantization.json"
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logit", "features")
+OPSET = 17
+PARITY_IMAGES = 32
+PARITY_TOLERANCE = 1e-4
+MAX_AUC_DROP = 0.005
+CALIBRATION_IMAGES = 64
+
+
+class ExportError(RuntimeError):
+    """The exported model does not reproduce the PyTorch model, or quantization cannot run."""
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    preprocess_path: Path
+    parity_max_abs_dp: float
+    parity_images: int
+    parity_source: str  # "validation" or "generated"
+
+
+@dataclass
+class QuantizeResult:
+    kept: bool
+    auc_float: float
+    auc_int8: float
+    n_test: int
+    path: Path | None
+
+    @property
+    def message(self) -> str:
+        verdict = (f"kept {self.path.name}" if self.kept else
+                   f"discarded (AUC drop above {MAX_AUC_DROP}); serve the float model")
+        return (f"int8: test AUC {self.auc_int8:.4f} vs float {self.auc_float:.4f} "
+                f"(delta {self.auc_int8 - self.auc_float:+.4f}, n={self.n_test}): {verdict}")
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _run_context(run_dir: Path) -> tuple[dict, dict, int]:
+    """config, calibration and input size of an evaluated single run; refuses anything else."""
+    if (run_dir / ENSEMBLE_FILE).exists():
+        raise rf.RunError(f"{run_dir} is an ensemble; export its member runs one by one")
+    rf.require_run(run_dir)
+    if not (run_dir / rf.CALIBRATION).exists():
+        raise rf.RunError(f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first so the "
+                          "exported model carries its temperature and threshold")
+    config = rf.read_json(run_dir / rf.CONFIG)
+    return config, rf.read_json(run_dir / rf.CALIBRATION), int(config["preprocessing"]["input_size"])
+
+
+def _splits(run_dir: Path, config: dict, data: Path | None) -> dict[str, list[Sample]] | None:
+    """The run's own validation and test samples, or None when its data folder is not here."""
+    from .evaluate import run_splits
+
+    root = Path(data) if data else Path(config["data"]["root"])
+    if not (root / "train").is_dir():
+        return None
+    dataset = load_dataset(root, tuple(config["data"]["classes"]))
+    return run_splits(run_dir, dataset)
+
+
+def parity_batch(run_dir: Path, config: dict, size: int, data: Path | None,
+                 n: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
+    """uint8 NxHxWx3: the run's first ``n`` validation images, else seeded synthetic ones."""
+    splits = _splits(run_dir, config, data)
+    if splits and splits["val"]:
+        decoded = decode_samples(splits["val"][:n], size, progress=False)
+        if len(decoded.images):
+            return decoded.images, "validation"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([yy, xx, (yy + xx) / 2], -1)
+    images = [np.clip(255 * (base * rng.uniform(0.3, 1, 3) + rng.normal(0, 0.1, base.shape)), 0, 255)
+              for _ in range(n)]
+    return np.stack(images).astype(np.uint8), "generated"
+
+
+# ------------------------------------------------------------------ export
+
+
+def _export_module(model):
+    """Wraps the classifier so the graph returns the logit and the backbone features."""
+    import torch
+
+    class LogitAndFeatures(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            features = self.inner.backbone(x)
+            return self.inner.head(features), features
+
+    return LogitAndFeatures(model).eval()
+
+
+def _torch_to_onnx(module, size: int, path: Path, opset: int) -> None:
+    """The TorchScript exporter first (fast, stable for these CNNs); the dynamo exporter if it is gone."""
+    import torch
+
+    dummy = torch.zeros(2, 3, size, size)
+    names = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}}
+            torch.onnx.export(module, (dummy,), str(path), opset_version=opset, dynamic_axes=axes,
+                              dynamo=False, **names)
+        except Exception as legacy_error:  # noqa: BLE001 - fall back, and report both if both fail
+            try:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                program = torch.onnx.export(module, (dummy,), dynamic_shapes={"x": {0: batch}},
+                                            opset_version=max(opset, 18), dynamo=True, **names)
+                program.save(str(path), external_data=False)
+            except Exception as dynamo_error:  # noqa: BLE001
+                raise ExportError(f"ONNX export failed: TorchScript exporter: {legacy_error}; "
+                                  f"dynamo exporter: {dynamo_error}") from dynamo_error
+
+
+def _onnx_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    out = [session.run([OUTPUT_NAMES[0]], {name: x[i:i + batch]})[0].reshape(-1) for i in range(0, len(x), batch)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def check_parity(model, session, x: np.ndarray, temperature: float) -> float:
+    """max |P_onnx - P_torch| over the batch, also run one image at a time to exercise the dynamic axis."""
+    import torch
+
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
+    full = onnx_logits(session, x)
+    single = onnx_logits(session, x[:2], batch=1)
+    dp = np.abs(expit(full / temperature) - expit(ref / temperature))
+    dp_single = np.abs(expit(single / temperature) - expit(ref[:2] / temperature))
+    return float(max(dp.max(), dp_single.max()))
+
+
+def preprocess_spec(config: dict, calibration: dict, size: int, opset: int = OPSET) -> dict:
+    pre = config["preprocessing"]
+    return {
+        "input_size": size,
+        "mean": list(pre["mean"]),
+        "std": list(pre["std"]),
+        "resize": pre.get("resize", "shorter-side-bicubic+center-crop"),
+        "channels": pre.get("channels", "RGB"),
+        "layout": "NCHW",
+        "scale": pre.get("scale", "1/255"),
+        "dtype": "float32",
+        "input_name": INPUT_NAME,
+        "output_names": list(OUTPUT_NAMES),
+        "probability": "sigmoid(logit / temperature)",
+        "backbone": config["backbone"],
+        "model_id": calibration.get("model_id"),
+        "threshold": float(calibration["threshold"]),
+        "threshold_policy": calibration.get("policy"),
+        "temperature": float(calibration["temperature"]),
+        "opset": opset,
+    }
+
+
+def export_run(run_dir: str | Path, data: str | Path | None = None, opset: int = OPSET,
+               log: Callable[[str], None] = print) -> ExportResult:
+    """Writes model.onnx and preprocess.json; raises ExportError (writing nothing) when parity fails."""
+    from .model import load_model
+
+    run_dir = Path(run_dir)
+    config, calibration, size = _run_context(run_dir)
+    model, _ = load_model(run_dir / rf.MODEL)
+    images, source = parity_batch(run_dir, config, size, Path(data) if data else None)
+    x = normalize(images, config["preprocessing"]["mean"], config["preprocessing"]["std"])
+    target = run_dir / ONNX_FILE
+    with rf.atomic_path(target) as tmp:
+        _torch_to_onnx(_export_module(model), size, tmp, opset)
+        max_dp = check_parity(model, _onnx_session(tmp), x, float(calibration["temperature"]))
+        log(f"parity on {len(x)} {source} images: max |dP(malignant)| = {max_dp:.2e} (limit {PARITY_TOLERANCE:.0e})")
+        if not max_dp <= PARITY_TOLERANCE:
+            raise ExportError(f"ONNX model disagrees with PyTorch: max |dP| {max_dp:.2e} > {PARITY_TOLERANCE:.0e} "
+                              f"on {len(x)} {source} images; nothing was written. Check the opset and the "
+                              "onnxruntime version, or report the backbone as not exportable.")
+    rf.atomic_write_json(run_dir / PREPROCESS_FILE, preprocess_spec(config, calibration, size, opset))
+    return ExportResult(target, run_dir / PREPROCESS_FILE, max_dp, len(x), source)
+
+
+# ------------------------------------------------------------------ int8
+
+
+class _ImageReader:
+    """onnxruntime's CalibrationDataReader protocol over normalised validation images, one at a time."""
+
+    def __init__(self, x: np.ndarray):
+        self._items: Iterator[dict] = iter([{INPUT_NAME: x[i:i + 1]} for i in range(len(x))])
+
+    def get_next(self) -> dict | None:
+        return next(self._items, None)
+
+
+def _auc(y: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores))
+
+
+def quantize_run(run_dir: str | Path, data: str | Path | None = None, n_calibration: int = CALIBRATION_IMAGES,
+                 log: Callable[[str], None] = print) -> QuantizeResult:
+    """Static int8 quantization calibrated on validation images; kept only if test AUC moves <= 0.005."""
+    run_dir = Path(run_dir)
+    config, _, size = _run_context(run_dir)
+    if not (run_dir / ONNX_FILE).exists():
+        raise rf.RunError(f"{run_dir} has no {ONNX_FILE}; export it first")
+    splits = _splits(run_dir, config, Path(data) if data else None)
+    if not splits:
+        raise rf.RunError(f"int8 calibration needs the run's images; {config['data']['root']} is not here "
+                          "(pass --data DIR)")
+    mean, std = config["preprocessing"]["mean"], config["preprocessing"]["std"]
+    calib = normalize(decode_samples(splits["val"][:n_calibration], size, progress=False).images, mean, std)
+    test = decode_samples(splits["test"], size, progress=False)
+    y = np.array([s.label for s in test.samples])
+    x_test = normalize(test.images, mean, std)
+    target = run_dir / INT8_FILE
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".int8-") as tmp_dir:
+        tmp = Path(tmp_dir) / INT8_FILE
+        _quantize(run_dir / ONNX_FILE, tmp, calib)
+        auc_float = _auc(y, onnx_logits(_onnx_session(run_dir / ONNX_FILE), x_test))
+        auc_int8 = _auc(y, onnx_logits(_onnx_session(tmp), x_test))
+        kept = abs(auc_int8 - auc_float) <= MAX_AUC_DROP
+        if kept:
+            os.replace(tmp, target)
+        else:
+            target.unlink(missing_ok=True)  # a stale int8 file from an earlier export must not survive
+    result = QuantizeResult(kept, auc_float, auc_int8, len(y), target if kept else None)
+    rf.atomic_write_json(run_dir / QUANT_REPORT, {
+        "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax "
+                  "calibration on validation images",
+        "calibration_images": len(calib), "auc_float": auc_float, "auc_int8": auc_int8, "n_test": len(y),
+        "max_auc_change": MAX_AUC_DROP, "kept": kept, "file": INT8_FILE if kept else None,
+    })
+    log(result.message)
+    return result
+
+
+def _quantize(src: Path, dst: Path, calib: np.ndarray) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(src), str(dst), _ImageReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)

@@ -1,0 +1,123 @@
+"""Response encoding: the study's Lambda-style envelope on /predict, flat JSON everywhere else.
+
+The study's clients read ``statusCode`` and ``body`` from the JSON; the HTTP status always equals
+``statusCode`` so plain HTTP clients see the same answer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+from ..predictor import ModelInfo, Prediction
+from ..report import DISCLAIMER
+from .errors import ServiceError
+
+STUDY_PATH = "/predict"
+JSON_HEADERS = {"Content-Type": "application/json"}
+Label = Literal["benign", "malignant", "not_a_lesion"]
+
+
+# ------------------------------------------------------------------ schemas (also the OpenAPI document)
+
+
+class StudyRequest(BaseModel):
+    image: str = Field(description="The image file (JPEG, PNG, ...) as base64; a data:image/...;base64, prefix is fine")
+
+
+class StudyBody(BaseModel):
+    predicted_label: Label
+    probability: float = Field(description="Calibrated probability of malignant")
+    threshold: float
+    model_id: str
+    model_version: str
+    reason: Optional[str] = Field(None, description="Why the image was refused (predicted_label not_a_lesion)")
+    disclaimer: str
+
+
+class StudyEnvelope(BaseModel):
+    statusCode: int
+    headers: dict[str, str]
+    body: StudyBody
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="Machine-readable code, e.g. bad_base64, unsupported_image, busy")
+    message: str = Field(description="What was wrong and what to do")
+
+
+class StudyErrorEnvelope(BaseModel):
+    statusCode: int
+    headers: dict[str, str]
+    body: ErrorBody
+
+
+class PredictionOut(BaseModel):
+    label: Label
+    probability: float = Field(description="Calibrated probability of malignant")
+    threshold: float
+    refused: bool = False
+    reason: Optional[str] = None
+    ood_score: Optional[float] = None
+    model_id: str
+    model_version: str
+    inference_ms: float
+    tta: bool = False
+    explanation_png: Optional[str] = Field(None, description="Grad-CAM overlay, base64 PNG (explain=true)")
+    disclaimer: str
+
+
+class BatchItem(BaseModel):
+    index: int
+    label: Optional[Label] = None
+    probability: Optional[float] = None
+    refused: bool = False
+    reason: Optional[str] = None
+    ood_score: Optional[float] = None
+    error: Optional[str] = None
+    status: int = 200
+
+
+class BatchOut(BaseModel):
+    results: list[BatchItem]
+    threshold: float
+    model_id: str
+    model_version: str
+    inference_ms: float
+    tta: bool = False
+    disclaimer: str
+
+
+class RefusalOut(ErrorBody):
+    label: Label = "not_a_lesion"
+    probability: float
+    ood_score: Optional[float] = None
+    model_id: str
+    model_version: str
+
+
+# ------------------------------------------------------------------ encoders
+
+
+def study_success(p: Prediction, info: ModelInfo, version: str) -> dict:
+    """statusCode 200 also for a refusal: the study's clients branch on predicted_label."""
+    body = StudyBody(predicted_label=p.label, probability=p.probability, threshold=p.threshold,  # type: ignore[arg-type]
+                     model_id=info.model_id, model_version=version, reason=p.reason, disclaimer=DISCLAIMER)
+    return {"statusCode": 200, "headers": JSON_HEADERS, "body": body.model_dump()}
+
+
+def error_payload(path: str, err: ServiceError) -> dict:
+    body = {"error": err.code, "message": err.message}
+    if path.rstrip("/") == STUDY_PATH:
+        return {"statusCode": err.status, "headers": JSON_HEADERS, "body": body}
+    return body
+
+
+def error_response(path: str, err: ServiceError) -> JSONResponse:
+    return JSONResponse(error_payload(path, err), status_code=err.status, headers=err.headers)
+
+
+def error_schema(path: str) -> type[BaseModel]:
+    return StudyErrorEnvelope if path == STUDY_PATH else ErrorBody

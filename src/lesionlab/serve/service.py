@@ -1,0 +1,168 @@
+"""The model behind the service: loaded in the background, warmed up, then asked through admission control.
+
+Readiness means the predictor is loaded and one warm-up inference ran, so the first real request
+does not pay for graph optimisation. All model work is the Predictor's; this module only decodes
+bytes with ``open_image`` and hands PIL images over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .. import runfiles as rf
+from ..data import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from ..predictor import DEFAULT_MODEL_DIR, ENSEMBLE_FILE, ONNX_FILE, Prediction, Predictor, load_predictor
+from .admission import Admission
+from .errors import ServiceError, from_bad_image
+
+log = logging.getLogger("lesionlab.serve")
+
+
+@dataclass
+class Outcome:
+    """One image's answer, or why it could not be read."""
+
+    prediction: Prediction | None = None
+    error: ServiceError | None = None
+
+
+def resolve_model_dir(model_dir: str | Path | None) -> Path:
+    """The folder to serve, checked up front so a typo fails at start-up and not at the first request."""
+    path = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    if not path.is_dir():
+        hint = ("the bundled default model is not installed; pass --model RUN_DIR" if not model_dir
+                else "pass the folder written by `lesionlab train` (export it with `lesionlab export`)")
+        raise rf.RunError(f"model folder {path} does not exist: {hint}")
+    if not any((path / f).exists() for f in (ONNX_FILE, rf.MODEL, ENSEMBLE_FILE)):
+        raise rf.RunError(f"{path} holds no {ONNX_FILE}, {rf.MODEL} or {ENSEMBLE_FILE}; is it a lesionlab model folder?")
+    return path
+
+
+def artifact_version(model_dir: Path, runtime: str) -> str:
+    """First 12 hex digits of the served weights file's sha256: changes whenever the model does."""
+    name = ENSEMBLE_FILE if (model_dir / ENSEMBLE_FILE).exists() else (
+        ONNX_FILE if runtime == "onnxruntime" else rf.MODEL)
+    h = hashlib.sha256()
+    with open(model_dir / name, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+class ModelService:
+    def __init__(self, model_dir: str | Path | None, *, backend: str = "auto", num_threads: int | None = None,
+                 max_concurrency: int = 32, timeout_s: float = 15.0, inference_threads: int = 2,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.model_dir = resolve_model_dir(model_dir)
+        self.backend = backend
+        self.num_threads = num_threads
+        self.max_pixels = max_pixels
+        self.admission = Admission(max_concurrency, timeout_s, inference_threads)
+        self.predictor: Predictor | None = None
+        self.version = ""
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self.predictor is not None
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.ready else ("failed" if self.error else "loading")
+
+    def load(self) -> None:
+        """Loads and warms the predictor once; records a failure instead of raising (readiness reports it)."""
+        with self._lock:
+            if self.predictor is not None or self.error:
+                return
+            try:
+                predictor = load_predictor(self.model_dir, self.backend, self.num_threads)
+                size = predictor.info.input_size
+                predictor.analyze([Image.new("RGB", (size, size), (180, 120, 100))])
+                self.version = artifact_version(self.model_dir, predictor.info.runtime)
+                self.predictor = predictor
+                log.info("model %s (%s, %s) ready", predictor.info.model_id, predictor.info.runtime, self.version)
+            except Exception as e:  # noqa: BLE001 - any load failure must show on /health/ready, not kill the app
+                self.error = f"{type(e).__name__}: {e}"
+                log.error("model failed to load from %s: %s", self.model_dir, self.error)
+
+    def start(self) -> None:
+        """Starts loading without blocking start-up, so liveness answers while the model loads."""
+        self._task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.load))
+
+    def stop(self) -> None:
+        self.admission.shutdown()
+
+    def require_ready(self) -> Predictor:
+        if self.predictor is not None:
+            return self.predictor
+        if self.error:
+            raise ServiceError(503, "model_failed", f"the model could not be loaded ({self.error}); fix the "
+                                                    "model folder and restart the service")
+        raise ServiceError(503, "loading", "the model is still loading; retry in a few seconds",
+                           {"Retry-After": "2"})
+
+    # ------------------------------------------------------------ work (runs on the inference threads)
+
+    def _decode(self, data: bytes, label: str) -> Image.Image:
+        try:
+            return open_image(data, label, max_pixels=self.max_pixels)
+        except BadImageError as e:
+            raise from_bad_image(e, label) from None
+
+    def classify_blocking(self, images: list[bytes], tta: bool) -> tuple[list[Outcome], float]:
+        predictor = self.require_ready()
+        outcomes: list[Outcome] = []
+        decoded: list[Image.Image] = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(self._decode(data, "image" if len(images) == 1 else f"images[{i}]"))
+                outcomes.append(Outcome())
+            except ServiceError as e:
+                outcomes.append(Outcome(error=e))
+        start = time.perf_counter()
+        predictions = iter(predictor.analyze(decoded, tta=tta))
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        for o in outcomes:
+            if o.error is None:
+                o.prediction = next(predictions)
+        return outcomes, elapsed_ms
+
+    def _explain(self, data: bytes) -> bytes:
+        from ..explain import overlay_png  # noqa: PLC0415 - optional module, checked by require_explainer
+
+        return overlay_png(self.model_dir, self._decode(data, "image"))
+
+    def require_explainer(self) -> None:
+        """501 unless a Grad-CAM can be drawn: it needs the PyTorch checkpoint and lesionlab.explain."""
+        if not (self.model_dir / rf.MODEL).exists():
+            raise ServiceError(501, "explain_unavailable", f"explanations need the PyTorch checkpoint {rf.MODEL}, "
+                                                           "which this model folder does not ship; ask without "
+                                                           "explain=true")
+        try:
+            from .. import explain  # noqa: F401, PLC0415
+        except ImportError as e:
+            raise ServiceError(501, "explain_unavailable", f"explanations are not available in this build ({e}); "
+                                                           "ask without explain=true") from None
+
+    # ------------------------------------------------------------ async entry points
+
+    async def classify(self, images: list[bytes], tta: bool = False) -> tuple[list[Outcome], float]:
+        self.require_ready()
+        return await self.admission.run(self.classify_blocking, images, tta)
+
+    async def explain(self, data: bytes) -> bytes:
+        self.require_explainer()
+        return await self.admission.run(self._explain, data)

@@ -1,0 +1,61 @@
+"""Service settings, and their round trip through environment variables.
+
+``lesionlab serve --workers N`` starts N uvicorn worker processes that each build the app from the
+environment (uvicorn can only hand workers an import string), so every knob has a variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from ..data import DEFAULT_MAX_PIXELS
+
+PREFIX = "LESIONLAB_SERVE_"
+MODEL_ENV = "LESIONLAB_MODEL"
+
+
+def default_threads(workers: int = 1) -> int:
+    """ONNX Runtime intra-op threads per worker: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+@dataclass
+class ServeSettings:
+    model_dir: str | None = None
+    max_body_bytes: int = 10_000_000
+    max_concurrency: int = 32
+    timeout_s: float = 15.0
+    backend: str = "auto"
+    num_threads: int | None = None  # ONNX Runtime / torch intra-op threads; None = runtime default
+    inference_threads: int = 2  # requests decoded and inferred at once per worker
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 32
+    tokens: list[str] = field(default_factory=list, repr=False)
+
+    def to_env(self) -> dict[str, str]:
+        """Everything but tokens (those stay in LESIONLAB_API_TOKENS / _FILE, never in our own variables)."""
+        env = {MODEL_ENV: self.model_dir} if self.model_dir else {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("model_dir", "tokens") and value is not None:
+                env[PREFIX + f.name.upper()] = str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "ServeSettings":
+        from .middleware import read_tokens
+
+        kwargs: dict = {"model_dir": env.get(MODEL_ENV) or None, "tokens": read_tokens(dict(env))}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or f.name in ("model_dir", "tokens"):
+                continue
+            kind = {"max_body_bytes": int, "max_concurrency": int, "timeout_s": float, "num_threads": int,
+                    "inference_threads": int, "max_pixels": int, "max_batch": int}.get(f.name, str)
+            try:
+                kwargs[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{PREFIX + f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**kwargs)
