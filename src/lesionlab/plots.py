@@ -81,22 +81,30 @@ def tuning_panels(panels: Mapping[str, Mapping[float, tuple[list[int], list[floa
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     for ax, (name, lines) in zip(axes.flat, panels.items()):
+        ticks: set[int] = set()
         for lr, (epochs, accs) in sorted(lines.items()):
-            ax.plot(epochs, accs, marker="o", label=f"lr={lr:g}")
+            ax.plot(epochs, accs, marker="o", ms=4, label=f"lr={lr:g}")
+            ticks.update(epochs)
         lr, ep, acc = best[name]
-        ax.annotate(f"best {acc:.3f}", xy=(ep, acc), xytext=(ep, acc - 0.06), color="red",
-                    arrowprops=dict(arrowstyle="->", color="red"), ha="center")
-        ax.set(title=name, xlabel="epochs", ylabel="validation accuracy")
-        ax.legend(fontsize=7)
+        ax.plot([ep], [acc], marker="o", ms=12, mfc="none", mec="red", mew=2)
+        low = min(min(a) for _, a in lines.values())
+        ax.annotate(f"best {acc:.3f}\n(lr {lr:g}, {ep} ep)", xy=(ep, acc), xytext=(ep, acc - 0.35 * (acc - low) - 0.02),
+                    color="red", arrowprops=dict(arrowstyle="->", color="red"), ha="center", fontsize=8)
+        ax.set(title=name, xlabel="epochs", ylabel="validation accuracy", xticks=sorted(ticks))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def confusion_grid(items: Mapping[str, Sequence[Sequence[int]]], path: Path) -> Path:
+def confusion_grid(items: Mapping[str, Sequence[Sequence[int]]], path: Path, title: str | None = None) -> Path:
+    """Study Figure 2: a confusion matrix ([[tn, fp], [fn, tp]]) per model, side by side (two rows past 3)."""
     n = len(items)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    cols = n if n <= 3 else (n + 1) // 2
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, cm) in zip(axes.flat, items.items()):
         cm = np.asarray(cm)
         ax.imshow(cm, cmap="Blues")
@@ -106,5 +114,10 @@ def confusion_grid(items: Mapping[str, Sequence[Sequence[int]]], path: Path) -> 
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["benign", "malignant"],
                yticklabels=["benign", "malignant"], xlabel="predicted", ylabel="true", title=name)
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

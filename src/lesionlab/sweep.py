@@ -1,0 +1,588 @@
+"""The study's hyper-parameter sweep: every (backbone, lr, epochs, seed), selected on validation, tested once.
+
+Fast without changing results, for two reasons:
+
+- In frozen mode the heads train on cached backbone features (``features.py``): each backbone runs
+  over the images once per sweep, or never when an earlier run cached them.
+- A *trial* is one training run per (backbone, lr, seed) up to max(epochs) with the constant
+  schedule; it records validation metrics and the model state at every requested epoch count.
+  ``fit_head`` draws each epoch's randomness from (seed, epoch) only and the constant schedule does
+  not depend on the planned length, so the state after E epochs is the state a separate E-epoch
+  run ends with (``tests/test_sweep.py`` checks this).
+
+SWEEP_DIR holds ``trials/<backbone>/lr<lr>-s<seed>.{pt,json}`` (one finished trial each, written
+atomically: the JSON last, so a killed sweep redoes only unfinished trials), ``results.csv``,
+``table1.{md,csv}``, ``figure{1,2,3}_*.png`` and ``selected/<backbone>/``, ordinary run folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import plots
+from . import runfiles as rf
+from .backbones import ResolvedWeights, WeightsError, build_backbone, get_spec, resolve_weights
+from .data import Dataset, Sample, decode_samples, load_dataset
+from .features import BadDataError, load_or_compute
+from .model import Head, LesionClassifier, build_model
+from .train import MODES, TrainConfig, fit_head, fit_network, write_run
+
+STUDY_BACKBONES = ("mobilenetv2", "resnet50v2", "efficientnetv2b0", "vgg16")
+STUDY_LRS = (1e-5, 5e-4, 1e-4, 5e-3, 1e-3)
+STUDY_EPOCHS = (10, 20, 30, 40, 50, 100)
+#: Lin & Ghanta 2024, Table 1 (test) and the selected hyper-parameters stated in their Results.
+STUDY_TABLE1 = {
+    "mobilenetv2": dict(label="MobileNetV2", lr=5e-3, epochs=20, val_accuracy=0.8330, accuracy=0.8394,
+                        precision=0.7957, recall=0.8700, f1=0.8312, auc=0.9148),
+    "resnet50v2": dict(label="ResNet50V2", lr=1e-4, epochs=50, val_accuracy=0.8159, accuracy=0.8136,
+                       precision=0.7580, recall=0.8667, f1=0.8087, auc=0.9136),
+    "efficientnetv2b0": dict(label="EfficientNetV2B0", lr=1e-3, epochs=30, val_accuracy=0.8444, accuracy=0.8288,
+                             precision=0.8582, recall=0.7467, f1=0.7986, auc=0.9204),
+    "vgg16": dict(label="VGG16", lr=5e-3, epochs=40, val_accuracy=0.8691, accuracy=0.8470, precision=0.7741,
+                  recall=0.9367, f1=0.8477, auc=0.9497),
+}
+TABLE_METRICS = (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1-score"),
+                 ("auc", "AUC"))
+RESULT_FIELDS = ["backbone", "lr", "epochs", "seed", "val_accuracy", "val_loss", "val_auc", "train_seconds"]
+SELECTION_RULE = ("per backbone, the (lr, epochs) with the best validation accuracy after that many epochs "
+                  "(mean over seeds); ties: lower validation loss, then fewer epochs")
+TRIAL_THREADS = 1  # the same thread count on every backend keeps results bit-identical across them
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start as asked (bad grid, missing optional dependency)."""
+
+
+# ------------------------------------------------------------------ the grid
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run: a backbone, a learning rate and a seed, trained to the grid's longest epoch count."""
+
+    backbone: str
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"lr{self.lr:g}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    backbones: tuple[str, ...] = STUDY_BACKBONES
+    lrs: tuple[float, ...] = STUDY_LRS
+    epochs: tuple[int, ...] = STUDY_EPOCHS
+    seeds: tuple[int, ...] = (0,)
+    mode: str = "frozen"
+    batch_size: int = 32
+    split_seed: int = 0
+    val_fraction: float = 0.2
+
+    def __post_init__(self):
+        if not (self.backbones and self.lrs and self.epochs and self.seeds):
+            raise SweepError("the grid needs at least one backbone, learning rate, epoch count and seed")
+        for name in self.backbones:
+            get_spec(name)  # raises with the list of known backbones
+        if any(lr <= 0 for lr in self.lrs) or any(e < 1 for e in self.epochs):
+            raise SweepError("learning rates must be > 0 and epoch counts >= 1")
+        if self.mode not in MODES:
+            raise SweepError(f"mode must be one of {MODES}, got '{self.mode}'")
+        object.__setattr__(self, "epochs", tuple(sorted(set(self.epochs))))
+        for attr in ("backbones", "lrs", "seeds"):
+            object.__setattr__(self, attr, tuple(dict.fromkeys(getattr(self, attr))))
+
+    @property
+    def max_epochs(self) -> int:
+        return self.epochs[-1]
+
+    def trials(self) -> list[Trial]:
+        return [Trial(b, lr, s) for b in self.backbones for lr in self.lrs for s in self.seeds]
+
+    def config(self, trial: Trial, epochs: int | None = None) -> TrainConfig:
+        return TrainConfig(backbone=trial.backbone, mode=self.mode, lr=trial.lr, epochs=epochs or self.max_epochs,
+                           batch_size=self.batch_size, seed=trial.seed, split_seed=self.split_seed,
+                           val_fraction=self.val_fraction)
+
+
+# ------------------------------------------------------------------ one trial
+
+
+@dataclass
+class TrialData:
+    """What a trial trains on: features (frozen) or uint8 images (finetune). Picklable, for Ray."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    weights: ResolvedWeights | None = None  # finetune only: the backbone's starting weights
+
+
+@dataclass
+class TrialResult:
+    trial: Trial
+    history: list[dict]  # every epoch, as in history.csv
+    states: dict[int, dict[str, torch.Tensor]]  # requested epoch -> model state (the head, in frozen mode)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_trial(cfg: TrainConfig, data: TrialData, record: tuple[int, ...],
+              tick: Callable[[int], None] | None = None) -> TrialResult:
+    """Trains once to ``cfg.epochs``, keeping a copy of the state at each epoch in ``record``."""
+    history: list[dict] = []
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch(result, module, opt, sched) -> None:
+        history.append(result.row())
+        if result.epoch in record:
+            states[result.epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if tick:
+            tick(1)
+
+    args = (data.x_train, data.y_train, data.x_val, data.y_val, cfg)
+    if cfg.mode == "frozen":
+        with torch_threads(TRIAL_THREADS):
+            fit_head(*args, on_epoch=on_epoch, progress=False)
+    else:
+        model = build_model(data.weights, cfg.seed, dropout=cfg.dropout)
+        fit_network(model, *args, data.weights, on_epoch=on_epoch, progress=False)
+    trial = Trial(cfg.backbone, cfg.lr, cfg.seed)
+    return TrialResult(trial, history, states)
+
+
+# ------------------------------------------------------------------ finished trials on disk (resume)
+
+
+@dataclass
+class TrialStore:
+    """``trials/<backbone>/<trial>.pt`` (states) then ``.json`` (history): the JSON marks a finished trial."""
+
+    root: Path
+
+    def _path(self, trial: Trial, suffix: str) -> Path:
+        return self.root / trial.backbone / f"{trial.name}.{suffix}"
+
+    def load(self, trial: Trial, identity: dict, record: tuple[int, ...]) -> dict | None:
+        """The finished trial's record if it was trained with these settings and covers ``record``."""
+        path = self._path(trial, "json")
+        if not path.exists() or not self._path(trial, "pt").exists():
+            return None
+        rec = rf.read_json(path)
+        if rec.get("identity") != identity or not set(record) <= set(rec.get("recorded_epochs", [])):
+            return None
+        return rec
+
+    def save(self, result: TrialResult, identity: dict) -> dict:
+        rf.atomic_save_torch({"states": result.states}, self._path(result.trial, "pt"))
+        rec = {"trial": asdict(result.trial), "identity": identity, "recorded_epochs": sorted(result.states),
+               "history": result.history}
+        rf.atomic_write_json(self._path(result.trial, "json"), rec)
+        return rec
+
+    def state(self, trial: Trial, epoch: int) -> dict[str, torch.Tensor]:
+        return torch.load(self._path(trial, "pt"), map_location="cpu", weights_only=True)["states"][epoch]
+
+
+def trial_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict:
+    """Everything that decides a trial's numbers except its length (a longer trial covers a shorter one)."""
+    train = {k: v for k, v in asdict(cfg).items() if k != "epochs"}
+    return {"train": train, "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
+
+
+# ------------------------------------------------------------------ inputs per (backbone, seed)
+
+
+@dataclass
+class Prepared:
+    weights: ResolvedWeights
+    splits: dict[str, list[Sample]]
+    bad: list[tuple[str, str]]
+    data: TrialData
+
+
+def resolve_all(grid: SweepGrid, weights_dir, allow_random_init: bool) -> dict[tuple[str, int], ResolvedWeights]:
+    """Weights for every (backbone, seed), or one error naming every backbone without weights, before any work."""
+    out, missing = {}, []
+    for name in grid.backbones:
+        try:
+            first = resolve_weights(name, None, weights_dir, allow_random_init, grid.seeds[0])
+        except WeightsError:
+            missing.append(f"{name} ({get_spec(name).timm_name})")
+            continue
+        for seed in grid.seeds:  # random init depends on the seed, as in `lesionlab train --seed`
+            out[name, seed] = first if first.pretrained else resolve_weights(name, None, weights_dir, True, seed)
+    if missing:
+        raise WeightsError(
+            f"no ImageNet weights for {', '.join(missing)}: put <timm name>.pth in --weights-dir (now "
+            f"{weights_dir or 'the default'}), drop them from --backbones, or pass --allow-random-init to sweep "
+            "them from random weights (timing only: not comparable to the study). Nothing was trained.")
+    return out
+
+
+def prepare(dataset: Dataset, weights: ResolvedWeights, grid: SweepGrid, seed: int, skip_bad: bool,
+            progress: bool) -> Prepared:
+    """Features (frozen, from the shared cache) or decoded images (finetune), split as ``train`` splits them."""
+    if grid.mode == "frozen":
+        table = load_or_compute(dataset, weights, seed, skip_bad, progress)
+        bad = table.bad
+    else:
+        decoded = decode_samples(dataset.all, weights.input_size, progress)
+        if decoded.bad and not skip_bad:
+            raise BadDataError(decoded.bad)
+        bad = [(e.path, e.reason) for e in decoded.bad]
+    splits = dataset.without({p for p, _ in bad}).splits(grid.split_seed, grid.val_fraction)
+    if grid.mode == "frozen":
+        (x_tr, y_tr), (x_va, y_va) = table.rows(splits["train"]), table.rows(splits["val"])
+        return Prepared(weights, splits, bad, TrialData(x_tr, y_tr, x_va, y_va))
+    index = {s.relpath: i for i, s in enumerate(decoded.samples)}
+
+    def pick(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        return decoded.images[[index[s.relpath] for s in samples]], np.array([s.label for s in samples], np.float32)
+
+    (x_tr, y_tr), (x_va, y_va) = pick(splits["train"]), pick(splits["val"])
+    return Prepared(weights, splits, bad, TrialData(x_tr, y_tr, x_va, y_va, weights))
+
+
+# ------------------------------------------------------------------ results and selection
+
+
+def result_rows(grid: SweepGrid, records: dict[Trial, dict]) -> list[dict]:
+    """A row per backbone x lr x epochs x seed; train_seconds is the trial's time up to that epoch."""
+    rows = []
+    for trial in grid.trials():
+        history = records[trial]["history"]
+        for e in grid.epochs:
+            h = history[e - 1]
+            rows.append({"backbone": trial.backbone, "lr": trial.lr, "epochs": e, "seed": trial.seed,
+                         "val_accuracy": h["val_accuracy"], "val_loss": h["val_loss"], "val_auc": h["val_auc"],
+                         "train_seconds": sum(float(x["seconds"]) for x in history[:e])})
+    return rows
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "lr": f"{r['lr']:g}", "train_seconds": f"{r['train_seconds']:.3f}"})
+    rf.atomic_write_text(path, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class Choice:
+    backbone: str
+    lr: float
+    epochs: int
+    seed: int  # the seed whose model is kept (the best on validation among seeds at this lr and epochs)
+    val_accuracy: float  # mean over seeds, the selection criterion
+    val_loss: float
+
+
+def select(rows: list[dict]) -> dict[str, Choice]:
+    """The study's rule: best validation accuracy; ties: lower validation loss, then fewer epochs."""
+    by_cell: dict[tuple[str, float, int], list[dict]] = {}
+    for r in rows:
+        by_cell.setdefault((r["backbone"], r["lr"], r["epochs"]), []).append(r)
+    best: dict[str, tuple] = {}
+    for (bb, lr, ep), rs in by_cell.items():
+        acc = float(np.mean([r["val_accuracy"] for r in rs]))
+        loss = float(np.mean([r["val_loss"] for r in rs]))
+        key = (-acc, loss, ep)
+        if bb not in best or key < best[bb][0]:
+            seed_row = min(rs, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["seed"]))
+            best[bb] = (key, Choice(bb, lr, ep, seed_row["seed"], acc, loss))
+    return {bb: choice for bb, (_, choice) in best.items()}
+
+
+def tuning_curves(rows: list[dict]) -> dict[str, dict[float, tuple[list[int], list[float]]]]:
+    """Backbone -> lr -> (epochs, mean validation accuracy over seeds): the data of the study's Figure 1."""
+    acc: dict[str, dict[float, dict[int, list[float]]]] = {}
+    for r in rows:
+        acc.setdefault(r["backbone"], {}).setdefault(r["lr"], {}).setdefault(r["epochs"], []).append(
+            r["val_accuracy"])
+    return {bb: {lr: (sorted(by_ep), [float(np.mean(by_ep[e])) for e in sorted(by_ep)])
+                 for lr, by_ep in lines.items()} for bb, lines in acc.items()}
+
+
+# ------------------------------------------------------------------ selected models as run folders
+
+
+def write_selected(out: Path, choice: Choice, grid: SweepGrid, prep: Prepared, store: TrialStore,
+                   history: list[dict], data_root: Path, classes: tuple[str, str], file_hash: str,
+                   n_resamples: int, progress: bool, command: str) -> Path:
+    """``selected/<backbone>/``: a run folder as ``lesionlab train`` leaves it, then evaluated like ``evaluate``.
+
+    Skipped when the folder already holds this choice, evaluated (report.md is evaluation's last file).
+    """
+    from .evaluate import evaluate_run
+
+    trial = Trial(choice.backbone, choice.lr, choice.seed)
+    cfg = grid.config(trial, choice.epochs)
+    selection = {"rule": SELECTION_RULE, **asdict(choice)}
+    cfg_path = out / rf.CONFIG
+    if cfg_path.exists() and (out / rf.REPORT).exists():
+        old = rf.read_json(cfg_path)
+        if (old.get("train") == asdict(cfg) and old.get("weights_sha256") == prep.weights.sha256
+                and old.get("file_list_sha256") == file_hash and old.get("sweep_selection") == selection):
+            return out
+    for name in (rf.REPORT, rf.METRICS):  # an interrupted rewrite must not look finished
+        (out / name).unlink(missing_ok=True)
+    state = store.state(trial, choice.epochs)
+    if grid.mode == "frozen":
+        head = Head(state["net.1.weight"].shape[1], dropout=cfg.dropout)
+        head.load_state_dict(state)
+        model = LesionClassifier(build_backbone(prep.weights, choice.seed), head)
+    else:
+        model = build_model(prep.weights, choice.seed, dropout=cfg.dropout)
+        model.load_state_dict(state)
+    timing = {"epoch_seconds_total": round(sum(float(h["seconds"]) for h in history[:choice.epochs]), 1),
+              "cpu_threads": TRIAL_THREADS if grid.mode == "frozen" else torch.get_num_threads(),
+              "note": "trained as one trial of a sweep (see sweep_selection); backbone features are shared "
+                      "by every trial and not counted here"}
+    write_run(out, cfg, prep.weights, data_root, classes, file_hash, prep.splits, prep.bad,
+              history[:choice.epochs], model, command, extra={"sweep_selection": selection, "timing": timing})
+    evaluate_run(out, data_root, n_resamples=n_resamples, progress=progress)
+    return out
+
+
+# ------------------------------------------------------------------ Table 1 and Figures 1-3
+
+
+def _weights_label(config: dict) -> str:
+    w = config["weights"]
+    if not config["pretrained"]:
+        return "RANDOM init (no ImageNet weights here)"
+    where = Path(w["path"]).name if w.get("source") in ("weights-dir", "file") and w.get("path") else w["source"]
+    return f"ImageNet ({where})"
+
+
+def _model_label(bb: str, choice: Choice, config: dict) -> str:
+    return f"{bb} (lr {choice.lr:g}, {choice.epochs} ep{'' if config['pretrained'] else ', RANDOM init'})"
+
+
+def _ci(block: dict) -> str:
+    lo, hi = block["ci95"]
+    return f"{block['value']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def table1_markdown(grid: SweepGrid, choices: dict[str, Choice], metrics: dict[str, dict],
+                    configs: dict[str, dict]) -> str:
+    """The study's layout (a column per model, a row per metric), each selected model beside the study's."""
+    cols: list[tuple[str, Callable[[str], str]]] = []
+    for bb in choices:
+        m, c, ch = metrics[bb]["test"], configs[bb], choices[bb]
+        cols.append((f"**{bb}** (here)", {
+            "weights": _weights_label(c), "lr, epochs": f"{ch.lr:g}, {ch.epochs}",
+            "val": f"{ch.val_accuracy:.4f}", "n": str(m["n"]),
+            **{k: _ci(m[k]) for k, _ in TABLE_METRICS}}.get))
+        if bb in STUDY_TABLE1:
+            cols.append(_study_column(bb))
+    cols += [_study_column(bb) for bb in STUDY_TABLE1 if bb not in choices]
+    row_names = [("weights", "weights"), ("lr, epochs", "selected lr, epochs"), ("val", "validation accuracy"),
+                 *[(k, label) for k, label in TABLE_METRICS], ("n", "n (test)")]
+    lines = ["| | " + " | ".join(name for name, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {label} | " + " | ".join(get(key) or "" for _, get in cols) + " |" for key, label in row_names]
+    dedup = ["| | " + " | ".join(f"**{bb}**" for bb in choices) + " |", "|---|" + "---|" * len(choices)]
+    dedup += [f"| {label} | " + " | ".join(_ci(metrics[bb]["test_dedup"][k]) for bb in choices) + " |"
+              for k, label in TABLE_METRICS]
+    dedup.append("| n (test_dedup) | " + " | ".join(str(metrics[bb]["test_dedup"]["n"]) for bb in choices) + " |")
+    return "\n".join([
+        "# Table 1: the selected model of each backbone on test",
+        "",
+        f"Grid: lr {', '.join(f'{x:g}' for x in grid.lrs)} x epochs {', '.join(map(str, grid.epochs))} x "
+        f"{len(grid.seeds)} seed(s), {grid.mode} backbone, batch {grid.batch_size}, Adam. Selection: "
+        f"{SELECTION_RULE}. Metrics at threshold 0.5 with 95% stratified-bootstrap CIs; *study* columns are "
+        "Lin & Ghanta 2024, Table 1 (no CIs published; their test split has 660 images as here).",
+        "",
+        *lines,
+        "",
+        "## test_dedup (test without near-duplicates of training images)",
+        "",
+        *dedup,
+        "",
+    ])
+
+
+def _study_column(bb: str) -> tuple[str, Callable[[str], str]]:
+    s = STUDY_TABLE1[bb]
+    cells = {"weights": "ImageNet (Keras)", "lr, epochs": f"{s['lr']:g}, {s['epochs']}",
+             "val": f"{s['val_accuracy']:.4f}", "n": "660", **{k: f"{s[k]:.4f}" for k, _ in TABLE_METRICS}}
+    return f"{s['label']} (*study*)", cells.get
+
+
+def table1_rows(choices: dict[str, Choice], metrics: dict[str, dict], configs: dict[str, dict]) -> list[dict]:
+    """table1.csv: a row per (model, split), ours with CIs and the study's test numbers."""
+    rows = []
+    for bb, ch in choices.items():
+        c = configs[bb]
+        for split in ("test", "test_dedup"):
+            m = metrics[bb][split]
+            row = {"split": split, "source": "lesionlab", "backbone": bb, "pretrained": c["pretrained"],
+                   "weights_source": c["weights"]["source"], "lr": f"{ch.lr:g}", "epochs": ch.epochs,
+                   "seed": ch.seed, "val_accuracy": ch.val_accuracy, "n": m["n"]}
+            for k, _ in TABLE_METRICS:
+                row.update({k: m[k]["value"], f"{k}_ci_low": m[k]["ci95"][0], f"{k}_ci_high": m[k]["ci95"][1]})
+            rows.append(row)
+    for bb, s in STUDY_TABLE1.items():
+        rows.append({"split": "test", "source": "study", "backbone": bb, "pretrained": True,
+                     "weights_source": "keras:imagenet", "lr": f"{s['lr']:g}", "epochs": s["epochs"],
+                     "val_accuracy": s["val_accuracy"], "n": 660, **{k: s[k] for k, _ in TABLE_METRICS}})
+    return rows
+
+
+def _test_scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(run_dir / rf.PREDICTIONS, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    return np.array([int(r["label"]) for r in rows]), np.array([float(r["probability"]) for r in rows])
+
+
+def write_reports(out: Path, grid: SweepGrid, rows: list[dict], choices: dict[str, Choice],
+                  selected: dict[str, Path]) -> None:
+    """table1.md, table1.csv and the study's Figures 1 (tuning), 2 (confusion, test, 0.5) and 3 (ROC, test)."""
+    metrics = {bb: rf.read_json(p / rf.METRICS) for bb, p in selected.items()}
+    configs = {bb: rf.read_json(p / rf.CONFIG) for bb, p in selected.items()}
+    rf.atomic_write_text(out / "table1.md", table1_markdown(grid, choices, metrics, configs))
+    table = table1_rows(choices, metrics, configs)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in table for k in r)), lineterminator="\n")
+    w.writeheader()
+    w.writerows(table)
+    rf.atomic_write_text(out / "table1.csv", buf.getvalue())
+    labels = {bb: _model_label(bb, ch, configs[bb]) for bb, ch in choices.items()}
+    panels = {f"{bb}{'' if configs[bb]['pretrained'] else ' (RANDOM init)'}": curves
+              for bb, curves in tuning_curves(rows).items()}
+    best = {f"{bb}{'' if configs[bb]['pretrained'] else ' (RANDOM init)'}": (ch.lr, ch.epochs, ch.val_accuracy)
+            for bb, ch in choices.items()}
+    plots.tuning_panels(panels, best, out / "figure1_tuning.png")
+    plots.confusion_grid({labels[bb]: metrics[bb]["test"]["confusion"] for bb in choices},
+                         out / "figure2_confusion.png", "test split, threshold 0.5")
+    plots.roc({labels[bb]: _test_scores(selected[bb]) for bb in choices}, out / "figure3_roc.png",
+              "ROC on test: the selected model of each backbone")
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+@dataclass
+class SweepOutcome:
+    out: Path
+    rows: list[dict]
+    choices: dict[str, Choice]
+    selected: dict[str, Path]
+    trained: int  # trials trained by this call (the rest were finished earlier)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+Job = tuple[TrainConfig, TrialData, tuple[int, ...]]
+Backend = Callable[[list[Job], Callable[[TrialResult], None], Callable[[int], None]], None]
+
+
+def run_local(jobs: list[Job], on_done: Callable[[TrialResult], None], tick: Callable[[int], None]) -> None:
+    for cfg, data, record in jobs:
+        on_done(run_trial(cfg, data, record, tick))
+
+
+def run_sweep(
+    grid: SweepGrid, data: str | Path, out: str | Path, weights_dir: str | Path | None = None,
+    allow_random_init: bool = False, backend: str = "local", ray_address: str | None = None,
+    skip_bad: bool = False, classes: tuple[str, str] = ("benign", "malignant"), n_resamples: int = 1000,
+    progress: bool = True, command: str = "",
+) -> SweepOutcome:
+    """Runs what is left of the grid, selects per backbone, evaluates, and writes every output file."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    out, data_root = Path(out), Path(data)
+    runner = _backend(backend, ray_address)
+    dataset = load_dataset(data_root, classes)
+    file_hash = dataset.file_list_hash()
+    weights = resolve_all(grid, weights_dir, allow_random_init)
+    out.mkdir(parents=True, exist_ok=True)
+    rf.atomic_write_json(out / "sweep.json", {"grid": asdict(grid), "backend": backend, "command": command,
+                                              "data": str(data_root.resolve()), "versions": rf.package_versions()})
+    prepared, seconds = {}, {}
+    for (bb, seed), w in weights.items():
+        t0 = time.perf_counter()
+        prepared[bb, seed] = prepare(dataset, w, grid, seed, skip_bad, progress)
+        seconds[f"prepare:{bb}:{seed}"] = time.perf_counter() - t0
+    t_prepared = time.perf_counter()
+
+    store = TrialStore(out / "trials")
+    records: dict[Trial, dict] = {}
+    jobs: list[Job] = []
+    for trial in grid.trials():
+        cfg = grid.config(trial)
+        rec = store.load(trial, trial_identity(cfg, weights[trial.backbone, trial.seed], file_hash), grid.epochs)
+        if rec is not None:
+            records[trial] = rec
+        else:
+            jobs.append((cfg, prepared[trial.backbone, trial.seed].data, grid.epochs))
+
+    bar = tqdm(total=len(grid.trials()) * grid.max_epochs, initial=len(records) * grid.max_epochs,
+               desc=f"sweep ({len(jobs)} of {len(grid.trials())} trials to train)", unit="epoch",
+               disable=not progress, smoothing=0.05)
+
+    def on_done(result: TrialResult) -> None:
+        cfg = grid.config(result.trial)
+        ident = trial_identity(cfg, weights[result.trial.backbone, result.trial.seed], file_hash)
+        records[result.trial] = store.save(result, ident)
+        bar.set_postfix_str(f"{result.trial.backbone} {result.trial.name} done")
+
+    try:
+        runner(jobs, on_done, bar.update)
+    finally:
+        bar.close()
+    t_trained = time.perf_counter()
+
+    rows = result_rows(grid, records)
+    write_results(out / "results.csv", rows)
+    choices = select(rows)
+    selected = {}
+    for bb, choice in choices.items():
+        trial = Trial(bb, choice.lr, choice.seed)
+        selected[bb] = write_selected(out / "selected" / bb, choice, grid, prepared[bb, choice.seed], store,
+                                      records[trial]["history"], data_root, classes, file_hash, n_resamples,
+                                      progress, command)
+    write_reports(out, grid, rows, choices, selected)
+    t_end = time.perf_counter()
+    seconds.update({"prepare": t_prepared - t_start, "trials": t_trained - t_prepared,
+                    "select_evaluate_report": t_end - t_trained, "total": t_end - t_start})
+    return SweepOutcome(out, rows, choices, selected, len(jobs), seconds)
+
+
+def _backend(name: str, ray_address: str | None) -> Backend:
+    if name == "local":
+        return run_local
+    if name == "ray":
+        from .sweep_ray import ray_backend
+
+        return ray_backend(ray_address)
+    raise SweepError(f"backend must be local or ray, got '{name}'")
+
+
+def parse_list(text: str, kind: type, what: str) -> tuple:
+    """'1e-5,5e-4' -> (1e-05, 0.0005), with an error that names the option."""
+    try:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SweepError(f"{what}: expected a comma-separated list of {kind.__name__} values, got '{text}'") from None

@@ -1,0 +1,59 @@
+"""The sweep's Ray backend: the same trials as the local backend, run as Ray tasks (``pip install 'lesionlab[ray]'``).
+
+The driver prepares features (or images) once per (backbone, seed) and puts each array set in
+Ray's object store once; every task runs :func:`lesionlab.sweep.run_trial`, the function the local
+backend runs, with the same thread count, so results.csv is identical. Tasks return their results
+and the driver writes the trial files, so workers need no access to SWEEP_DIR. Workers do need
+lesionlab installed (the same version as the driver).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .sweep import Backend, Job, SweepError, TrialResult, run_trial
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise SweepError("--backend ray needs Ray: pip install 'lesionlab[ray]' (or ray[default]>=2.9)") from None
+    return ray
+
+
+def _trial_task(cfg, data, record) -> TrialResult:
+    return run_trial(cfg, data, record)
+
+
+def ray_backend(address: str | None = None, num_cpus: int | None = None) -> Backend:
+    """A backend that connects to the Ray cluster at ``address`` (None: start a local one; 'auto': the running one).
+
+    When lesionlab starts Ray it also shuts it down; a Ray already initialised by the caller is used as is.
+    """
+    ray = _import_ray()
+
+    def run(jobs: list[Job], on_done: Callable[[TrialResult], None], tick: Callable[[int], None]) -> None:
+        if not jobs:
+            return
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        try:
+            task = ray.remote(num_cpus=1)(_trial_task)  # run_trial pins frozen trials to TRIAL_THREADS threads
+            refs: dict[int, object] = {}  # one object-store copy per (backbone, seed) data set
+            pending = {}
+            for cfg, data, record in jobs:
+                ref = refs.setdefault(id(data), ray.put(data))
+                pending[task.remote(cfg, ref, record)] = cfg.epochs
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                epochs = pending.pop(done[0])
+                on_done(ray.get(done[0]))
+                tick(epochs)
+        finally:
+            if started:
+                ray.shutdown()
+
+    return run
