@@ -161,9 +161,10 @@ def predict(
     for path in images:
         given = str(path)
         try:
-            prob = float(predictor.predict([open_image(path, given)], tta)[0])
-            results.append({"path": given, "probability": round(prob, 6), "label": predictor.label(prob),
-                            "threshold": predictor.info.threshold})
+            p = predictor.analyze([open_image(path, given)], tta)[0]
+            results.append({"path": given, "probability": round(p.probability, 6), "label": p.label,
+                            "threshold": predictor.info.threshold, "refused": p.refused, "reason": p.reason,
+                            "ood_score": None if p.ood_score is None else round(p.ood_score, 3)})
         except BadImageError as e:
             errors += 1
             results.append({"path": given, "error": e.reason})
@@ -173,6 +174,8 @@ def predict(
         for r in results:
             if "error" in r:
                 typer.secho(f"{r['path']}: error: {r['error']}", fg=typer.colors.RED, err=True)
+            elif r["refused"]:
+                typer.echo(f"{r['path']}\tnot_a_lesion\t({r['reason']})")
             else:
                 typer.echo(f"{r['path']}\tP(malignant)={r['probability']:.4f}\t{r['label']}"
                            f"\t(threshold {r['threshold']:.4f})")
@@ -253,7 +256,8 @@ def export(
 
 @app.command()
 def serve(
-    model: Optional[Path] = typer.Option(None, help="Run or ensemble folder (default: the bundled model)."),
+    model: Optional[Path] = typer.Option(None, envvar="LESIONLAB_MODEL",
+                                         help="Run or ensemble folder (default: the bundled model)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8000),
     workers: int = typer.Option(1, help="uvicorn worker processes."),
@@ -287,6 +291,56 @@ def serve(
                f"thread(s) each, auth {'on' if tokens else 'off'}). Screening aid only, not a diagnosis.", err=True)
     uvicorn.run("lesionlab.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 access_log=access_log, log_level="info")
+
+
+@app.command()
+def ensemble(
+    run_dirs: List[Path] = typer.Argument(..., help="Two or more evaluated run folders trained on the same split."),
+    out: Path = typer.Option(..., help="Ensemble folder to write (ensemble.json, metrics, report)."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (default: the one the runs were trained on)."),
+    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95"),
+    tta: bool = typer.Option(False, help="Test-time augmentation for every member (re-scores them)."),
+    resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
+    quiet: bool = typer.Option(False),
+) -> None:
+    """Combine runs into one model (mean of calibrated probabilities) and evaluate it; predict and serve accept OUT."""
+    from .ensemble import create_ensemble
+
+    command = _command_line("ensemble", out=out, data=data, threshold_policy=threshold_policy, tta=tta,
+                            resamples=resamples) + " " + " ".join(shlex.quote(str(d)) for d in run_dirs)
+    try:
+        metrics = create_ensemble(run_dirs, out, data, threshold_policy, tta, resamples, progress=not quiet,
+                                  command=command)
+    except USER_ERRORS as e:
+        fail(str(e))
+    _print_summary(metrics)
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def explain(
+    image: Path = typer.Argument(..., help="Image file."),
+    out: Path = typer.Option(..., help="PNG file to write: the image at model size with a Grad-CAM heatmap."),
+    model: Optional[Path] = typer.Option(None, help="Run folder (default: the bundled model); an ensemble "
+                                                    "folder is explained through its first member."),
+    target: str = typer.Option("predicted", help="predicted | malignant | benign: whose evidence to show."),
+) -> None:
+    """Grad-CAM heatmap over IMAGE: where the evidence for the model's answer lies (a visual aid, not a diagnosis)."""
+    from .data import open_image
+    from .explain import explain_image
+    from .runfiles import atomic_path
+
+    try:
+        result = explain_image(model, open_image(image, str(image)), target)
+        with atomic_path(out) as tmp:
+            result.overlay().save(tmp, format="PNG")
+    except BadImageError as e:
+        fail(f"{e.path}: {e.reason}")
+    except USER_ERRORS as e:
+        fail(str(e))
+    p = result.prediction
+    answer = "not_a_lesion (" + (p.reason or "") + ")" if p.refused else f"P(malignant)={p.probability:.4f} {p.label}"
+    typer.echo(f"wrote {out}: {target} evidence of {result.model_dir}; {answer}")
 
 
 def main() -> None:

@@ -1,0 +1,112 @@
+"""ONNX export: files, parity with PyTorch, loud failure, and the int8 keep-or-discard rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lesionlab import export as ex
+from lesionlab import runfiles as rf
+from lesionlab.cli import app
+from lesionlab.data import open_image
+from lesionlab.predictor import load_predictor
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of tiny_run with model.onnx (shared by the serving tests; never modified by them)."""
+    out = tmp_path_factory.getbasetemp() / "onnx-run"
+    if not (out / "model.onnx").exists():
+        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
+        ex.export_run(out, log=_quiet)
+    return out
+
+
+@pytest.fixture
+def run_copy(onnx_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(onnx_run, dst)
+    return dst
+
+
+def test_export_writes_model_and_preprocess(onnx_run):
+    import onnxruntime as ort
+
+    spec = rf.read_json(onnx_run / "preprocess.json")
+    cal = rf.read_json(onnx_run / rf.CALIBRATION)
+    assert spec["threshold"] == cal["threshold"] and spec["temperature"] == cal["temperature"]
+    assert spec["input_size"] == 224 and spec["mean"] == [0.5] * 3 and spec["std"] == [0.5] * 3
+    assert spec["output_names"] == ["logit", "features"] and spec["opset"] >= 17
+    assert spec["backbone"] == "efficientnet_lite0" and "center-crop" in spec["resize"]
+    session = ort.InferenceSession(str(onnx_run / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logit", "features"]
+    for n in (1, 3):  # dynamic batch axis
+        logit, feats = session.run(None, {"input": np.zeros((n, 3, 224, 224), np.float32)})
+        assert logit.shape == (n,) and feats.shape[0] == n
+
+
+def test_onnx_predictor_matches_torch(onnx_run, small_data):
+    images = [open_image(p) for p in sorted((small_data / "test" / "malignant").iterdir())[:4]]
+    p_onnx = load_predictor(onnx_run, "onnx").predict(images)
+    p_torch = load_predictor(onnx_run, "torch").predict(images)
+    assert np.max(np.abs(p_onnx - p_torch)) <= ex.PARITY_TOLERANCE
+
+
+def test_parity_uses_validation_images(onnx_run):
+    config = rf.read_json(onnx_run / rf.CONFIG)
+    images, source = ex.parity_batch(onnx_run, config, 224, None)
+    assert source == "validation" and images.shape[1:] == (224, 224, 3) and len(images) >= 1
+
+
+def test_parity_falls_back_to_generated_images(onnx_run, tmp_path):
+    config = rf.read_json(onnx_run / rf.CONFIG)
+    images, source = ex.parity_batch(onnx_run, config, 224, tmp_path / "no-such-data")
+    assert source == "generated" and images.shape == (32, 224, 224, 3)
+
+
+def test_parity_failure_is_loud_and_leaves_nothing(run_copy, monkeypatch):
+    exported = (run_copy / "model.onnx").read_bytes()
+    for name in ("model.onnx", "preprocess.json"):
+        (run_copy / name).unlink()
+    monkeypatch.setattr(ex, "_torch_to_onnx", lambda module, size, path, opset: Path(path).write_bytes(exported))
+    monkeypatch.setattr(ex, "check_parity", lambda *a, **k: 3e-3)
+    with pytest.raises(ex.ExportError, match="disagrees with PyTorch"):
+        ex.export_run(run_copy, log=_quiet)
+    assert not (run_copy / "model.onnx").exists() and not (run_copy / "preprocess.json").exists()
+    assert not [p for p in run_copy.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_needs_an_evaluated_run(run_copy):
+    (run_copy / rf.CALIBRATION).unlink()
+    result = CliRunner().invoke(app, ["export", str(run_copy)])
+    assert result.exit_code == 2 and "lesionlab evaluate" in result.output
+
+
+def test_export_cli_rejects_unknown_quantization(run_copy):
+    result = CliRunner().invoke(app, ["export", str(run_copy), "--quantize", "fp16"])
+    assert result.exit_code == 2 and "int8" in result.output
+
+
+def test_int8_is_kept_only_within_the_auc_margin(run_copy, monkeypatch):
+    messages: list[str] = []
+    with monkeypatch.context() as m:  # a "quantizer" that changes nothing: same AUC, so kept
+        m.setattr(ex, "_quantize", lambda src, dst, calib: shutil.copy(src, dst))
+        kept = ex.quantize_run(run_copy, log=messages.append)
+    assert kept.kept and (run_copy / ex.INT8_FILE).exists() and kept.auc_int8 == kept.auc_float
+    monkeypatch.setattr(ex, "MAX_AUC_DROP", -1.0)  # real quantization; nothing is within a negative margin
+    dropped = ex.quantize_run(run_copy, log=messages.append)
+    assert not dropped.kept and not (run_copy / ex.INT8_FILE).exists()  # the stale int8 file went too
+    assert "kept model.int8.onnx" in messages[0] and "discarded" in messages[1]
+    assert f"{dropped.auc_int8:.4f}" in messages[1] and f"{dropped.auc_float:.4f}" in messages[1]
+    report = json.loads((run_copy / ex.QUANT_REPORT).read_text())
+    assert report["kept"] is False and report["n_test"] == 24 and 0 <= report["auc_int8"] <= 1
+    assert not [p for p in run_copy.iterdir() if p.name.startswith(".int8-")]

@@ -1,0 +1,577 @@
+"""The service in-process: contract, hardening (limits, bad inputs, auth), Lambda handler, Dockerfile, CLI wiring."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lesionlab import export as ex
+from lesionlab.predictor import Prediction
+from lesionlab.report import DISCLAIMER
+from lesionlab.serve import aws_lambda, create_app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of tiny_run with model.onnx (the same folder test_export builds; never modified here)."""
+    out = tmp_path_factory.getbasetemp() / "onnx-run"
+    if not (out / "model.onnx").exists():
+        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
+        ex.export_run(out, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_only(onnx_run, tmp_path_factory) -> Path:
+    """The shape of the bundled default model: ONNX and JSON files, no PyTorch checkpoint."""
+    out = tmp_path_factory.mktemp("onnx-only")
+    for name in ("model.onnx", "preprocess.json", "calibration.json", "config.json", "metrics.json"):
+        shutil.copy(onnx_run / name, out / name)
+    (out / "MODEL_CARD.md").write_text("# test model card\n")
+    return out
+
+
+def wait_ready(client: TestClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health/ready").json()
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(onnx_run):
+    with TestClient(create_app(onnx_run)) as c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def lesion_jpeg(small_data) -> bytes:
+    return sorted((small_data / "test" / "malignant").iterdir())[0].read_bytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 0).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def refusing(monkeypatch, client) -> None:
+    """Makes the loaded predictor refuse every image, as the lesion detector does for a non-lesion."""
+    predictor = client.app.state.service.predictor
+
+    def analyze(images, tta=False):
+        return [Prediction(0.3, "not_a_lesion", predictor.info.threshold, -0.8, True, 99.0, "does not look like a "
+                           "dermoscopic lesion image (distance 99.0 > 40.0)") for _ in images]
+
+    monkeypatch.setattr(predictor, "analyze", analyze)
+
+
+# ------------------------------------------------------------------ study contract: POST /predict
+
+
+def test_study_contract_json(client, lesion_jpeg):
+    r = client.post("/predict", json={"image": b64(lesion_jpeg)})
+    env = r.json()
+    assert r.status_code == env["statusCode"] == 200
+    assert env["headers"] == {"Content-Type": "application/json"}
+    body = env["body"]
+    assert body["predicted_label"] in ("benign", "malignant") and 0 <= body["probability"] <= 1
+    assert body["predicted_label"] == ("malignant" if body["probability"] >= body["threshold"] else "benign")
+    assert body["disclaimer"] == DISCLAIMER
+
+
+@pytest.mark.parametrize("shape", ["bare", "json-string", "data-uri", "urlsafe-unpadded", "line-wrapped"])
+def test_study_contract_body_shapes(client, lesion_jpeg, shape):
+    expected = client.post("/predict", json={"image": b64(lesion_jpeg)}).json()["body"]["probability"]
+    text = b64(lesion_jpeg)
+    content = {
+        "bare": text,
+        "json-string": json.dumps(text),
+        "data-uri": json.dumps({"image": "data:image/jpeg;base64," + text}),
+        "urlsafe-unpadded": base64.urlsafe_b64encode(lesion_jpeg).decode().rstrip("="),
+        "line-wrapped": "\n".join(text[i:i + 76] for i in range(0, len(text), 76)),
+    }[shape]
+    r = client.post("/predict", content=content, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200, r.json()
+    assert r.json()["body"]["probability"] == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("key,status,code", [
+    ("text", 415, "unsupported_image"), ("tiny", 422, "image_too_small"), ("huge", 413, "image_too_large"),
+    ("truncated", 415, "unsupported_image"), ("zero", 400, "empty_image"),
+])
+def test_study_contract_bad_images(client, image_files, key, status, code):
+    r = client.post("/predict", json={"image": b64(image_files[key].read_bytes())})
+    env = r.json()
+    assert r.status_code == env["statusCode"] == status and env["body"]["error"] == code, env
+    assert env["body"]["message"]
+
+
+@pytest.mark.parametrize("content,code", [
+    ('{"image": "not base64 at all!"}', "bad_base64"), ("@@@@", "bad_base64"), ('{"image": 12}', "missing_image"),
+    ('{"picture": "abcd"}', "missing_image"), ("{not json", "bad_json"), ("", "empty_body"), ("[1, 2]", "missing_image"),
+    ('"\u00e9t\u00e9"', "bad_base64"),
+])
+def test_study_contract_bad_requests(client, content, code):
+    r = client.post("/predict", content=content.encode(), headers={"Content-Type": "application/json"})
+    env = r.json()
+    assert r.status_code == env["statusCode"] == 400 and env["body"]["error"] == code, env
+
+
+def test_study_contract_refusal_is_200_not_a_lesion(client, lesion_jpeg, monkeypatch):
+    refusing(monkeypatch, client)
+    env = client.post("/predict", json={"image": b64(lesion_jpeg)}).json()
+    assert env["statusCode"] == 200 and env["body"]["predicted_label"] == "not_a_lesion"
+    assert "dermoscopic" in env["body"]["reason"]
+
+
+def test_alpha_png_is_accepted(client, image_files):
+    assert client.post("/predict", json={"image": b64(image_files["alpha"].read_bytes())}).status_code == 200
+
+
+# ------------------------------------------------------------------ /v1
+
+
+def test_v1_predict_multipart_and_json_agree(client, lesion_jpeg):
+    a = client.post("/v1/predict", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
+    b = client.post("/v1/predict", json={"image": b64(lesion_jpeg)})
+    assert a.status_code == b.status_code == 200
+    out = a.json()
+    assert out["probability"] == pytest.approx(b.json()["probability"])
+    assert out["label"] in ("benign", "malignant") and out["model_id"] and len(out["model_version"]) == 12
+    assert out["inference_ms"] > 0 and out["threshold"] == client.app.state.service.predictor.info.threshold
+
+
+def test_v1_predict_errors(client, image_files):
+    for key, status in (("text", 415), ("tiny", 422), ("huge", 413), ("zero", 400)):
+        r = client.post("/v1/predict", files={"file": ("x.jpg", image_files[key].read_bytes(), "image/jpeg")})
+        assert r.status_code == status and r.json()["message"], (key, r.json())
+    assert client.post("/v1/predict", files={"note": (None, "no file")}).status_code == 400
+    assert client.post("/v1/predict", data={"note": "no file"}).status_code == 415  # urlencoded
+    assert client.post("/v1/predict", content=b"x", headers={"Content-Type": "image/jpeg"}).status_code == 415
+    assert client.post("/v1/predict?tta=maybe", json={"image": "abcd"}).status_code == 400
+
+
+def test_v1_refusal_is_422_with_reason(client, lesion_jpeg, monkeypatch):
+    refusing(monkeypatch, client)
+    r = client.post("/v1/predict", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
+    assert r.status_code == 422
+    assert r.json()["label"] == "not_a_lesion" and "dermoscopic" in r.json()["message"]
+
+
+def test_v1_tta_reaches_the_predictor(client, lesion_jpeg, monkeypatch):
+    predictor = client.app.state.service.predictor
+    seen, analyze = [], predictor.analyze
+    monkeypatch.setattr(predictor, "analyze", lambda images, tta=False: seen.append(tta) or analyze(images, tta))
+    r = client.post("/v1/predict?tta=true", json={"image": b64(lesion_jpeg)})
+    assert r.status_code == 200 and r.json()["tta"] is True and seen == [True]
+
+
+def test_v1_batch(client, lesion_jpeg, image_files):
+    files = [("files", (f"{i}.jpg", data, "image/jpeg"))
+             for i, data in enumerate([lesion_jpeg, image_files["text"].read_bytes(), lesion_jpeg])]
+    r = client.post("/v1/predict/batch", files=files)
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 415, 200] and results[1]["error"]
+    assert results[0]["probability"] == pytest.approx(results[2]["probability"])
+    assert client.post("/v1/predict/batch", json={"images": [b64(lesion_jpeg)] * 33}).status_code == 413
+    assert client.post("/v1/predict/batch", json={"images": []}).status_code == 400
+    assert client.post("/v1/predict/batch", json={"images": "abc"}).status_code == 400
+
+
+def test_explain_is_501_without_the_module(client, lesion_jpeg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lesionlab.explain", None)  # import fails as if the module were absent
+    r = client.post("/v1/predict?explain=true", json={"image": b64(lesion_jpeg)})
+    assert r.status_code == 501 and "explain" in r.json()["message"]
+
+
+def test_explain_returns_an_overlay(client, lesion_jpeg, monkeypatch):
+    calls = []
+    fake = types.ModuleType("lesionlab.explain")
+    fake.overlay_png = lambda model_dir, image: calls.append((Path(model_dir), image.size)) or png((8, 8))
+    monkeypatch.setitem(sys.modules, "lesionlab.explain", fake)
+    r = client.post("/v1/predict?explain=true", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
+    assert r.status_code == 200
+    assert base64.b64decode(r.json()["explanation_png"]).startswith(b"\x89PNG")
+    assert calls and calls[0][0] == client.app.state.service.model_dir
+
+
+def test_model_card(client):
+    card = client.get("/v1/model").json()
+    assert card["backbone"] == "efficientnet_lite0" and card["input_size"] == 224
+    assert card["threshold"]["policy"] and 0 < card["threshold"]["value"] < 1
+    assert card["training_data"]["n_train"] > 0 and card["training_data"]["positive_class"] == "malignant"
+    auc = card["metrics"]["test"]["auc"]
+    assert set(auc) == {"value", "ci95"} and "at_threshold" in card["metrics"]["test"]
+    assert card["licence"]["data"] and card["disclaimer"] == DISCLAIMER and "not a diagnosis" in card["intended_use"]
+
+
+def test_onnx_only_folder_like_the_bundled_model(onnx_only, lesion_jpeg, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lesionlab.explain", types.ModuleType("lesionlab.explain"))
+    with TestClient(create_app(onnx_only)) as c:
+        wait_ready(c)
+        assert c.post("/predict", json={"image": b64(lesion_jpeg)}).status_code == 200
+        card = c.get("/v1/model").json()
+        assert card["runtime"] == "onnxruntime" and card["model_card"].startswith("# test model card")
+        r = c.post("/v1/predict?explain=true", json={"image": b64(lesion_jpeg)})
+        assert r.status_code == 501 and "model.pt" in r.json()["message"]
+
+
+def test_torch_backend_when_no_onnx(tiny_run, lesion_jpeg):
+    with TestClient(create_app(tiny_run, backend="torch")) as c:
+        wait_ready(c)
+        assert c.get("/v1/model").json()["runtime"] == "pytorch"
+        assert c.post("/v1/predict", json={"image": b64(lesion_jpeg)}).status_code == 200
+
+
+# ------------------------------------------------------------------ health, page, docs
+
+
+def test_health_endpoints(client):
+    for prefix in ("", "/v2"):
+        assert client.get(f"{prefix}/health/live").json()["live"] is True
+        ready = client.get(f"{prefix}/health/ready")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def test_not_ready_until_loaded_and_warm(onnx_run, monkeypatch):
+    from lesionlab.serve import service as service_module
+
+    gate = threading.Event()
+    real = service_module.load_predictor
+    monkeypatch.setattr(service_module, "load_predictor", lambda *a: gate.wait(30) and real(*a))
+    with TestClient(create_app(onnx_run)) as c:
+        assert c.get("/health/live").status_code == 200
+        r = c.get("/v2/health/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        busy = c.post("/predict", json={"image": "AAAA"})
+        assert busy.status_code == 503 and busy.headers["Retry-After"]
+        gate.set()
+        wait_ready(c)
+
+
+def test_failed_load_is_reported(onnx_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_run, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    with TestClient(create_app(broken)) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/health/ready").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and r.json()["detail"]
+        assert c.post("/v1/predict", json={"image": "AAAA"}).json()["error"] == "model_failed"
+
+
+def test_page_and_docs(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "not a diagnosis" in page.text and 'type="file"' in page.text and 'id="explain"' in page.text
+    for attr in ('src="http', "src='http", 'href="http', "@import", "url(http"):
+        assert attr not in page.text  # nothing fetched from the internet
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/predict", "/v1/predict", "/v1/predict/batch", "/v1/model", "/health/ready", "/v2/health/ready"} <= set(paths)
+
+
+# ------------------------------------------------------------------ limits
+
+
+@pytest.fixture(scope="module")
+def small_cap_client(onnx_run):
+    with TestClient(create_app(onnx_run, max_body_bytes=4096)) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_body_cap_declared_length(small_cap_client):
+    r = small_cap_client.post("/predict", content=b"A" * 5000, headers={"Content-Type": "text/plain"})
+    assert r.status_code == r.json()["statusCode"] == 413
+    r = small_cap_client.post("/v1/predict", files={"file": ("x.jpg", b"\xff" * 5000, "image/jpeg")})
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+
+def test_body_cap_chunked(small_cap_client):
+    def chunks():
+        for _ in range(10):
+            yield b"A" * 1000
+
+    r = small_cap_client.post("/predict", content=chunks(), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 413
+
+
+def _blocking(client, monkeypatch, seconds: float | None = None) -> threading.Event:
+    """Every classification waits on the returned event (or sleeps ``seconds``)."""
+    gate = threading.Event()
+    service = client.app.state.service
+    real = service.classify_blocking
+
+    def slow(images, tta):
+        if seconds is None:
+            gate.wait(30)
+        else:
+            time.sleep(seconds)
+        return real(images, tta)
+
+    monkeypatch.setattr(service, "classify_blocking", slow)
+    return gate
+
+
+def test_concurrency_cap_answers_503_with_retry_after(onnx_run, lesion_jpeg, monkeypatch):
+    with TestClient(create_app(onnx_run, max_concurrency=1)) as c:
+        wait_ready(c)
+        gate = _blocking(c, monkeypatch)
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(c.post("/predict", json={"image": b64(lesion_jpeg)})))
+        t.start()
+        deadline = time.monotonic() + 10
+        while c.app.state.service.admission.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = c.post("/predict", json={"image": b64(lesion_jpeg)})
+        gate.set()
+        t.join(30)
+        assert r.status_code == r.json()["statusCode"] == 503 and r.headers["Retry-After"] == "1"
+        assert r.json()["body"]["error"] == "busy"
+        assert first[0].status_code == 200
+        assert c.post("/predict", json={"image": b64(lesion_jpeg)}).status_code == 200  # slot freed
+
+
+def test_request_timeout(onnx_run, lesion_jpeg, monkeypatch):
+    with TestClient(create_app(onnx_run, timeout_s=0.2, max_concurrency=1)) as c:
+        wait_ready(c)
+        _blocking(c, monkeypatch, seconds=0.6)
+        r = c.post("/v1/predict", json={"image": b64(lesion_jpeg)})
+        assert r.status_code == 503 and r.json()["error"] == "timeout" and r.headers["Retry-After"]
+        # the slot stays taken until the work really ends, then frees itself
+        deadline = time.monotonic() + 5
+        while c.app.state.service.admission.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.app.state.service.admission.active == 0
+
+
+# ------------------------------------------------------------------ auth
+
+
+def test_bearer_auth(onnx_run, lesion_jpeg):
+    with TestClient(create_app(onnx_run, tokens=["s3cret", "other"])) as c:
+        wait_ready(c)
+        for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"):
+            assert c.get(path).status_code == 200
+        for method, path in (("get", "/"), ("get", "/docs"), ("get", "/openapi.json"), ("get", "/v1/model"),
+                             ("post", "/v1/predict"), ("post", "/v1/predict/batch"), ("post", "/predict")):
+            r = getattr(c, method)(path)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", path
+        r = c.post("/predict", json={"image": b64(lesion_jpeg)}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == r.json()["statusCode"] == 401
+        ok = c.post("/predict", json={"image": b64(lesion_jpeg)}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/v1/model", headers={"Authorization": "bearer other"}).status_code == 200
+
+
+def test_tokens_from_env_and_file(tmp_path):
+    from lesionlab.serve.settings import ServeSettings
+
+    f = tmp_path / "tokens"
+    f.write_text("# comment\nfrom-file\n\n")
+    s = ServeSettings.from_env({"LESIONLAB_API_TOKENS": "a, b", "LESIONLAB_API_TOKENS_FILE": str(f),
+                                "LESIONLAB_SERVE_MAX_BODY_BYTES": "123"})
+    assert s.tokens == ["a", "b", "from-file"] and s.max_body_bytes == 123
+    assert "LESIONLAB_API_TOKENS" not in s.to_env() and "s3" not in json.dumps(s.to_env())
+
+
+# ------------------------------------------------------------------ no 500, nothing on disk or in logs
+
+
+def test_odd_inputs_never_500(client):
+    rng = np.random.default_rng(1)
+    bodies = [rng.bytes(n) for n in (1, 7, 300)] + [b"{}", b"null", b"[]", b'{"image": null}', b'"', b"\x00" * 64,
+                                                    b'{"image": "' + b"A" * 4001 + b'"}', b"data:image/png;base64,",
+                                                    json.dumps({"image": "data:;base64,QUJD"}).encode()]
+    for path in ("/predict", "/v1/predict", "/v1/predict/batch"):
+        for body in bodies:
+            for ctype in ("application/json", "text/plain", "multipart/form-data; boundary=x", "multipart/form-data"):
+                r = client.post(path, content=body, headers={"Content-Type": ctype})
+                assert r.status_code < 500, (path, body[:40], ctype, r.text)
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/predict").status_code == 405
+
+
+def test_uploads_never_touch_disk_or_logs(client, tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    rng = np.random.default_rng(2)
+    big = io.BytesIO()  # > 1 MB: where Starlette's form parser would spool to a temp file
+    Image.fromarray(rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(big, "PNG")
+    assert big.tell() > 1_100_000
+    marker = b64(big.getvalue())[1000:1040]
+    with caplog.at_level("DEBUG"):
+        r = client.post("/v1/predict", files={"file": ("big.png", big.getvalue(), "image/png")})
+        client.post("/predict", json={"image": b64(big.getvalue())})
+    assert r.status_code in (200, 422) and not list(spool.iterdir())  # noise may be refused as not a lesion
+    assert marker not in caplog.text
+
+
+def test_schemathesis_finds_no_5xx_or_schema_violation(onnx_run):
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
+                                                   response_schema_conformance, status_code_conformance)
+
+    app = create_app(onnx_run)
+    app.state.service.load()
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+              response_schema_conformance]
+    ran, calls = 0, []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            calls.append(case.call_and_validate(checks=checks).status_code)
+
+        check()
+        ran += 1
+    assert ran == 8 and len(calls) >= 8 * 5 and max(calls) < 500
+
+
+# ------------------------------------------------------------------ AWS Lambda
+
+
+@pytest.fixture
+def lambda_env(onnx_run, monkeypatch):
+    monkeypatch.setenv("LESIONLAB_MODEL", str(onnx_run))
+    monkeypatch.setattr(aws_lambda, "_loaded", None)
+    yield
+    aws_lambda._loaded = None
+
+
+def rest_event(body: str | None, is_b64: bool = False) -> dict:
+    """The documented API Gateway REST (v1) proxy event, trimmed to what a handler may read."""
+    return {"resource": "/predict", "path": "/predict", "httpMethod": "POST",
+            "headers": {"Content-Type": "application/json"}, "multiValueHeaders": {}, "queryStringParameters": None,
+            "pathParameters": None, "stageVariables": None,
+            "requestContext": {"resourcePath": "/predict", "httpMethod": "POST", "stage": "prod"},
+            "body": body, "isBase64Encoded": is_b64}
+
+
+def http_api_event(body: str, is_b64: bool) -> dict:
+    """The documented API Gateway HTTP API (payload 2.0) event."""
+    return {"version": "2.0", "routeKey": "POST /predict", "rawPath": "/predict", "rawQueryString": "",
+            "headers": {"content-type": "application/json"},
+            "requestContext": {"http": {"method": "POST", "path": "/predict"}, "stage": "$default"},
+            "body": body, "isBase64Encoded": is_b64}
+
+
+def call_lambda(event) -> tuple[int, dict]:
+    out = aws_lambda.handler(event, None)
+    assert isinstance(out["body"], str) and out["headers"]["Content-Type"] == "application/json"
+    return out["statusCode"], json.loads(out["body"])
+
+
+def test_lambda_rest_event(lambda_env, lesion_jpeg, client):
+    status, body = call_lambda(rest_event(json.dumps({"image": b64(lesion_jpeg)})))
+    expected = client.post("/predict", json={"image": b64(lesion_jpeg)}).json()["body"]
+    assert status == 200 and body["predicted_label"] == expected["predicted_label"]
+    assert body["probability"] == pytest.approx(expected["probability"])
+
+
+def test_lambda_base64_encoded_events(lambda_env, lesion_jpeg):
+    as_json = base64.b64encode(json.dumps({"image": b64(lesion_jpeg)}).encode()).decode()
+    as_text = base64.b64encode(b64(lesion_jpeg).encode()).decode()
+    raw_image = b64(lesion_jpeg)  # binary media type: the body is the file itself, base64-encoded by API Gateway
+    results = [call_lambda(http_api_event(b, True)) for b in (as_json, as_text, raw_image)]
+    results.append(call_lambda(rest_event(b64(lesion_jpeg))))  # bare base64 text, not flagged
+    assert [s for s, _ in results] == [200] * 4
+    assert len({round(b["probability"], 9) for _, b in results}) == 1
+
+
+def test_lambda_errors(lambda_env, image_files, monkeypatch):
+    cases = [(rest_event("not base64!", True), 400), (rest_event(None), 400), (rest_event("{oops"), 400),
+             (rest_event(json.dumps({"image": b64(image_files["text"].read_bytes())})), 415),
+             (rest_event(json.dumps({"image": b64(image_files["tiny"].read_bytes())})), 422),
+             (rest_event(json.dumps({"image": b64(image_files["huge"].read_bytes())})), 413), ("junk", 400)]
+    for event, status in cases:
+        got, body = call_lambda(event)
+        assert got == status and body["error"] and body["message"], (status, body)
+    monkeypatch.setenv("LESIONLAB_SERVE_MAX_BODY_BYTES", "100")
+    monkeypatch.setattr(aws_lambda, "_loaded", None)
+    assert call_lambda(rest_event("A" * 200))[0] == 413
+
+
+def test_lambda_direct_invocation(lambda_env, lesion_jpeg):
+    status, body = call_lambda({"image": b64(lesion_jpeg)})
+    assert status == 200 and body["predicted_label"] in ("benign", "malignant")
+
+
+# ------------------------------------------------------------------ Dockerfile and CLI wiring
+
+
+def test_dockerfile_copies_existing_paths_and_runs_the_service():
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")  # join continued lines
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    copies = [ln.split()[1:-1] for ln in lines if ln.startswith("COPY") and "--from" not in ln]
+    assert copies, "the Dockerfile copies nothing"
+    for sources in copies:
+        for src in sources:
+            assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {"runs", ".venv", "tests"} <= {p.strip("/*") for p in ignored}
+    cmd = next(ln for ln in lines if ln.startswith("CMD"))
+    argv = json.loads(cmd[3:].strip())
+    assert argv[:2] == ["lesionlab", "serve"] and argv[argv.index("--host") + 1] == "0.0.0.0"
+    port = argv[argv.index("--port") + 1]
+    assert f"EXPOSE {port}" in lines and any(ln.startswith("HEALTHCHECK") and "/health/ready" in ln for ln in lines)
+    assert any(ln.startswith("USER") and "root" not in ln for ln in lines)
+
+
+def test_cli_serve_starts_uvicorn_with_the_settings(onnx_run, monkeypatch):
+    import os
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from lesionlab.cli import app
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kw: calls.append((target, kw)))
+    for key in [k for k in os.environ if k.startswith("LESIONLAB_SERVE_")] + ["LESIONLAB_MODEL"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the command writes its settings here
+    result = CliRunner().invoke(app, ["serve", "--model", str(onnx_run), "--port", "8123", "--workers", "2",
+                                      "--max-body-bytes", "5000000", "--timeout", "3"])
+    assert result.exit_code == 0, result.output
+    target, kw = calls[0]
+    assert target == "lesionlab.serve.app:app_from_env" and kw["factory"] is True
+    assert kw["workers"] == 2 and kw["port"] == 8123 and kw["host"] == "127.0.0.1"
+    from lesionlab.serve.settings import ServeSettings
+
+    s = ServeSettings.from_env(os.environ)
+    assert s.model_dir == str(onnx_run.resolve()) and s.max_body_bytes == 5_000_000 and s.timeout_s == 3.0
+    assert CliRunner().invoke(app, ["serve", "--model", str(onnx_run / "nope")]).exit_code == 2
