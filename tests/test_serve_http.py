@@ -1,0 +1,168 @@
+"""The real server: `lesionlab serve` in a subprocess on a free loopback port, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lesionlab import export as ex
+
+BODY_CAP = 300_000
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of tiny_run with model.onnx (the same folder test_export builds; never modified here)."""
+    out = tmp_path_factory.getbasetemp() / "onnx-run"
+    if not (out / "model.onnx").exists():
+        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
+        ex.export_run(out, log=lambda _: None)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited early:\n{proc.stderr.read().decode()}"  # type: ignore[union-attr]
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health/ready")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+def start_server(model_dir: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """`python -m lesionlab serve` on a free port; the caller stops it with stop_server."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "lesionlab", "serve", "--model", str(model_dir), "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+    try:
+        wait_ready(port, proc)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, port
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.stderr.read().decode() if proc.stderr else ""  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def server(onnx_run):
+    proc, port = start_server(onnx_run, "--max-body-bytes", str(BODY_CAP), "--threads", "1")
+    yield port
+    stop_server(proc)
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, dict(r.getheaders()), data
+
+
+@pytest.fixture(scope="module")
+def lesion_jpeg(small_data) -> bytes:
+    return sorted((small_data / "test" / "malignant").iterdir())[0].read_bytes()
+
+
+def test_health_over_http(server):
+    for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"):
+        assert request(server, "GET", path)[0] == 200
+
+
+def test_study_contract_over_http(server, lesion_jpeg):
+    body = json.dumps({"image": base64.b64encode(lesion_jpeg).decode()}).encode()
+    status, headers, data = request(server, "POST", "/predict", body, {"Content-Type": "application/json"})
+    env = json.loads(data)
+    assert status == env["statusCode"] == 200 and headers["content-type"] == "application/json"
+    assert env["body"]["predicted_label"] in ("benign", "malignant")
+
+
+def test_multipart_upload_over_http(server, lesion_jpeg):
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + lesion_jpeg + f"\r\n--{boundary}--\r\n".encode()
+    status, _, data = request(server, "POST", "/v1/predict", body,
+                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    out = json.loads(data)
+    assert status == 200 and out["label"] in ("benign", "malignant") and out["inference_ms"] > 0
+
+
+def test_declared_oversize_body_is_refused_before_reading(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(BODY_CAP * 10))
+    conn.endheaders()  # no body sent at all: the answer must not wait for it
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["statusCode"] == 413
+    conn.close()
+
+
+def test_chunked_oversize_body_is_cut_off(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    chunks = (b"A" * 10_000 for _ in range(BODY_CAP // 10_000 + 5))
+    try:
+        conn.request("POST", "/v1/predict", body=chunks, headers={"Content-Type": "application/json"},
+                     encode_chunked=True)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may answer and close before the client finished sending
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"] == "body_too_large"
+    conn.close()
+
+
+def test_bad_inputs_over_http(server):
+    assert request(server, "POST", "/predict", b"%%%", {"Content-Type": "text/plain"})[0] == 400
+    text = base64.b64encode(b"plain text, not an image").decode()
+    assert request(server, "POST", "/predict", json.dumps({"image": text}).encode(),
+                   {"Content-Type": "application/json"})[0] == 415
+    assert request(server, "GET", "/nowhere")[0] == 404
+
+
+def test_auth_and_workers_over_http(onnx_run, lesion_jpeg):
+    proc, port = start_server(onnx_run, "--workers", "2", "--threads", "1",
+                              env={"LESIONLAB_API_TOKENS": "tok-1"})
+    try:
+        body = json.dumps({"image": base64.b64encode(lesion_jpeg).decode()}).encode()
+        assert request(port, "GET", "/health/ready")[0] == 200
+        assert request(port, "POST", "/predict", body)[0] == 401
+        for _ in range(4):  # spread over both workers
+            assert request(port, "POST", "/predict", body, {"Authorization": "Bearer tok-1"})[0] == 200
+    finally:
+        log = stop_server(proc)
+    assert lesion_jpeg[:64].hex() not in log and base64.b64encode(lesion_jpeg).decode()[100:160] not in log
