@@ -166,3 +166,19 @@ def test_auth_and_workers_over_http(onnx_run, lesion_jpeg):
     finally:
         log = stop_server(proc)
     assert lesion_jpeg[:64].hex() not in log and base64.b64encode(lesion_jpeg).decode()[100:160] not in log
+
+
+def test_bench_script_smoke(onnx_run, small_data, tmp_path):
+    """bench/serve.py end to end on the tiny model with minimal counts: both parts run and report."""
+    out = tmp_path / "bench.json"
+    image = sorted((small_data / "test" / "benign").iterdir())[0]
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "serve.py"), "--model", str(onnx_run),
+           "--image", str(image), "--rounds", "1", "--per-round", "4", "--batch-runs", "1", "--levels", "2",
+           "--duration", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(out.read_text())
+    assert res["runtimes"]["onnxruntime"]["p50_ms"] > 0 and res["runtimes"]["pytorch"]["batch32_img_per_s"] > 0
+    assert [x["concurrency"] for x in res["http"]["levels"]] == [2]
+    assert all(x["errors"] == 0 and x["requests_ok"] > 0 for x in res["http"]["levels"])
+    assert "| onnxruntime |" in done.stdout and "req/s" in done.stdout

@@ -261,7 +261,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8000),
     workers: int = typer.Option(1, help="uvicorn worker processes."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads per worker (default: cores / workers)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads per request (default: cores / (workers x "
+                                                     "inference threads), at least 1)."),
     inference_threads: int = typer.Option(2, help="Requests decoded and inferred at once per worker."),
     max_body_bytes: int = typer.Option(10_000_000, help="Request body cap (413 above it)."),
     max_concurrency: int = typer.Option(32, help="Requests admitted at once per worker (503 + Retry-After above)."),
@@ -282,7 +283,7 @@ def serve(
     try:
         model_dir = resolve_model_dir(model).resolve()
         settings = ServeSettings(str(model_dir), max_body_bytes, max_concurrency, timeout, backend,
-                                 threads or default_threads(workers), inference_threads)
+                                 threads or default_threads(workers, inference_threads), inference_threads)
         os.environ.update(settings.to_env())
         tokens = ServeSettings.from_env(os.environ).tokens  # a bad token file fails here, not in each worker
     except (OSError, *USER_ERRORS) as e:
