@@ -1,10 +1,10 @@
 """Serving benchmarks: (a) ONNX Runtime vs PyTorch eager, same model, same run; (b) HTTP load on loopback.
 
     python bench/serve.py --model runs/my-run                 # both parts, prints a markdown summary
-    python bench/serve.py --model runs/my-run --part load --workers 1 --threads 2 --inference-threads 2
+    python bench/serve.py --model runs/my-run --part load --workers 1 --server-threads 1 --inference-threads 2
 
-(a) times the model alone (a normalised 1x3xSxS input; batch 32 for throughput), interleaving the two
-runtimes in rounds so background load hits both alike, plus ONNX end to end (resize + normalise +
+(a) times the model alone (a normalised 1x3xSxS input; batch 32 for throughput), alternating the two
+runtimes in blocks (rounds) so background load hits both alike, plus ONNX end to end (resize + normalise +
 model + lesion detector). (b) starts `lesionlab serve` as one process and a client as another
 (`bench/serve.py client ...`) that keeps C connections busy with POST /predict for a fixed time.
 """
@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve()
+#: Both runtimes keep their worker threads spinning for a while after a call; a pause between blocks
+#: stops one runtime's spinning threads from slowing the other's timed calls.
+PAUSE_S = 0.5
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -47,6 +50,9 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
     from lesionlab.data import normalize, open_image, resize_to_input
     from lesionlab.predictor import OnnxPredictor, TorchPredictor
 
+    from lesionlab.serve.service import limit_blas_threads
+
+    limit_blas_threads()  # as the server does (the lesion detector's matrix product)
     torch.set_num_threads(threads)
     onnx, eager = OnnxPredictor(model_dir, threads), TorchPredictor(model_dir, threads)
     pil = open_image(image)
@@ -62,16 +68,19 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
     start_load = load_avg()
     for _ in range(rounds):
         for name, p in (("onnxruntime", onnx), ("pytorch", eager)):
+            time.sleep(PAUSE_S)
             for _ in range(per_round):
                 t = time.perf_counter()
                 p._forward(x1)
                 single[name].append((time.perf_counter() - t) * 1000)
+        time.sleep(PAUSE_S)
         for _ in range(per_round // 4):
             t = time.perf_counter()
             onnx.analyze([pil])
             e2e.append((time.perf_counter() - t) * 1000)
-    for _ in range(batch_runs):
-        for name, p in (("onnxruntime", onnx), ("pytorch", eager)):
+    for name, p in (("onnxruntime", onnx), ("pytorch", eager)):
+        time.sleep(PAUSE_S)
+        for _ in range(batch_runs):
             t = time.perf_counter()
             p._forward(x32)
             batch[name].append(time.perf_counter() - t)

@@ -468,6 +468,7 @@ def test_schemathesis_finds_no_5xx_or_schema_violation(onnx_run):
 def lambda_env(onnx_run, monkeypatch):
     monkeypatch.setenv("LESIONLAB_MODEL", str(onnx_run))
     monkeypatch.setattr(aws_lambda, "_loaded", None)
+    monkeypatch.setattr(aws_lambda, "limit_blas_threads", lambda: None)  # process-wide; not inside pytest
     yield
     aws_lambda._loaded = None
 

@@ -171,9 +171,13 @@ def test_auth_and_workers_over_http(onnx_run, lesion_jpeg):
     assert lesion_jpeg[:64].hex() not in log and base64.b64encode(lesion_jpeg).decode()[100:160] not in log
 
 
-def test_bench_script_smoke(onnx_run, small_data, tmp_path):
+def test_bench_script_smoke(onnx_run, small_data, tmp_path, monkeypatch):
     """bench/serve.py's two parts on the tiny model with minimal counts (the client still runs as a subprocess)."""
     import importlib.util
+
+    from lesionlab.serve import service
+
+    monkeypatch.setattr(service, "limit_blas_threads", lambda: None)  # process-wide; not inside pytest
 
     spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).resolve().parents[1] / "bench" / "serve.py")
     bench = importlib.util.module_from_spec(spec)

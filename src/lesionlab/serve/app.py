@@ -28,7 +28,7 @@ from .middleware import BearerAuth, BodyLimit
 from .model_card import model_card
 from .responses import (STUDY_PATH, BatchItem, BatchOut, ErrorBody, PredictionOut, RefusalOut, StudyEnvelope,
                         StudyRequest, error_response, error_schema, study_success)
-from .service import ModelService, Outcome
+from .service import ModelService, Outcome, limit_blas_threads
 from .settings import ServeSettings
 
 log = logging.getLogger("lesionlab.serve")
@@ -243,4 +243,5 @@ def app_from_settings(s: ServeSettings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """uvicorn factory (``lesionlab.serve.app:app_from_env``) for worker processes."""
+    limit_blas_threads()
     return app_from_settings(ServeSettings.from_env(os.environ))

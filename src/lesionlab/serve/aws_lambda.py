@@ -14,7 +14,7 @@ from typing import Any
 from .codec import decode_base64, study_image
 from .errors import ServiceError
 from .responses import STUDY_PATH, error_payload, study_success
-from .service import ModelService
+from .service import ModelService, limit_blas_threads
 from .settings import ServeSettings
 
 _loaded: tuple[ModelService, ServeSettings] | None = None
@@ -24,6 +24,7 @@ def _get_service() -> tuple[ModelService, ServeSettings]:
     """One ModelService per container: cold start pays the load, warm invocations reuse it."""
     global _loaded
     if _loaded is None:
+        limit_blas_threads()
         s = ServeSettings.from_env(os.environ)
         service = ModelService(s.model_dir, backend=s.backend, num_threads=s.num_threads, max_pixels=s.max_pixels)
         service.load()

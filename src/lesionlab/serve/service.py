@@ -46,6 +46,19 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
     return path
 
 
+def limit_blas_threads() -> None:
+    """One BLAS thread for this process: a server's parallelism is across requests, and idle BLAS threads
+    waking for the lesion detector's small matrix product cost up to ~20 ms under load (p99) instead of 0.4 ms.
+
+    Process-wide, so only server processes (``app_from_env``, the Lambda handler) call it, not ``create_app``.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return
+    threadpool_limits(1, user_api="blas")
+
+
 def artifact_version(model_dir: Path, runtime: str) -> str:
     """First 12 hex digits of the served weights file's sha256: changes whenever the model does."""
     name = ENSEMBLE_FILE if (model_dir / ENSEMBLE_FILE).exists() else (
