@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,22 @@ import numpy as np
 import torch
 
 PRETRAINED = ("mobilenetv2", "efficientnet_lite0")
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time (user + system): the work done, whatever else the machine is running."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Clock:
+    """Wall and CPU seconds since start; on a shared machine the two tell contention apart from work."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, cpu_seconds() - self.cpu
 RANDOM_INIT = ("resnet50v2", "vgg16")
 
 
@@ -55,12 +72,12 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
         return torch.from_numpy(normalize(imgs, weights.mean, weights.std)), torch.tensor(
             [float(s.label) for s in samples])
 
-    def timed(samples, n, step: bool) -> float:
+    def timed(samples, n, step: bool) -> tuple[float, float]:
         order = rng.permutation(len(samples))
-        t0 = time.perf_counter()
+        clock = Clock()
         for i in range(-1, n):  # batch -1 warms up (allocator, kernels) and is not timed
             if i == 0:
-                t0 = time.perf_counter()
+                clock = Clock()
             x, y = batch([samples[j] for j in order[max(i, 0) * batch_size:(max(i, 0) + 1) * batch_size]])
             with torch.no_grad():
                 feats = backbone(x)
@@ -71,14 +88,18 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
             else:
                 with torch.no_grad():
                     head(feats)
-        return (time.perf_counter() - t0) / n
+        wall, cpu = clock.read()
+        return wall / n, cpu / n
 
     n_val = max(1, n_batches // 4)
-    per_train, per_val = timed(train, n_batches, True), timed(val, n_val, False)
+    load = os.getloadavg()[0]
+    (train_wall, train_cpu), (val_wall, val_cpu) = timed(train, n_batches, True), timed(val, n_val, False)
     steps_train, steps_val = math.ceil(len(train) / batch_size), math.ceil(len(val) / batch_size)
     return {"backbone": backbone_name, "pretrained": weights.pretrained, "measured_train_batches": n_batches,
-            "measured_val_batches": n_val, "seconds_per_train_batch": per_train, "seconds_per_val_batch": per_val,
-            "seconds_per_epoch": per_train * steps_train + per_val * steps_val}
+            "measured_val_batches": n_val, "wall_per_train_batch": train_wall, "wall_per_val_batch": val_wall,
+            "seconds_per_epoch": train_wall * steps_train + val_wall * steps_val,
+            "cpu_seconds_per_epoch": train_cpu * steps_train + val_cpu * steps_val,
+            "loadavg_1min_before": load}
 
 
 def time_sweep(backbones, args, cache: Path, out: Path) -> dict:
@@ -87,14 +108,16 @@ def time_sweep(backbones, args, cache: Path, out: Path) -> dict:
 
     os.environ["LESIONLAB_CACHE_DIR"] = str(cache)  # read by features.cache_dir() at call time
     grid = SweepGrid(backbones=tuple(backbones), lrs=tuple(args.lrs), epochs=tuple(args.epochs))
-    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    clock = Clock()
     result = run_sweep(grid, args.data, out, args.weights_dir, allow_random_init=True, progress=not args.quiet)
-    wall = time.perf_counter() - t0
+    wall, cpu = clock.read()
     trial_seconds = {}
     for r in result.rows:
         if r["epochs"] == grid.max_epochs:
             trial_seconds[r["backbone"]] = trial_seconds.get(r["backbone"], 0.0) + r["train_seconds"]
-    return {"backbones": list(backbones), "wall_seconds": wall, "rows": len(result.rows),
+    return {"backbones": list(backbones), "wall_seconds": wall, "cpu_seconds": cpu, "rows": len(result.rows),
+            "loadavg_1min_before": load, "loadavg_1min_after": os.getloadavg()[0],
             "phases": result.seconds, "trial_epoch_seconds_by_backbone": trial_seconds,
             "grid_epochs_per_backbone": len(grid.lrs) * sum(grid.epochs) * len(grid.seeds),
             "out": str(out)}
@@ -137,6 +160,7 @@ def main() -> None:
         for name in PRETRAINED + RANDOM_INIT:
             n = naive_epoch_seconds(name, dataset, args.weights_dir, args.naive_batches)
             n["grid_seconds"] = n["seconds_per_epoch"] * epochs_per_backbone
+            n["grid_cpu_seconds"] = n["cpu_seconds_per_epoch"] * epochs_per_backbone
             report["naive"][name] = n
             save()
             print(f"naive {name}: {n['seconds_per_epoch']:.1f} s/epoch -> {n['grid_seconds'] / 3600:.1f} h "
@@ -146,12 +170,15 @@ def main() -> None:
         if key in report and "naive" in report:
             s = report[key]
             naive = sum(report["naive"][b]["grid_seconds"] for b in s["backbones"])
-            s["naive_grid_seconds"] = naive
-            s["ratio"] = naive / s["wall_seconds"]
-            print(f"{key} {'+'.join(s['backbones'])}: sweep {s['wall_seconds'] / 60:.1f} min ({s['rows']} rows), "
-                  f"naive {naive / 3600:.1f} h, ratio {s['ratio']:.0f}x", flush=True)
+            naive_cpu = sum(report["naive"][b]["grid_cpu_seconds"] for b in s["backbones"])
+            s.update(naive_grid_seconds=naive, naive_grid_cpu_seconds=naive_cpu, ratio=naive / s["wall_seconds"],
+                     ratio_cpu=naive_cpu / s["cpu_seconds"])
+            print(f"{key} {'+'.join(s['backbones'])}: sweep {s['wall_seconds'] / 60:.1f} min wall, "
+                  f"{s['cpu_seconds'] / 60:.1f} min CPU ({s['rows']} rows); naive {naive / 3600:.1f} h wall, "
+                  f"{naive_cpu / 3600:.1f} h CPU; ratio {s['ratio']:.0f}x wall, {s['ratio_cpu']:.0f}x CPU", flush=True)
         elif key in report:
-            print(f"{key}: sweep {report[key]['wall_seconds'] / 60:.1f} min", flush=True)
+            print(f"{key}: sweep {report[key]['wall_seconds'] / 60:.1f} min wall, "
+                  f"{report[key]['cpu_seconds'] / 60:.1f} min CPU", flush=True)
     save()
     print(f"wrote {path}")
 
