@@ -7,8 +7,8 @@ Fast without changing results, for two reasons:
 - A *trial* is one training run per (backbone, lr, seed) up to max(epochs) with the constant
   schedule; it records validation metrics and the model state at every requested epoch count.
   ``fit_head`` draws each epoch's randomness from (seed, epoch) only and the constant schedule does
-  not depend on the planned length, so the state after E epochs is the state a separate E-epoch
-  run ends with (``tests/test_sweep.py`` checks this).
+  not depend on the planned length, so the state after E epochs is, bit for bit, the state a
+  separate E-epoch run ends with at the same thread count (``tests/test_sweep.py`` checks this).
 
 SWEEP_DIR holds ``trials/<backbone>/lr<lr>-s<seed>.{pt,json}`` (one finished trial each, written
 atomically: the JSON last, so a killed sweep redoes only unfinished trials), ``results.csv``,
