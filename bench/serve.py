@@ -59,6 +59,7 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
     x1 = normalize(resize_to_input(pil, onnx.info.input_size)[None], onnx.info.mean, onnx.info.std)
     x32 = np.repeat(x1, 32, axis=0)
     single: dict[str, list[float]] = {"onnxruntime": [], "pytorch": []}
+    cpu: dict[str, float] = {"onnxruntime": 0.0, "pytorch": 0.0}
     batch: dict[str, list[float]] = {"onnxruntime": [], "pytorch": []}
     e2e: list[float] = []
     for p in (onnx, eager):
@@ -69,10 +70,12 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
     for _ in range(rounds):
         for name, p in (("onnxruntime", onnx), ("pytorch", eager)):
             time.sleep(PAUSE_S)
+            c = time.process_time()
             for _ in range(per_round):
                 t = time.perf_counter()
                 p._forward(x1)
                 single[name].append((time.perf_counter() - t) * 1000)
+            cpu[name] += time.process_time() - c
         time.sleep(PAUSE_S)
         for _ in range(per_round // 4):
             t = time.perf_counter()
@@ -87,6 +90,7 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
     out = {"threads": threads, "n_single": rounds * per_round, "load_avg_before": start_load, "load_avg_after": load_avg()}
     for name in single:
         out[name] = {"p50_ms": pct(single[name], 50), "p99_ms": pct(single[name], 99),
+                     "cpu_ms_per_call": 1000 * cpu[name] / len(single[name]),
                      "batch32_img_per_s": 32 / float(np.median(batch[name]))}
     out["onnx_end_to_end"] = {"p50_ms": pct(e2e, 50), "p99_ms": pct(e2e, 99), "n": len(e2e)}
     out["speedup_p50"] = out["pytorch"]["p50_ms"] / out["onnxruntime"]["p50_ms"]
@@ -103,6 +107,7 @@ def client_main(port: int, concurrency: int, duration: float, warmup: float, bod
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     statuses: dict[int, int] = {}
+    completed = [0] * concurrency  # every answered request, warm-up included (for CPU per request)
     lock = threading.Lock()
     t0 = time.perf_counter()
     measure_from, stop_at = t0 + warmup, t0 + warmup + duration
@@ -123,6 +128,7 @@ def client_main(port: int, concurrency: int, duration: float, warmup: float, bod
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             end = time.perf_counter()
+            completed[i] += 1
             if start >= measure_from and end <= stop_at:
                 with lock:
                     statuses[status] = statuses.get(status, 0) + 1
@@ -138,9 +144,26 @@ def client_main(port: int, concurrency: int, duration: float, warmup: float, bod
     for t in threads:
         t.join()
     lat = [x for xs in latencies for x in xs]
-    return {"concurrency": concurrency, "duration_s": duration, "requests_ok": len(lat), "errors": sum(errors),
+    times = os.times()
+    return {"client_cpu_s": times.user + times.system, "all_requests": sum(completed), "concurrency": concurrency, "duration_s": duration, "requests_ok": len(lat), "errors": sum(errors),
             "req_per_s": len(lat) / duration, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
             "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 def free_port() -> int:
@@ -181,12 +204,16 @@ def bench_http(model_dir: Path, image: Path, levels: list[int], duration: float,
     results = []
     try:
         for c in levels:
-            load = load_avg()
+            load, cpu0 = load_avg(), tree_cpu_seconds(proc.pid)
             out = subprocess.run([sys.executable, str(HERE), "client", "--port", str(port), "--concurrency", str(c),
                                   "--duration", str(duration), "--body", str(body_path)],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout)
             r["load_avg_before"] = load
+            # the server's CPU over the whole client run (1 s warm-up included) per request answered in it
+            served = r.pop("all_requests")
+            r["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(proc.pid) - cpu0) / max(1, served)
+            r["client_cpu_ms_per_req"] = 1000 * r.pop("client_cpu_s") / max(1, served)
             results.append(r)
             print(f"  c={c}: {r['req_per_s']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
                   f"errors {r['errors']}", file=sys.stderr)
@@ -210,10 +237,12 @@ def markdown(res: dict) -> str:
         r = res["runtimes"]
         lines += [f"(a) model only, {r['threads']} intra-op threads, {r['n_single']} single-image calls per runtime "
                   f"(load average {r['load_avg_before']:.2f} -> {r['load_avg_after']:.2f})", "",
-                  "| runtime | single p50 ms | single p99 ms | batch-32 images/s |", "|---|---|---|---|"]
+                  "| runtime | single p50 ms | single p99 ms | CPU ms per single call | batch-32 images/s |",
+                  "|---|---|---|---|---|"]
         for name in ("onnxruntime", "pytorch"):
             x = r[name]
-            lines.append(f"| {name} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['batch32_img_per_s']:.1f} |")
+            lines.append(f"| {name} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['cpu_ms_per_call']:.2f} | "
+                         f"{x['batch32_img_per_s']:.1f} |")
         e = r["onnx_end_to_end"]
         lines += ["", f"ONNX Runtime speed-up at p50: {r['speedup_p50']:.2f}x. ONNX end to end (resize, normalise, "
                       f"model, lesion detector): p50 {e['p50_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms.", ""]
@@ -221,10 +250,12 @@ def markdown(res: dict) -> str:
         h = res["http"]
         lines += [f"(b) HTTP POST /predict, {h['workers']} worker(s) x {h['threads']} intra-op thread(s), "
                   f"{h['inference_threads']} inference thread(s) per worker, {h['image_bytes']} byte JPEG", "",
-                  "| concurrency | req/s | p50 ms | p99 ms | errors | load avg before |", "|---|---|---|---|---|---|"]
+                  "| concurrency | req/s | p50 ms | p99 ms | errors | server CPU ms/req | client CPU ms/req | "
+                  "load avg before |", "|---|---|---|---|---|---|---|---|"]
         for x in h["levels"]:
             lines.append(f"| {x['concurrency']} | {x['req_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
-                         f"{x['errors']} | {x['load_avg_before']:.2f} |")
+                         f"{x['errors']} | {x['server_cpu_ms_per_req']:.1f} | {x['client_cpu_ms_per_req']:.1f} | "
+                         f"{x['load_avg_before']:.2f} |")
     return "\n".join(lines)
 
 

@@ -216,6 +216,15 @@ def test_explain_returns_an_overlay(client, lesion_jpeg, monkeypatch):
     assert calls and calls[0][0] == client.app.state.service.model_dir
 
 
+def test_explain_with_the_real_grad_cam(client, lesion_jpeg):
+    pytest.importorskip("lesionlab.explain")
+    r = client.post("/v1/predict?explain=true", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
+    assert r.status_code in (200, 422), r.json()
+    if r.status_code == 200:
+        png_bytes = base64.b64decode(r.json()["explanation_png"])
+        assert Image.open(io.BytesIO(png_bytes)).format == "PNG"
+
+
 def test_model_card(client):
     card = client.get("/v1/model").json()
     assert card["backbone"] == "efficientnet_lite0" and card["input_size"] == 224

@@ -159,16 +159,21 @@ class ModelService:
         return overlay_png(self.model_dir, self._decode(data, "image"))
 
     def require_explainer(self) -> None:
-        """501 unless a Grad-CAM can be drawn: it needs the PyTorch checkpoint and lesionlab.explain."""
-        if not (self.model_dir / rf.MODEL).exists():
-            raise ServiceError(501, "explain_unavailable", f"explanations need the PyTorch checkpoint {rf.MODEL}, "
-                                                           "which this model folder does not ship; ask without "
-                                                           "explain=true")
+        """501 unless a Grad-CAM can be drawn: it needs lesionlab.explain and a PyTorch checkpoint (model.pt)."""
         try:
-            from .. import explain  # noqa: F401, PLC0415
+            from .. import explain  # noqa: PLC0415 - optional module
         except ImportError as e:
             raise ServiceError(501, "explain_unavailable", f"explanations are not available in this build ({e}); "
                                                            "ask without explain=true") from None
+        check = getattr(explain, "explainable_dir", None)  # knows ensembles: their first member's model.pt
+        try:
+            if check is not None:
+                check(self.model_dir)
+            elif not (self.model_dir / rf.MODEL).exists():
+                raise rf.RunError(f"{self.model_dir.name} has no {rf.MODEL}")
+        except (rf.RunError, ValueError) as e:
+            raise ServiceError(501, "explain_unavailable", f"explanations need the PyTorch checkpoint {rf.MODEL} "
+                                                           f"({e}); ask without explain=true") from None
 
     # ------------------------------------------------------------ async entry points
 
