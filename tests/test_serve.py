@@ -415,7 +415,8 @@ def test_odd_inputs_never_500(client):
     rng = np.random.default_rng(1)
     bodies = [rng.bytes(n) for n in (1, 7, 300)] + [b"{}", b"null", b"[]", b'{"image": null}', b'"', b"\x00" * 64,
                                                     b'{"image": "' + b"A" * 4001 + b'"}', b"data:image/png;base64,",
-                                                    json.dumps({"image": "data:;base64,QUJD"}).encode()]
+                                                    json.dumps({"image": "data:;base64,QUJD"}).encode(),
+                                                    b"[" * 200_000, b'{"image": ' * 50_000]
     for path in ("/predict", "/v1/predict", "/v1/predict/batch"):
         for body in bodies:
             for ctype in ("application/json", "text/plain", "multipart/form-data; boundary=x", "multipart/form-data"):
@@ -423,6 +424,19 @@ def test_odd_inputs_never_500(client):
                 assert r.status_code < 500, (path, body[:40], ctype, r.text)
     assert client.get("/nowhere").status_code == 404
     assert client.get("/predict").status_code == 405
+
+
+def test_decoder_crash_is_a_bad_image_not_a_500(client, lesion_jpeg, monkeypatch):
+    import struct
+
+    from lesionlab.serve import service as service_module
+
+    def crash(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")  # as a Pillow plugin might on hostile bytes
+
+    monkeypatch.setattr(service_module, "open_image", crash)
+    r = client.post("/v1/predict", json={"image": b64(lesion_jpeg)})
+    assert r.status_code == 415 and "could not be decoded" in r.json()["message"]
 
 
 def test_uploads_never_touch_disk_or_logs(client, tmp_path, monkeypatch, caplog):

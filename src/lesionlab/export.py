@@ -278,8 +278,19 @@ def quantize_run(run_dir: str | Path, data: str | Path | None = None, n_calibrat
 
 
 def _quantize(src: Path, dst: Path, calib: np.ndarray) -> None:
+    """The quantizer logs pages of advice and unused-initializer notes; only errors are shown meanwhile."""
+    import logging
+
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(str(src), str(dst), _ImageReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    try:
+        quantize_static(str(src), str(dst), _ImageReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        root.setLevel(level)
+        ort.set_default_logger_severity(2)

@@ -50,6 +50,8 @@ def _parse_json(raw: bytes):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ServiceError(400, "bad_json", f"body is not valid JSON ({e}); send "
                                             '{"image": "<base64>"}') from None
+    except RecursionError:
+        raise ServiceError(400, "bad_json", 'JSON nested too deeply; send {"image": "<base64>"}') from None
 
 
 def _looks_textual(raw: bytes) -> bool:

@@ -134,6 +134,9 @@ class ModelService:
             return open_image(data, label, max_pixels=self.max_pixels)
         except BadImageError as e:
             raise from_bad_image(e, label) from None
+        except Exception as e:  # noqa: BLE001 - a decoder plugin choking on hostile bytes is still a bad image
+            raise ServiceError(415, "unsupported_image", f"{label}: could not be decoded ({type(e).__name__}); "
+                                                         "send a JPEG or PNG file") from None
 
     def classify_blocking(self, images: list[bytes], tta: bool) -> tuple[list[Outcome], float]:
         predictor = self.require_ready()
