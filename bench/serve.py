@@ -44,7 +44,8 @@ def load_avg() -> float:
 # ------------------------------------------------------------------ (a) runtimes
 
 
-def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_round: int, batch_runs: int) -> dict:
+def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_round: int, batch_runs: int,
+                   pause_s: float = PAUSE_S) -> dict:
     import torch
 
     from lesionlab.data import normalize, open_image, resize_to_input
@@ -69,20 +70,20 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
     start_load = load_avg()
     for _ in range(rounds):
         for name, p in (("onnxruntime", onnx), ("pytorch", eager)):
-            time.sleep(PAUSE_S)
+            time.sleep(pause_s)
             c = time.process_time()
             for _ in range(per_round):
                 t = time.perf_counter()
                 p._forward(x1)
                 single[name].append((time.perf_counter() - t) * 1000)
             cpu[name] += time.process_time() - c
-        time.sleep(PAUSE_S)
+        time.sleep(pause_s)
         for _ in range(per_round // 4):
             t = time.perf_counter()
             onnx.analyze([pil])
             e2e.append((time.perf_counter() - t) * 1000)
     for name, p in (("onnxruntime", onnx), ("pytorch", eager)):
-        time.sleep(PAUSE_S)
+        time.sleep(pause_s)
         for _ in range(batch_runs):
             t = time.perf_counter()
             p._forward(x32)

@@ -184,7 +184,8 @@ def test_bench_script_smoke(onnx_run, small_data, tmp_path, monkeypatch):
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     image = sorted((small_data / "test" / "benign").iterdir())[0]
     res = {"model": str(onnx_run), "image": str(image), "machine": "test",
-           "runtimes": bench.bench_runtimes(onnx_run, image, threads=1, rounds=1, per_round=4, batch_runs=1),
+           "runtimes": bench.bench_runtimes(onnx_run, image, threads=1, rounds=1, per_round=4, batch_runs=1,
+                                             pause_s=0),
            "http": bench.bench_http(onnx_run, image, [2], 1.0, 1, 1, 2, tmp_path)}
     assert res["runtimes"]["onnxruntime"]["p50_ms"] > 0 and res["runtimes"]["pytorch"]["batch32_img_per_s"] > 0
     (level,) = res["http"]["levels"]
