@@ -341,7 +341,7 @@ def explain(
         fail(str(e))
     p = result.prediction
     answer = "not_a_lesion (" + (p.reason or "") + ")" if p.refused else f"P(malignant)={p.probability:.4f} {p.label}"
-    typer.echo(f"wrote {out}: {target} evidence of {result.model_dir}; {answer}")
+    typer.echo(f"wrote {out}: {result.target} evidence of {result.model_dir}; {answer}")
 
 
 def main() -> None:

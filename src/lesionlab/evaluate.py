@@ -171,5 +171,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, policy: st
         with open(history_path, newline="") as f:
             plots.training_curves(list(csv.DictReader(f)), run_dir / rf.FIGURES / "training_curves.png",
                                   f"{config['backbone']} ({config['mode']})")
-    rf.atomic_write_text(run_dir / rf.REPORT, run_report(config, metrics))
+    from .refusal import measure_refusal, report_section, summary
+
+    refusal = measure_refusal(run_dir, data, progress, refit=True)  # fits ood.npz, adds metrics["refusal"]
+    metrics["refusal"] = summary(refusal)
+    rf.atomic_write_text(run_dir / rf.REPORT, run_report(config, metrics) + "\n" + report_section(refusal))
     return metrics

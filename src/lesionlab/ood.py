@@ -3,6 +3,8 @@
 A Mahalanobis distance on the backbone's features, fitted on training lesions (after a PCA that
 keeps the covariance well conditioned) and thresholded on validation lesions so that about 1% of
 real lesions are refused. Natural photos, flat colours, noise and text land far from the lesions.
+Features are L2-normalised first: flat colours and noise give pooled features of small norm, which
+a distance on raw features puts close to the lesions' centre (AUROC 0.79 vs 0.999 on lite0-frozen).
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ class LesionDetector:
     components: np.ndarray  # D x K, PCA directions scaled so the projected lesion features are white
     threshold: float
     max_refusal: float = 0.01
+    normalize: bool = False  # L2-normalise features before centring (detectors saved before it: False)
 
     @classmethod
     def fit(cls, train_features: np.ndarray, val_features: np.ndarray, max_refusal: float = 0.01,
-            n_components: int = 128) -> "LesionDetector":
+            n_components: int = 128, normalize: bool = True) -> "LesionDetector":
         from sklearn.covariance import LedoitWolf
         from sklearn.decomposition import PCA
 
-        x = np.asarray(train_features, np.float64)
+        x = _l2(np.asarray(train_features, np.float64)) if normalize else np.asarray(train_features, np.float64)
         k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
         pca = PCA(n_components=k, random_state=0).fit(x)
         z = pca.transform(x)
@@ -41,14 +44,15 @@ class LesionDetector:
         w = evecs / np.sqrt(np.maximum(evals, 1e-12))
         comps = pca.components_.T @ w
         center = pca.mean_ + 0.0
-        det = cls(center.astype(np.float32), comps.astype(np.float32), float("inf"), max_refusal)
+        det = cls(center.astype(np.float32), comps.astype(np.float32), float("inf"), max_refusal, normalize)
         # PCA's own mean of z is 0, so centring on the PCA mean is the Mahalanobis centre
         det.threshold = float(np.quantile(det.score(val_features), 1 - max_refusal))
         return det
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Distance from the lesion distribution (larger = less like a lesion)."""
-        z = (np.asarray(features, np.float32) - self.center) @ self.components
+        x = np.asarray(features, np.float32)
+        z = ((_l2(x) if self.normalize else x) - self.center) @ self.components
         return np.sqrt(np.sum(z.astype(np.float64) ** 2, axis=1))
 
     def refuse(self, features: np.ndarray) -> np.ndarray:
@@ -61,6 +65,7 @@ class LesionDetector:
         atomic_write_json(Path(folder) / OOD_META, {
             "method": "Mahalanobis distance on backbone features (PCA + Ledoit-Wolf), fitted on train lesions",
             "threshold": self.threshold, "max_refusal_on_validation": self.max_refusal,
+            "l2_normalize": self.normalize,
         })
 
     @classmethod
@@ -71,4 +76,8 @@ class LesionDetector:
         arrays = np.load(folder / OOD_FILE)
         meta = read_json(folder / OOD_META)
         return cls(arrays["center"], arrays["components"], float(meta["threshold"]),
-                   float(meta.get("max_refusal_on_validation", 0.01)))
+                   float(meta.get("max_refusal_on_validation", 0.01)), bool(meta.get("l2_normalize", False)))
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

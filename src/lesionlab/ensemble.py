@@ -1,0 +1,254 @@
+"""Ensembles as model folders: the mean of the members' calibrated probabilities, evaluated like one run.
+
+An ensemble folder holds ``ensemble.json`` (member paths, relative to the folder when possible),
+``config.json`` (what the members are) and, after evaluation, the same files as a run:
+metrics.json, calibration.json (the ensemble's own temperature and threshold, fitted on the shared
+validation split), predictions.csv, figures and report.md. ``load_predictor`` turns it into an
+``EnsemblePredictor``, so predict and serve accept it; exporting it means exporting each member
+(``lesionlab export MEMBER``), after which its members run on ONNX Runtime.
+
+Members must share the validation split: the ensemble's temperature and threshold are fitted on
+validation images, which must be unseen by every member.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy.special import expit
+
+from . import runfiles as rf
+from .evaluate import EVAL_SPLITS, SplitScores, score_run, write_evaluation
+from .metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES
+from .predictor import ENSEMBLE_FILE, mean_probability_logit
+from .report import DISCLAIMER, metrics_table
+
+KIND = "lesionlab-ensemble"
+COMBINE = "mean of the members' calibrated probabilities"
+
+
+# ------------------------------------------------------------------ members
+
+
+def member_dirs(ensemble_dir: Path) -> list[Path]:
+    """Members as listed in ensemble.json; relative paths are relative to the ensemble folder."""
+    spec = rf.read_json(Path(ensemble_dir) / ENSEMBLE_FILE)
+    out = []
+    for m in spec.get("members", []):
+        p = Path(m)
+        out.append(p if p.is_absolute() else (Path(ensemble_dir) / p).resolve())
+    return out
+
+
+def _require_member(run_dir: Path) -> Path:
+    if (run_dir / ENSEMBLE_FILE).exists():
+        raise rf.RunError(f"{run_dir} is itself an ensemble; list its member runs instead")
+    rf.require_run(run_dir)
+    if not (run_dir / rf.CALIBRATION).exists():
+        raise rf.RunError(f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first (an "
+                          "ensemble averages its members' calibrated probabilities)")
+    return run_dir
+
+
+def _split_rows(run_dir: Path) -> set[tuple[str, str, str]]:
+    """(relpath, label, split) of the run's train and validation images."""
+    with open(run_dir / "splits.csv", newline="") as f:
+        return {(r["relpath"], r["label"], r["split"]) for r in csv.DictReader(f) if r["split"] in ("train", "val")}
+
+
+def check_same_split(members: Sequence[Path]) -> None:
+    """Raises RunError unless every member was trained and validated on exactly the same files."""
+    first = _split_rows(members[0])
+    for m in members[1:]:
+        other = _split_rows(m)
+        if other != first:
+            diff = sorted(first ^ other)
+            val_first = sum(1 for r in first if r[2] == "val")
+            val_other = sum(1 for r in other if r[2] == "val")
+            raise rf.RunError(
+                f"{m} and {members[0]} were not trained on the same train/validation split ({len(diff)} rows of "
+                f"splits.csv differ, e.g. {diff[0][0]} as {diff[0][2]}; validation sizes {val_other} vs "
+                f"{val_first}). Ensemble members must share the data, --split-seed and skipped files, so that "
+                "the ensemble's temperature and threshold are fitted on images no member trained on.")
+
+
+def _temperature(run_dir: Path) -> float:
+    return float(rf.read_json(run_dir / rf.CALIBRATION).get("temperature", 1.0))
+
+
+# ------------------------------------------------------------------ scores
+
+
+def scores_from_predictions(run_dir: Path, tta: bool = False) -> dict[str, SplitScores] | None:
+    """A member's logits from its predictions.csv, or None when the file is missing or does not match the
+    member's current calibration, TTA setting or validation split (then it must be scored again)."""
+    path = run_dir / rf.PREDICTIONS
+    if not path.exists():
+        return None
+    cal = rf.read_json(run_dir / rf.CALIBRATION)
+    if bool(cal.get("tta", False)) != tta:
+        return None
+    rows: dict[str, list[tuple[str, float, float, float]]] = {s: [] for s in EVAL_SPLITS}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["split"] in rows:
+                rows[r["split"]].append((r["relpath"], float(r["label"]), float(r["logit"]), float(r["probability"])))
+    if any(not v for v in rows.values()):
+        return None
+    t = float(cal.get("temperature", 1.0))
+    out = {}
+    for split, items in rows.items():
+        z = np.array([i[2] for i in items])
+        if np.max(np.abs(expit(z / t) - np.array([i[3] for i in items]))) > 1e-4:
+            return None  # probabilities from another calibration: the file is stale
+        out[split] = SplitScores([i[0] for i in items], np.array([i[1] for i in items], np.float32), z)
+    val_rel = {r[0] for r in _split_rows(run_dir) if r[2] == "val"}
+    return out if set(out["val"].relpaths) <= val_rel else None
+
+
+def member_scores(run_dir: Path, data: str | Path | None, tta: bool, reuse: bool,
+                  progress: bool) -> dict[str, SplitScores]:
+    """Uncalibrated logits per split; from predictions.csv when ``reuse`` and it is consistent."""
+    if reuse and data is None:
+        found = scores_from_predictions(run_dir, tta)
+        if found is not None:
+            return found
+    return score_run(run_dir, data, tta, progress)
+
+
+def combine(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float]) -> dict[str, SplitScores]:
+    """Per split, on the images every member scored: logit of the mean calibrated probability."""
+    out = {}
+    for split in EVAL_SPLITS:
+        maps = [dict(zip(s[split].relpaths, zip(s[split].y, s[split].logits))) for s in per_member]
+        common = [r for r in per_member[0][split].relpaths if all(r in m for m in maps[1:])]
+        if not common:
+            raise rf.RunError(f"the members have no {split} image in common")
+        y = np.array([maps[0][r][0] for r in common], np.float32)
+        for m in maps[1:]:
+            if any(m[r][0] != maps[0][r][0] for r in common):
+                raise rf.RunError(f"members disagree on the labels of {split} images; were they trained on the same "
+                                  "data folder and classes?")
+        probs = [expit(np.array([m[r][1] for r in common]) / t) for m, t in zip(maps, temperatures)]
+        out[split] = SplitScores(common, y, mean_probability_logit(probs))
+    return out
+
+
+# ------------------------------------------------------------------ the folder
+
+
+def _describe_member(run_dir: Path, ensemble_dir: Path) -> dict:
+    cfg = rf.read_json(run_dir / rf.CONFIG)
+    cal = rf.read_json(run_dir / rf.CALIBRATION)
+    return {"path": _member_ref(run_dir, ensemble_dir), "model_id": cal.get("model_id"),
+            "backbone": cfg["backbone"], "mode": cfg["mode"], "input_size": cfg["preprocessing"]["input_size"],
+            "temperature": cal.get("temperature"), "threshold": cal.get("threshold")}
+
+
+def _member_ref(run_dir: Path, ensemble_dir: Path) -> str:
+    """Relative to the ensemble folder, so the two can move together; absolute across drives."""
+    try:
+        return Path(os.path.relpath(run_dir.resolve(), ensemble_dir.resolve())).as_posix()
+    except ValueError:
+        return str(run_dir.resolve())
+
+
+def _member_table(members: Sequence[Path], ensemble_dir: Path) -> str:
+    lines = ["| member | backbone | mode | test AUC | test accuracy |", "|---|---|---|---|---|"]
+    for m in members:
+        cfg = rf.read_json(m / rf.CONFIG)
+        metrics = rf.read_json(m / rf.METRICS) if (m / rf.METRICS).exists() else {}
+        test = metrics.get("test", {})
+        auc = f"{test['auc']['value']:.3f}" if "auc" in test else "n/a"
+        acc = f"{test['accuracy']['value']:.3f}" if "accuracy" in test else "n/a"
+        lines.append(f"| `{_member_ref(m, ensemble_dir)}` | {cfg['backbone']} | {cfg['mode']} | {auc} | {acc} |")
+    return "\n".join(lines)
+
+
+def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, refusal: dict | None) -> str:
+    from .refusal import report_section
+
+    thr, cal = metrics["threshold"], metrics["calibration"]
+    lines = [f"# lesionlab ensemble of {len(members)} runs", "", f"> {DISCLAIMER}", "",
+             f"P(malignant) = {COMBINE}, then the ensemble's own temperature and threshold (fitted on the shared "
+             f"validation split). TTA: {'on' if metrics.get('tta') else 'off'}.", "",
+             "## Members", "", _member_table(members, ensemble_dir), "",
+             "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)", "", metrics_table(metrics), "",
+             f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on "
+             "validation)", "", metrics_table(metrics, key="at_threshold"), "",
+             "## Calibration", f"Temperature {cal['temperature']:.3f} on the ensemble's logit, fitted on validation.",
+             "", "| split | ECE before | ECE after | Brier before | Brier after |", "|---|---|---|---|---|"]
+    for s in EVAL_SPLITS:
+        c = cal[s]
+        lines.append(f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | "
+                     f"{c['brier_after']:.4f} |")
+    lines += ["", report_section(refusal) if refusal else
+              "## Refusal\n\nNot measured: evaluate every member first (each writes refusal_scores.csv).\n",
+              "## Figures", "", "![ROC](figures/roc.png)", "", "![confusion](figures/confusion.png)", "",
+              "![operating point](figures/confusion_operating.png)", "", "![reliability](figures/reliability.png)", ""]
+    return "\n".join(lines)
+
+
+def _evaluate(ensemble_dir: Path, members: list[Path], data, policy: str, tta: bool, n_resamples: int, seed: int,
+              progress: bool, reuse: bool) -> dict:
+    from .refusal import combine_refusal, summary
+
+    check_same_split(members)
+    per_member = [member_scores(m, data, tta, reuse, progress) for m in members]
+    scores = combine(per_member, [_temperature(m) for m in members])
+    names = ", ".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members)
+    metrics = write_evaluation(ensemble_dir, scores, policy, n_resamples, seed, f"ensemble ({names})",
+                               f"ensemble-{len(members)}-{ensemble_dir.name}", tta)
+    refusal = combine_refusal(members, ensemble_dir)
+    if refusal is not None:
+        metrics["refusal"] = summary(refusal)
+        rf.atomic_write_json(ensemble_dir / rf.METRICS, metrics)
+    rf.atomic_write_text(ensemble_dir / rf.REPORT, ensemble_report(members, ensemble_dir, metrics, refusal))
+    return metrics
+
+
+def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str | Path | None = None,
+                    policy: str = DEFAULT_POLICY, tta: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = 0, progress: bool = True, command: str = "") -> dict:
+    """Writes ensemble.json and config.json into ``out`` and evaluates the ensemble (reusing the members'
+    predictions.csv when they match); returns metrics.json's content."""
+    members = [_require_member(Path(r)).resolve() for r in run_dirs]
+    out = Path(out)
+    if len(members) < 2:
+        raise rf.RunError("an ensemble needs at least two run folders")
+    if len(set(members)) < len(members):
+        raise rf.RunError("a run is listed twice; each member counts once in the mean")
+    if out.resolve() in members or (out / rf.MODEL).exists():
+        raise rf.RunError(f"{out} is a run folder; choose a new folder for the ensemble")
+    check_same_split(members)
+    out.mkdir(parents=True, exist_ok=True)
+    rf.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],
+                                               "combine": COMBINE})
+    first = rf.read_json(members[0] / rf.CONFIG)
+    rf.atomic_write_json(out / rf.CONFIG, {
+        "kind": KIND, "mode": "ensemble",
+        "backbone": "ensemble(" + ",".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members) + ")",
+        "combine": COMBINE, "members": [_describe_member(m, out) for m in members],
+        "data": {k: first["data"].get(k) for k in ("root", "classes", "positive_class", "split_seed", "n_train",
+                                                     "n_val", "n_test", "n_test_dedup")},
+        "versions": rf.package_versions(), "command": command,
+    })
+    rf.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
+    return _evaluate(out, members, data, policy, tta, n_resamples, seed, progress, reuse=True)
+
+
+def evaluate_ensemble(run_dir: str | Path, data: str | Path | None = None, policy: str = DEFAULT_POLICY,
+                      tta: bool = False, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                      progress: bool = True) -> dict:
+    """Re-scores every member (with TTA if asked) and rewrites the ensemble's evaluation."""
+    run_dir = Path(run_dir)
+    if not (run_dir / ENSEMBLE_FILE).exists():
+        raise rf.RunError(f"{run_dir} has no {ENSEMBLE_FILE}; create one with `lesionlab ensemble RUN RUN --out DIR`")
+    members = [_require_member(m) for m in member_dirs(run_dir)]
+    if not members:
+        raise rf.RunError(f"{run_dir / ENSEMBLE_FILE} lists no members")
+    return _evaluate(run_dir, members, data, policy, tta, n_resamples, seed, progress, reuse=False)

@@ -1,0 +1,161 @@
+"""Ensembles: created from runs, evaluated like a run, and served with the same numbers."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from scipy.special import expit
+from typer.testing import CliRunner
+
+from lesionlab.cli import app
+from lesionlab.ensemble import create_ensemble, evaluate_ensemble, scores_from_predictions
+from lesionlab.predictor import EnsemblePredictor, load_predictor, mean_probability_logit
+from lesionlab.runfiles import RunError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def second_run(small_data, tmp_path_factory):
+    """Another seed on the same split (the frozen features come from the session's cache)."""
+    from lesionlab.evaluate import evaluate_run
+    from lesionlab.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-seed1"
+    train(TrainConfig(epochs=3, lr=1e-3, seed=1), small_data, out, progress=False)
+    evaluate_run(out, n_resamples=100, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ens(tiny_run, second_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ens") / "ens"
+    create_ensemble([tiny_run, second_run], out, n_resamples=100, progress=False)
+    return out
+
+
+def _predictions(folder):
+    with open(folder / "predictions.csv") as f:
+        return {(r["split"], r["relpath"]): r for r in csv.DictReader(f)}
+
+
+def test_ensemble_folder_is_a_model_folder(ens, tiny_run):
+    for name in ("ensemble.json", "config.json", "splits.csv", "metrics.json", "calibration.json",
+                 "predictions.csv", "report.md", "figures/roc.png", "figures/reliability.png", "refusal.json"):
+        assert (ens / name).exists(), name
+    spec = json.loads((ens / "ensemble.json").read_text())
+    assert len(spec["members"]) == 2 and not spec["members"][0].startswith("/")  # relative: movable together
+    cfg = json.loads((ens / "config.json").read_text())
+    assert cfg["kind"] == "lesionlab-ensemble" and cfg["members"][0]["backbone"] == "efficientnet_lite0"
+    m = json.loads((ens / "metrics.json").read_text())
+    assert m["val"]["n"] == json.loads((tiny_run / "metrics.json").read_text())["val"]["n"]
+    assert 0 <= m["refusal"]["auroc_test_vs_non_lesion"] <= 1
+    assert "ensemble of 2 runs" in (ens / "report.md").read_text()
+
+
+def test_ensemble_logit_is_the_mean_of_member_probabilities(ens, tiny_run, second_run):
+    a, b, e = _predictions(tiny_run), _predictions(second_run), _predictions(ens)
+    assert set(e) == set(a) == set(b)
+    for key in list(e)[:20]:
+        expected = mean_probability_logit([[float(a[key]["probability"])], [float(b[key]["probability"])]])[0]
+        assert float(e[key]["logit"]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_served_ensemble_gives_the_evaluated_probabilities(ens, small_data):
+    from lesionlab.data import open_image
+
+    predictor = load_predictor(ens)
+    assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == 2
+    rows = [r for (split, _), r in _predictions(ens).items() if split == "test"][:4]
+    got = predictor.predict([open_image(small_data / r["relpath"]) for r in rows])
+    np.testing.assert_allclose(got, [float(r["probability"]) for r in rows], atol=2e-4)
+    assert predictor.info.threshold == json.loads((ens / "calibration.json").read_text())["threshold"]
+
+
+def test_evaluate_command_re_scores_the_ensemble(ens, tmp_path):
+    copy = tmp_path / "ens"
+    shutil.copytree(ens, copy)
+    spec = json.loads((ens / "ensemble.json").read_text())
+    spec["members"] = [str((ens / m).resolve()) for m in spec["members"]]
+    (copy / "ensemble.json").write_text(json.dumps(spec))
+    res = runner.invoke(app, ["evaluate", str(copy), "--resamples", "50", "--threshold-policy", "fixed:0.5",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((copy / "calibration.json").read_text())["threshold"] == 0.5
+    np.testing.assert_allclose(
+        [float(r["logit"]) for r in _predictions(copy).values()],
+        [float(r["logit"]) for r in _predictions(ens).values()], atol=1e-4)  # re-scored == reused
+
+
+def test_members_must_share_the_validation_split(tiny_run, second_run, tmp_path):
+    other = tmp_path / "other-split"
+    shutil.copytree(tiny_run, other)
+    lines = (other / "splits.csv").read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.endswith(",val"))
+    lines[i] = lines[i][: -len("val")] + "train"
+    (other / "splits.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunError, match="not trained on the same train/validation split"):
+        create_ensemble([second_run, other], tmp_path / "ens", progress=False)
+
+
+def test_bad_member_lists_are_refused(tiny_run, second_run, tmp_path):
+    with pytest.raises(RunError, match="at least two"):
+        create_ensemble([tiny_run], tmp_path / "e1", progress=False)
+    with pytest.raises(RunError, match="listed twice"):
+        create_ensemble([tiny_run, tiny_run], tmp_path / "e2", progress=False)
+    unevaluated = tmp_path / "unevaluated"
+    shutil.copytree(tiny_run, unevaluated)
+    (unevaluated / "calibration.json").unlink()
+    with pytest.raises(RunError, match="lesionlab evaluate"):
+        create_ensemble([second_run, unevaluated], tmp_path / "e3", progress=False)
+    with pytest.raises(RunError, match="no ensemble.json"):
+        evaluate_ensemble(tmp_path)
+
+
+def test_stale_predictions_are_not_reused(tiny_run, tmp_path):
+    assert scores_from_predictions(tiny_run) is not None
+    assert scores_from_predictions(tiny_run, tta=True) is None  # scored without TTA
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    cal = json.loads((copy / "calibration.json").read_text())
+    cal["temperature"] *= 2
+    (copy / "calibration.json").write_text(json.dumps(cal))
+    assert scores_from_predictions(copy) is None
+
+
+def test_ensemble_cli_and_refusal(tiny_run, second_run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "cli-ens"
+    res = runner.invoke(app, ["ensemble", str(tiny_run), str(second_run), "--out", str(out), "--resamples", "50",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "test_dedup" in res.output and "lesionlab ensemble" in json.loads((out / "config.json").read_text())["command"]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    p = load_predictor(out).analyze([noise])[0]
+    assert p.refused and p.label == "not_a_lesion"
+    assert 0 <= p.probability <= 1 and p.probability == pytest.approx(expit(p.logit / load_predictor(out).info.temperature))
+
+
+def test_members_exported_to_onnx_give_the_same_answers(ens, tiny_run, second_run, small_data, tmp_path):
+    """Exporting an ensemble = exporting its members; an ONNX member answers like its PyTorch self."""
+    from PIL import Image
+
+    from lesionlab.data import open_image
+    from lesionlab.export import export_run
+
+    exported = tmp_path / "onnx-member"
+    shutil.copytree(tiny_run, exported)
+    export_run(exported)
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "ensemble.json").write_text(json.dumps({"members": [str(exported), str(second_run)]}))
+    shutil.copy(ens / "calibration.json", tmp_path / "ens" / "calibration.json")
+    mixed, torch_only = load_predictor(tmp_path / "ens"), load_predictor(ens)
+    assert mixed.info.runtime == "onnxruntime+pytorch"
+    images = [open_image(f) for f in sorted((small_data / "test" / "malignant").iterdir())[:3]]
+    images.append(Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)))
+    a, b = mixed.analyze(images), torch_only.analyze(images)
+    np.testing.assert_allclose([p.probability for p in a], [p.probability for p in b], atol=1e-4)
+    assert [p.label for p in a] == [p.label for p in b] and a[-1].refused

@@ -1,0 +1,82 @@
+"""Grad-CAM explanations: a heatmap of the image's size that says something, and a PNG that decodes."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from lesionlab.cli import app
+from lesionlab.data import normalize, open_image, resize_to_input
+from lesionlab.explain import _predictor, explain_image, explainable_dir, gradcam, overlay_png
+from lesionlab.runfiles import RunError
+
+
+@pytest.fixture(scope="module")
+def lesion(small_data):
+    return open_image(next((small_data / "test" / "malignant").iterdir()))
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(tiny_run, small_data):
+    predictor = _predictor(tiny_run)
+    files = sorted((small_data / "test" / "benign").iterdir())[:1] + sorted((small_data / "test" / "malignant").iterdir())[:1]
+    batch = np.stack([resize_to_input(open_image(f), 224) for f in files])
+    return predictor.model, torch.from_numpy(normalize(batch, predictor.info.mean, predictor.info.std))
+
+
+def test_heatmap_has_the_image_size_and_shows_something(model_and_batch):
+    model, x = model_and_batch
+    maps = gradcam(model, x)
+    assert maps.shape == (2, 224, 224) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    for m in maps:
+        assert m.std() > 0.01  # not constant
+
+
+def test_heatmaps_are_per_image_and_target_dependent(model_and_batch):
+    model, x = model_and_batch
+    both = gradcam(model, x, "malignant")
+    np.testing.assert_allclose(gradcam(model, x[1], "malignant"), both[1], atol=1e-5)  # no batch coupling
+    assert not np.allclose(gradcam(model, x[:1], "benign")[0], both[0])
+    with pytest.raises(ValueError, match="target"):
+        gradcam(model, x, "everything")
+
+
+def test_gradcam_explains_the_same_logit_the_model_outputs(model_and_batch):
+    model, x = model_and_batch
+    with torch.no_grad():
+        split = model.head(model.backbone.forward_head(model.backbone.forward_features(x)))
+        torch.testing.assert_close(split, model(x))
+    assert all(p.grad is None for p in model.parameters())  # the shared model is left untouched
+
+
+def test_overlay_png_decodes(tiny_run, lesion):
+    png = overlay_png(tiny_run, lesion)
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.size == (224, 224) and img.mode == "RGB"
+    e = explain_image(tiny_run, lesion)
+    assert e.prediction.label in ("benign", "malignant", "not_a_lesion") and e.model_dir == tiny_run
+    assert _predictor(tiny_run) is _predictor(tiny_run)  # loaded once per folder
+
+
+def test_ensembles_are_explained_by_their_first_member(tiny_run, tmp_path):
+    (tmp_path / "ensemble.json").write_text(json.dumps({"members": [str(tiny_run), "elsewhere"]}))
+    assert explainable_dir(tmp_path) == tiny_run
+    onnx_only = tmp_path / "onnx-only"
+    onnx_only.mkdir()
+    with pytest.raises(RunError, match="PyTorch checkpoint"):
+        explainable_dir(onnx_only)
+
+
+def test_explain_command_writes_a_png(tiny_run, small_data, tmp_path):
+    img = next((small_data / "test" / "benign").iterdir())
+    out = tmp_path / "cam.png"
+    res = CliRunner().invoke(app, ["explain", "--model", str(tiny_run), str(img), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert Image.open(out).size == (224, 224) and "wrote" in res.output
+    res = CliRunner().invoke(app, ["explain", "--model", str(tmp_path), str(img), "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output

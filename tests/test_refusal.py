@@ -1,0 +1,97 @@
+"""Refusal of non-lesion inputs: the detector is fitted by evaluation, measured, and used by predict."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.stats import beta
+from typer.testing import CliRunner
+
+from lesionlab import refusal
+from lesionlab.cli import app
+from lesionlab.ood import LesionDetector
+from lesionlab.predictor import TorchPredictor
+
+
+def test_evaluation_fits_and_measures_the_detector(tiny_run):
+    for name in ("ood.npz", "ood.json", "refusal.json", "refusal_scores.csv"):
+        assert (tiny_run / name).exists(), name
+    assert json.loads((tiny_run / "ood.json").read_text())["l2_normalize"] is True
+    block = json.loads((tiny_run / "metrics.json").read_text())["refusal"]
+    assert 0 <= block["auroc_test_vs_non_lesion"] <= 1 and block["n_non_lesion"] >= 100
+    assert block["val_refused"] == 0.0  # 12 validation images: too few to refuse any of them
+    assert "Refusal of non-lesion images" in (tiny_run / "report.md").read_text()
+
+
+def test_non_lesion_set_covers_every_kind_and_is_repeatable():
+    items = refusal.non_lesion_images()
+    kinds = {it.kind for it in items}
+    assert kinds == {"natural", "noise", "flat", "gradient", "shapes", "text"}
+    assert len(items) >= 100 and sum(it.kind == "natural" for it in items) >= 20
+    names = [f"{it.kind}/{it.name}" for it in items]
+    assert len(set(names)) == len(names) and not any("," in n for n in names)  # names go into a CSV
+    again = refusal.non_lesion_images()
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(items, again))
+    assert all(it.image.mode == "RGB" and min(it.image.size) >= 32 for it in items)
+
+
+@pytest.mark.parametrize("n", [12, 100, 528, 2000])
+def test_conservative_threshold_bounds_the_validation_refusal_rate(n):
+    scores = np.random.default_rng(n).normal(size=n)
+    t = refusal.conservative_threshold(scores, 0.01)
+    k = int((scores > t).sum())
+    assert k == 0 or beta.ppf(0.95, k + 1, n - k) <= 0.01  # the bound holds ...
+    assert k + 1 >= n or beta.ppf(0.95, k + 2, n - k - 1) > 0.01  # ... and one more refusal would break it
+    assert (n, k) != (528, 0)  # enough images to refuse one
+
+
+def test_served_predictor_refuses_noise_and_accepts_validation_lesions(tiny_run, small_data):
+    import csv
+
+    from lesionlab.data import open_image
+
+    predictor = TorchPredictor(tiny_run)
+    assert predictor.detector is not None and predictor.detector.normalize
+    with open(tiny_run / "splits.csv") as f:
+        val = [r["relpath"] for r in csv.DictReader(f) if r["split"] == "val"]
+    lesions = predictor.analyze([open_image(small_data / r) for r in val])
+    assert not any(p.refused for p in lesions)  # the threshold is at least the largest validation distance
+    rng = np.random.default_rng(0)
+    junk = [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), Image.new("RGB", (300, 200))]
+    for p in predictor.analyze(junk):
+        assert p.refused and p.label == "not_a_lesion" and "does not look like" in p.reason
+
+
+def test_predict_prints_not_a_lesion(tiny_run, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(noise)
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--model", str(tiny_run), str(noise)])
+    assert res.exit_code == 0, res.output
+    assert "not_a_lesion" in res.stdout
+    res = runner.invoke(app, ["predict", "--model", str(tiny_run), "--json", str(noise)])
+    row = json.loads(res.stdout)[0]
+    assert row["label"] == "not_a_lesion" and row["refused"] is True and row["reason"]
+    assert row["ood_score"] > json.loads((tiny_run / "ood.json").read_text())["threshold"]
+
+
+def test_detectors_saved_before_normalisation_still_load(tmp_path):
+    rng = np.random.default_rng(0)
+    det = LesionDetector.fit(rng.normal(size=(60, 8)), rng.normal(size=(20, 8)), n_components=4, normalize=False)
+    det.save(tmp_path)
+    meta = json.loads((tmp_path / "ood.json").read_text())
+    del meta["l2_normalize"]
+    (tmp_path / "ood.json").write_text(json.dumps(meta))
+    old = LesionDetector.load(tmp_path)
+    assert old.normalize is False
+    x = rng.normal(size=(5, 8))
+    np.testing.assert_allclose(old.score(x), det.score(x), rtol=1e-5)
+
+
+def test_normalised_detector_ignores_feature_scale():
+    """Flat images give small pooled features; after L2 normalisation only the direction counts."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(5, 1, size=(200, 16))
+    det = LesionDetector.fit(train, train[:50], n_components=8)
+    np.testing.assert_allclose(det.score(train[:5] * 0.01), det.score(train[:5]), rtol=1e-4)
