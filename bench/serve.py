@@ -50,7 +50,6 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
 
     from lesionlab.data import normalize, open_image, resize_to_input
     from lesionlab.predictor import OnnxPredictor, TorchPredictor
-
     from lesionlab.serve.service import limit_blas_threads
 
     limit_blas_threads()  # as the server does (the lesion detector's matrix product)
@@ -88,7 +87,8 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
             t = time.perf_counter()
             p._forward(x32)
             batch[name].append(time.perf_counter() - t)
-    out = {"threads": threads, "n_single": rounds * per_round, "load_avg_before": start_load, "load_avg_after": load_avg()}
+    out = {"threads": threads, "n_single": rounds * per_round, "load_avg_before": start_load,
+           "load_avg_after": load_avg()}
     for name in single:
         out[name] = {"p50_ms": pct(single[name], 50), "p99_ms": pct(single[name], 99),
                      "cpu_ms_per_call": 1000 * cpu[name] / len(single[name]),
@@ -146,7 +146,8 @@ def client_main(port: int, concurrency: int, duration: float, warmup: float, bod
         t.join()
     lat = [x for xs in latencies for x in xs]
     times = os.times()
-    return {"client_cpu_s": times.user + times.system, "all_requests": sum(completed), "concurrency": concurrency, "duration_s": duration, "requests_ok": len(lat), "errors": sum(errors),
+    return {"client_cpu_s": times.user + times.system, "all_requests": sum(completed), "concurrency": concurrency,
+            "duration_s": duration, "requests_ok": len(lat), "errors": sum(errors),
             "req_per_s": len(lat) / duration, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
             "statuses": {str(k): v for k, v in sorted(statuses.items())}}
 

@@ -128,7 +128,8 @@ def test_study_contract_bad_images(client, image_files, key, status, code):
 
 @pytest.mark.parametrize("content,code", [
     ('{"image": "not base64 at all!"}', "bad_base64"), ("@@@@", "bad_base64"), ('{"image": 12}', "missing_image"),
-    ('{"picture": "abcd"}', "missing_image"), ("{not json", "bad_json"), ("", "empty_body"), ("[1, 2]", "missing_image"),
+    ('{"picture": "abcd"}', "missing_image"), ("{not json", "bad_json"), ("", "empty_body"),
+    ("[1, 2]", "missing_image"),
     ('"\u00e9t\u00e9"', "bad_base64"),
 ])
 def test_study_contract_bad_requests(client, content, code):
@@ -300,7 +301,8 @@ def test_page_and_docs(client):
         assert attr not in page.text  # nothing fetched from the internet
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/predict", "/v1/predict", "/v1/predict/batch", "/v1/model", "/health/ready", "/v2/health/ready"} <= set(paths)
+    expected = {"/predict", "/v1/predict", "/v1/predict/batch", "/v1/model", "/health/ready", "/v2/health/ready"}
+    assert expected <= set(paths)
 
 
 # ------------------------------------------------------------------ limits

@@ -179,7 +179,8 @@ def test_bench_script_smoke(onnx_run, small_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(service, "limit_blas_threads", lambda: None)  # process-wide; not inside pytest
 
-    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).resolve().parents[1] / "bench" / "serve.py")
+    script = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     image = sorted((small_data / "test" / "benign").iterdir())[0]

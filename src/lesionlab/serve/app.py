@@ -26,8 +26,8 @@ from . import codec
 from .errors import ServiceError
 from .middleware import BearerAuth, BodyLimit
 from .model_card import model_card
-from .responses import (STUDY_PATH, BatchItem, BatchOut, ErrorBody, PredictionOut, RefusalOut, StudyEnvelope,
-                        StudyRequest, error_response, error_schema, study_success)
+from .responses import (STUDY_PATH, BatchItem, BatchOut, PredictionOut, RefusalOut, StudyEnvelope, StudyRequest,
+                        error_response, error_schema, study_success)
 from .service import ModelService, Outcome, limit_blas_threads
 from .settings import ServeSettings
 
@@ -49,7 +49,8 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 32}}}},
 }}}
-ERROR_TEXT = {400: "Bad request (bad base64, JSON or multipart; bad query value)", 401: "Missing or invalid bearer token",
+ERROR_TEXT = {400: "Bad request (bad base64, JSON or multipart; bad query value)",
+              401: "Missing or invalid bearer token",
               413: "Body, image pixels or batch too large", 415: "Not an image, or an unsupported format",
               422: "Image smaller than 32x32, or refused as not a lesion (then with label/probability)",
               501: "Explanation not available for this model", 503: "Busy, timed out or model not ready (Retry-After)"}

@@ -42,7 +42,8 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
                 else "pass the folder written by `lesionlab train` (export it with `lesionlab export`)")
         raise rf.RunError(f"model folder {path} does not exist: {hint}")
     if not any((path / f).exists() for f in (ONNX_FILE, rf.MODEL, ENSEMBLE_FILE)):
-        raise rf.RunError(f"{path} holds no {ONNX_FILE}, {rf.MODEL} or {ENSEMBLE_FILE}; is it a lesionlab model folder?")
+        raise rf.RunError(f"{path} holds no {ONNX_FILE}, {rf.MODEL} or {ENSEMBLE_FILE}; "
+                          "is it a lesionlab model folder?")
     return path
 
 
