@@ -247,6 +247,20 @@ def test_onnx_only_folder_like_the_bundled_model(onnx_only, lesion_jpeg, monkeyp
         assert r.status_code == 501 and "model.pt" in r.json()["message"]
 
 
+def test_bundled_default_model(lesion_jpeg):
+    from lesionlab.predictor import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "model.onnx").exists():
+        pytest.skip("no bundled default model in this checkout")
+    with TestClient(create_app()) as c:  # no model folder: the bundled one
+        wait_ready(c)
+        r = c.post("/predict", json={"image": b64(lesion_jpeg)})
+        assert r.status_code == 200 and r.json()["body"]["predicted_label"] in ("benign", "malignant", "not_a_lesion")
+        card = c.get("/v1/model").json()
+        assert card["runtime"] == "onnxruntime" and card["model_card"] and card["lesion_detector"] is True
+        assert card["metrics"]["test"]["auc"]["ci95"][0] > 0.5
+
+
 def test_torch_backend_when_no_onnx(tiny_run, lesion_jpeg):
     with TestClient(create_app(tiny_run, backend="torch")) as c:
         wait_ready(c)
