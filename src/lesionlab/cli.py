@@ -345,6 +345,9 @@ def explain(
 
 
 def main() -> None:
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()
     app()
 
 
