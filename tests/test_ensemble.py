@@ -68,6 +68,7 @@ def test_served_ensemble_gives_the_evaluated_probabilities(ens, small_data):
 
     predictor = load_predictor(ens)
     assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == 2
+    assert predictor.refuses_non_lesions  # every member carries a lesion detector
     rows = [r for (split, _), r in _predictions(ens).items() if split == "test"][:4]
     got = predictor.predict([open_image(small_data / r["relpath"]) for r in rows])
     np.testing.assert_allclose(got, [float(r["probability"]) for r in rows], atol=2e-4)

@@ -79,6 +79,10 @@ class Predictor:
     def _logits(self, x: np.ndarray) -> np.ndarray:
         return self._forward(x)[0]
 
+    @property
+    def refuses_non_lesions(self) -> bool:
+        return self.detector is not None
+
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
         return np.stack([resize_to_input(im, self.info.input_size) for im in images])
 
@@ -216,6 +220,10 @@ class EnsemblePredictor(Predictor):
 
     def logits_from_uint8(self, batch_hwc: np.ndarray, tta: bool = False) -> np.ndarray:
         raise TypeError("ensemble members may differ in input size; call predict() with images")
+
+    @property
+    def refuses_non_lesions(self) -> bool:
+        return any(m.refuses_non_lesions for m in self.members)
 
     def analyze(self, images: Sequence[Image.Image], tta: bool = False) -> list[Prediction]:
         """Mean of member probabilities; refused when any member's lesion detector refuses."""

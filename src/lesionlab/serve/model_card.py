@@ -70,7 +70,7 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
         "threshold": {"value": info.threshold, "policy": info.threshold_policy,
                       "chosen_on": metrics.get("threshold", {}).get("chosen_on", "val")},
         "temperature": info.temperature,
-        "lesion_detector": predictor.detector is not None,
+        "lesion_detector": predictor.refuses_non_lesions,
         "training_data": training_data(config),
         "metrics": {s: _split_metrics(metrics[s]) for s in ("val", "test", "test_dedup") if s in metrics},
         "metrics_note": "95% stratified bootstrap confidence intervals (ci95); top-level values at threshold 0.5, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import logging
 import threading
 import time
@@ -158,14 +159,13 @@ class ModelService:
         return outcomes, elapsed_ms
 
     def _explain(self, data: bytes) -> bytes:
-        from ..explain import overlay_png  # noqa: PLC0415 - optional module, checked by require_explainer
+        return self.require_explainer().overlay_png(self.model_dir, self._decode(data, "image"))
 
-        return overlay_png(self.model_dir, self._decode(data, "image"))
-
-    def require_explainer(self) -> None:
-        """501 unless a Grad-CAM can be drawn: it needs lesionlab.explain and a PyTorch checkpoint (model.pt)."""
+    def require_explainer(self):
+        """lesionlab.explain, or 501 unless a Grad-CAM can be drawn (it needs a PyTorch checkpoint, model.pt)."""
         try:
-            from .. import explain  # noqa: PLC0415 - optional module
+            # import_module asks sys.modules, as the import inside _explain would: one answer for both
+            explain = importlib.import_module("lesionlab.explain")
         except ImportError as e:
             raise ServiceError(501, "explain_unavailable", f"explanations are not available in this build ({e}); "
                                                            "ask without explain=true") from None
@@ -178,6 +178,7 @@ class ModelService:
         except (rf.RunError, ValueError) as e:
             raise ServiceError(501, "explain_unavailable", f"explanations need the PyTorch checkpoint {rf.MODEL} "
                                                            f"({e}); ask without explain=true") from None
+        return explain
 
     # ------------------------------------------------------------ async entry points
 
