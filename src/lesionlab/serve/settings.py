@@ -20,7 +20,7 @@ def default_threads(workers: int = 1, inference_threads: int = 2) -> int:
     """Intra-op threads per inference thread: the cores shared out so that no core runs two model threads.
 
     On 2 cores that is 1 thread for each of 2 concurrent requests, which served more requests per second
-    than 1 request at a time on 2 threads (docs/benchmarks-serve.md)."""
+    than 1 request at a time on 2 threads (docs/benchmarks.md)."""
     return max(1, (os.cpu_count() or 1) // max(1, workers * inference_threads))
 
 
