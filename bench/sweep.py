@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     from lesionlab.data import load_dataset
-    from lesionlab.sweep import keep_freed_memory
+    from lesionlab.runtime import keep_freed_memory
 
     keep_freed_memory()  # what run_sweep does: naive is measured under the same allocator settings
     args.out.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,20 @@ def tiny_run(small_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def onnx_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of tiny_run exported to ONNX (never modified by the tests that share it)."""
+    import shutil
+
+    from lesionlab import export
+
+    out = tmp_path_factory.getbasetemp() / "onnx-run"
+    if not (out / "model.onnx").exists():
+        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
+        export.export_run(out, log=lambda _: None)
+    return out
+
+
 @pytest.fixture
 def image_files(tmp_path) -> dict[str, Path]:
     """Bad and odd inputs generated on the fly."""

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from lesionlab import export as ex
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_serve_http import start_server, stop_server  # noqa: E402
@@ -18,15 +16,6 @@ CHROMIUM = os.environ.get("LESIONLAB_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 
-
-@pytest.fixture(scope="module")
-def onnx_run(tiny_run, tmp_path_factory) -> Path:
-    """A copy of tiny_run with model.onnx (the same folder test_export builds; never modified here)."""
-    out = tmp_path_factory.getbasetemp() / "onnx-run"
-    if not (out / "model.onnx").exists():
-        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
-        ex.export_run(out, log=lambda _: None)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def onnx_run(tiny_run, tmp_path_factory) -> Path:
-    """A copy of tiny_run with model.onnx (shared by the serving tests; never modified by them)."""
-    out = tmp_path_factory.getbasetemp() / "onnx-run"
-    if not (out / "model.onnx").exists():
-        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
-        ex.export_run(out, log=_quiet)
-    return out
-
 
 @pytest.fixture
 def run_copy(onnx_run, tmp_path) -> Path:

@@ -17,22 +17,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lesionlab import export as ex
 from lesionlab.predictor import Prediction
 from lesionlab.report import DISCLAIMER
 from lesionlab.serve import aws_lambda, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def onnx_run(tiny_run, tmp_path_factory) -> Path:
-    """A copy of tiny_run with model.onnx (the same folder test_export builds; never modified here)."""
-    out = tmp_path_factory.getbasetemp() / "onnx-run"
-    if not (out / "model.onnx").exists():
-        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
-        ex.export_run(out, log=lambda _: None)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import base64
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,19 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lesionlab import export as ex
 
 BODY_CAP = 300_000
 
-
-@pytest.fixture(scope="module")
-def onnx_run(tiny_run, tmp_path_factory) -> Path:
-    """A copy of tiny_run with model.onnx (the same folder test_export builds; never modified here)."""
-    out = tmp_path_factory.getbasetemp() / "onnx-run"
-    if not (out / "model.onnx").exists():
-        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
-        ex.export_run(out, log=lambda _: None)
-    return out
 
 
 def free_port() -> int:

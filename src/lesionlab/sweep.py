@@ -33,6 +33,7 @@ from .backbones import ResolvedWeights, WeightsError, build_backbone, get_spec, 
 from .data import Dataset, Sample, decode_samples, load_dataset
 from .features import BadDataError, load_or_compute
 from .model import Head, LesionClassifier, build_model
+from .runtime import keep_freed_memory
 from .train import MODES, TrainConfig, fit_head, fit_network, write_run
 
 STUDY_BACKBONES = ("mobilenetv2", "resnet50v2", "efficientnetv2b0", "vgg16")
@@ -133,25 +134,6 @@ class TrialResult:
     trial: Trial
     history: list[dict]  # every epoch, as in history.csv
     states: dict[int, dict[str, torch.Tensor]]  # requested epoch -> model state (the head, in frozen mode)
-
-
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Lets glibc reuse freed blocks up to ``limit`` bytes instead of unmapping them at once.
-
-    A CNN forward pass allocates and frees tensors of tens of MB per layer; by default glibc maps
-    and unmaps each one, and the page faults cost more than the convolutions on a small CPU (3x
-    the wall time of feature extraction measured here). Numbers are unchanged. No-op off glibc.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, limit)) and bool(libc.mallopt(-1, limit))  # M_MMAP_/M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from . import runfiles as rf
 from .backbones import ResolvedWeights, build_backbone, resolve_weights
-from .data import Dataset, Sample, decode_samples, load_dataset, normalize
+from .data import Sample, decode_samples, load_dataset, normalize
 from .features import BadDataError, FeatureTable, load_or_compute, preprocessing
 from .model import Head, LesionClassifier, build_model, save_model
 
