@@ -82,7 +82,7 @@ def test_backbone_without_weights_stops_the_sweep_up_front(small_data, tmp_path)
 def local_sweep(small_data, tmp_path_factory):
     grid = sw.SweepGrid(**TINY_GRID)
     out = tmp_path_factory.mktemp("sweep") / "local"
-    return sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False)
+    return sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False, workers=2)
 
 
 def test_sweep_writes_every_output_and_a_usable_selected_run(local_sweep):
@@ -111,6 +111,8 @@ def test_sweep_writes_every_output_and_a_usable_selected_run(local_sweep):
 
 
 def test_interrupted_sweep_finishes_without_redoing_finished_trials(local_sweep, small_data, tmp_path, monkeypatch):
+    # In-process trials (workers=1) so the patched run_trial is the one called; the fixture ran them in two
+    # worker processes, so the comparisons below also check that parallel and sequential trials agree.
     grid = sw.SweepGrid(**TINY_GRID)
     out = tmp_path / "resumed"
     calls = []
@@ -124,14 +126,14 @@ def test_interrupted_sweep_finishes_without_redoing_finished_trials(local_sweep,
 
     monkeypatch.setattr(sw, "run_trial", dies_on_second_trial)
     with pytest.raises(KeyboardInterrupt):
-        sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False)
+        sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False, workers=1)
     finished = out / "trials" / "efficientnet_lite0" / "lr0.001-s0.json"
     assert finished.exists() and not (out / "results.csv").exists()
     stamp = finished.stat().st_mtime_ns
 
     calls.clear()
     monkeypatch.setattr(sw, "run_trial", lambda *a, **k: (calls.append(a[0].lr), real(*a, **k))[1])
-    again = sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False)
+    again = sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False, workers=1)
     assert calls == [5e-3] and again.trained == 1 and finished.stat().st_mtime_ns == stamp
     assert _csv(out / "results.csv") == _csv(local_sweep.out / "results.csv")
     assert _csv(out / "table1.csv") == _csv(local_sweep.out / "table1.csv")
@@ -140,7 +142,7 @@ def test_interrupted_sweep_finishes_without_redoing_finished_trials(local_sweep,
     finished.unlink()
     (out / "selected" / "efficientnet_lite0" / "report.md").unlink()
     calls.clear()
-    sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False)
+    sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False, workers=1)
     assert calls == [1e-3] and (out / "selected" / "efficientnet_lite0" / "report.md").exists()
     assert _csv(out / "results.csv") == _csv(local_sweep.out / "results.csv")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -499,16 +500,39 @@ Job = tuple[TrainConfig, TrialData, tuple[int, ...]]
 Backend = Callable[[list[Job], Callable[[TrialResult], None], Callable[[int], None]], None]
 
 
-def run_local(jobs: list[Job], on_done: Callable[[TrialResult], None], tick: Callable[[int], None]) -> None:
-    for cfg, data, record in jobs:
-        on_done(run_trial(cfg, data, record, tick))
+def local_backend(workers: int | None = None) -> Backend:
+    """Trials in this process, or (frozen mode) in ``workers`` processes, one thread each: the same numbers.
+
+    A frozen trial is a small single-threaded loop, so one process per core keeps every core busy.
+    Finetune trials use every thread of one process instead (and their images are too big to copy).
+    """
+    def run(jobs: list[Job], on_done: Callable[[TrialResult], None], tick: Callable[[int], None]) -> None:
+        n = min(workers or os.cpu_count() or 1, len(jobs))
+        if n <= 1 or jobs[0][0].mode != "frozen":
+            for cfg, data, record in jobs:
+                on_done(run_trial(cfg, data, record, tick))
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: the parent's OpenMP threads (feature extraction) do not survive a fork safely
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futures = {pool.submit(run_trial, cfg, data, record): cfg.epochs for cfg, data, record in jobs}
+            for fut in as_completed(futures):
+                on_done(fut.result())
+                tick(futures[fut])
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    return run
 
 
 def run_sweep(
     grid: SweepGrid, data: str | Path, out: str | Path, weights_dir: str | Path | None = None,
     allow_random_init: bool = False, backend: str = "local", ray_address: str | None = None,
     skip_bad: bool = False, classes: tuple[str, str] = ("benign", "malignant"), n_resamples: int = 1000,
-    progress: bool = True, command: str = "",
+    progress: bool = True, command: str = "", workers: int | None = None,
 ) -> SweepOutcome:
     """Runs what is left of the grid, selects per backbone, evaluates, and writes every output file."""
     from tqdm.auto import tqdm
@@ -516,7 +540,7 @@ def run_sweep(
     t_start = time.perf_counter()
     keep_freed_memory()
     out, data_root = Path(out), Path(data)
-    runner = _backend(backend, ray_address)
+    runner = _backend(backend, ray_address, workers)
     dataset = load_dataset(data_root, classes)
     file_hash = dataset.file_list_hash()
     weights = resolve_all(grid, weights_dir, allow_random_init)
@@ -573,9 +597,9 @@ def run_sweep(
     return SweepOutcome(out, rows, choices, selected, len(jobs), seconds)
 
 
-def _backend(name: str, ray_address: str | None) -> Backend:
+def _backend(name: str, ray_address: str | None, workers: int | None = None) -> Backend:
     if name == "local":
-        return run_local
+        return local_backend(workers)
     if name == "ray":
         from .sweep_ray import ray_backend
 
