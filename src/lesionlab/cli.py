@@ -201,6 +201,7 @@ def sweep(
     skip_bad: bool = typer.Option(False, help="Skip unreadable images instead of stopping."),
     classes: str = typer.Option("benign,malignant", help="Class folder names, negative first."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
+    workers: int = typer.Option(0, help="Local backend: trial processes (0 = one per CPU core)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """The study's grid search: select per backbone on validation, evaluate on test; writes Table 1 and Figures 1-3."""
@@ -218,7 +219,7 @@ def sweep(
                                 allow_random_init=allow_random_init, backend=backend, ray_address=ray_address,
                                 skip_bad=skip_bad, classes=classes, resamples=resamples)
         result = run_sweep(grid, data, out, weights_dir, allow_random_init, backend, ray_address,
-                           skip_bad, _classes(classes), resamples, not quiet, command)
+                           skip_bad, _classes(classes), resamples, not quiet, command, workers or None)
     except (SweepError, *USER_ERRORS) as e:
         fail(str(e))
     typer.echo(f"trained {result.trained} of {len(grid.trials())} trials in {result.seconds['total']:.0f} s; "
