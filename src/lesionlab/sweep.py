@@ -31,11 +31,10 @@ import torch
 
 from . import runfiles as rf
 from .backbones import ResolvedWeights, WeightsError, build_backbone, get_spec, resolve_weights
-from .data import Dataset, Sample, decode_samples, load_dataset
-from .features import BadDataError, load_or_compute
+from .data import Dataset, Sample, load_dataset
 from .model import Head, LesionClassifier, build_model
 from .runtime import keep_freed_memory
-from .train import MODES, TrainConfig, fit_head, fit_network, write_run
+from .train import MODES, TrainConfig, fit_head, fit_network, training_inputs, write_run
 
 STUDY_BACKBONES = ("mobilenetv2", "resnet50v2", "efficientnetv2b0", "vgg16")
 STUDY_LRS = (1e-5, 5e-4, 1e-4, 5e-3, 1e-3)
@@ -243,14 +242,7 @@ def resolve_all(grid: SweepGrid, weights_dir, allow_random_init: bool) -> dict[t
 def prepare(dataset: Dataset, weights: ResolvedWeights, grid: SweepGrid, seed: int, skip_bad: bool,
             progress: bool) -> Prepared:
     """Features (frozen, from the shared cache) or decoded images (finetune), split as ``train`` splits them."""
-    if grid.mode == "frozen":
-        table = load_or_compute(dataset, weights, seed, skip_bad, progress)
-        bad = table.bad
-    else:
-        decoded = decode_samples(dataset.all, weights.input_size, progress)
-        if decoded.bad and not skip_bad:
-            raise BadDataError(decoded.bad)
-        bad = [(e.path, e.reason) for e in decoded.bad]
+    table, decoded, bad = training_inputs(dataset, weights, grid.mode, seed, skip_bad, progress)
     splits = dataset.without({p for p, _ in bad}).splits(grid.split_seed, grid.val_fraction)
     if grid.mode == "frozen":
         (x_tr, y_tr), (x_va, y_va) = table.rows(splits["train"]), table.rows(splits["val"])

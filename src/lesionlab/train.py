@@ -25,7 +25,7 @@ from torch import nn
 
 from . import runfiles as rf
 from .backbones import ResolvedWeights, build_backbone, resolve_weights
-from .data import Sample, decode_samples, load_dataset, normalize
+from .data import Dataset, DecodedSet, Sample, decode_samples, load_dataset, normalize
 from .features import BadDataError, FeatureTable, load_or_compute, preprocessing
 from .model import Head, LesionClassifier, build_model, save_model
 
@@ -358,6 +358,18 @@ def write_run(out: str | Path, cfg: TrainConfig, resolved: ResolvedWeights, data
     return out
 
 
+def training_inputs(dataset: Dataset, weights: ResolvedWeights, mode: str, seed: int, skip_bad: bool,
+                    progress: bool) -> tuple[FeatureTable | None, DecodedSet | None, list[tuple[str, str]]]:
+    """Cached features (frozen) or decoded images (finetune), and the unreadable files; or BadDataError."""
+    if mode == "frozen":
+        table = load_or_compute(dataset, weights, seed, skip_bad, progress)
+        return table, None, table.bad
+    decoded = decode_samples(dataset.all, weights.input_size, progress)
+    if decoded.bad and not skip_bad:
+        raise BadDataError(decoded.bad)
+    return None, decoded, [(e.path, e.reason) for e in decoded.bad]
+
+
 def train(
     cfg: TrainConfig, data: str | Path, out: str | Path, weights: str | Path | None = None,
     weights_dir: str | Path | None = None, allow_random_init: bool = False, skip_bad: bool = False,
@@ -375,15 +387,7 @@ def train(
         return out  # finished earlier
 
     t_start = time.perf_counter()
-    table: FeatureTable | None = None
-    if cfg.mode == "frozen":
-        table = load_or_compute(dataset, resolved, cfg.seed, skip_bad, progress)
-        bad = table.bad
-    else:
-        decoded = decode_samples(dataset.all, resolved.input_size, progress)
-        if decoded.bad and not skip_bad:
-            raise BadDataError(decoded.bad)
-        bad = [(e.path, e.reason) for e in decoded.bad]
+    table, decoded, bad = training_inputs(dataset, resolved, cfg.mode, cfg.seed, skip_bad, progress)
     dataset = dataset.without({p for p, _ in bad})
     splits = dataset.splits(cfg.split_seed, cfg.val_fraction)
 
