@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lesionlab.report import fmt
-from lesionlab.sweep import STUDY_TABLE1
+from lesionlab.sweep_report import STUDY_TABLE1
 
 COLS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 

@@ -36,9 +36,12 @@ def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, 
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1,)
 
 
-def test_finetune_trains_the_whole_network(few_images, shared_weights, tmp_path):
-    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=1, batch_size=4, lr=1e-3)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetune_trains_the_whole_network(precision, few_images, shared_weights, tmp_path):
+    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=1, batch_size=4, lr=1e-3,
+                      precision=precision)
     out = train(cfg, few_images, tmp_path / "ft", weights_dir=shared_weights, progress=False)
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == precision
     model, _ = load_model(out / "model.pt")
     from lesionlab.backbones import build_backbone, resolve_weights
 
@@ -47,6 +50,22 @@ def test_finetune_trains_the_whole_network(few_images, shared_weights, tmp_path)
     assert not torch.equal(model.backbone.state_dict()[k], ref.state_dict()[k])  # backbone moved
     # BatchNorm statistics stay frozen in finetune mode
     assert torch.equal(model.backbone.state_dict()["bn1.running_mean"], ref.state_dict()["bn1.running_mean"])
+
+
+def test_precision_auto_means_bf16_only_for_finetune_on_a_cpu_that_has_it(monkeypatch):
+    monkeypatch.setattr(train_mod, "bf16_supported", lambda: True)
+    assert TrainConfig(mode="finetune").precision == "bf16"
+    assert TrainConfig(mode="frozen").precision == "fp32"  # the head trains on cached fp32 features
+    monkeypatch.setattr(train_mod, "bf16_supported", lambda: False)
+    assert TrainConfig(mode="finetune").precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+
+
+def test_runs_from_before_bf16_read_back_as_fp32(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"backbone": "efficientnet_lite0",
+                                                                "mode": "finetune"}}))
+    assert train_mod.config_from_run(tmp_path).precision == "fp32"
 
 
 def test_resume_after_a_kill_equals_an_unbroken_run(few_images, tmp_path, monkeypatch):

@@ -70,6 +70,7 @@ def train(
     label_smoothing: float = typer.Option(0.0),
     class_weight: bool = typer.Option(False, help="Weight the positive class by the class ratio."),
     augment: str = typer.Option("auto", help="auto (on in finetune), none or dermoscopy."),
+    precision: str = typer.Option("auto", help="finetune arithmetic: auto (bf16 where the CPU has it), bf16 or fp32."),
     weights: Optional[Path] = typer.Option(None, help="ImageNet weights file for the backbone."),
     weights_dir: Optional[Path] = typer.Option(None, help="Folder of <timm name>*.pth (default: $LESIONLAB_WEIGHTS_DIR or ../shared/weights)."),
     allow_random_init: bool = typer.Option(False, help="Train from random weights when no ImageNet weights are found."),
@@ -88,14 +89,14 @@ def train(
         cfg = TrainConfig(backbone=backbone, mode=mode, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
                           split_seed=split_seed, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight,
-                          augment=augment)
+                          augment=augment, precision=precision)
         out = out or Path("runs") / f"{backbone}-{mode}-lr{lr:g}-e{epochs}-s{seed}"
         data = resolve_data(data)
         command = _command_line("train", data=data, backbone=backbone, lr=lr, epochs=epochs, mode=mode,
                                 batch_size=batch_size, seed=seed, split_seed=split_seed, optimizer=optimizer,
                                 weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
                                 label_smoothing=label_smoothing, class_weight=class_weight, augment=augment,
-                                weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,
+                                precision=cfg.precision, weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,
                                 skip_bad=skip_bad, classes=classes, threshold_policy=threshold_policy, out=out)
         run_dir = run_train(cfg, data, out, weights, weights_dir, allow_random_init, skip_bad,
                             not quiet, _classes(classes), command)

@@ -60,11 +60,11 @@ def extract(backbone: nn.Module, images: np.ndarray, mean, std, batch_size: int 
             progress: bool = True, desc: str = "features") -> np.ndarray:
     from tqdm.auto import tqdm
 
-    backbone.eval()
+    backbone.eval().to(memory_format=torch.channels_last)  # oneDNN's fast CPU kernels, about 2x
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
         x = torch.from_numpy(normalize(images[i:i + batch_size], mean, std))
-        out.append(backbone(x).float().numpy())
+        out.append(backbone(x.contiguous(memory_format=torch.channels_last)).float().numpy())
     dim = out[0].shape[1] if out else 0
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 

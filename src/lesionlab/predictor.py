@@ -168,6 +168,7 @@ class TorchPredictor(Predictor):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model, self.meta = load_model(model_dir / rf.MODEL)
+        self.model.to(memory_format=torch.channels_last)  # oneDNN's fast CPU kernels, about 2x
         self.info = _info(model_dir, "pytorch")
         self.detector = LesionDetector.load(model_dir)
 
@@ -175,7 +176,7 @@ class TorchPredictor(Predictor):
         import torch
 
         with torch.inference_mode():
-            feats = self.model.backbone(torch.from_numpy(x))
+            feats = self.model.backbone(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
             return self.model.head(feats).numpy(), feats.numpy()
 
 

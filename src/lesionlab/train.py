@@ -51,8 +51,13 @@ class TrainConfig:
     class_weight: bool = False
     dropout: float = 0.0
     augment: str = "auto"  # "auto" = on in finetune, off in frozen; or "none" / "dermoscopy"
+    precision: str = "auto"  # finetune only: "bf16" autocast where the CPU has it ("auto"), else "fp32"
 
     def __post_init__(self):
+        if self.precision == "auto":
+            self.precision = "bf16" if self.mode == "finetune" and bf16_supported() else "fp32"
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto or one of {PRECISIONS}, got '{self.precision}'")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got '{self.mode}'")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
@@ -65,6 +70,17 @@ class TrainConfig:
         if self.augment == "auto":
             return "dermoscopy" if self.mode == "finetune" else "none"
         return self.augment
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast is only a speed-up where the CPU computes in bf16 natively (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -218,8 +234,9 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 @torch.inference_mode()
 def model_logits(model: nn.Module, images_hwc: np.ndarray, mean, std, batch_size: int = 64) -> np.ndarray:
-    model.eval()
-    out = [model(torch.from_numpy(normalize(images_hwc[i:i + batch_size], mean, std))).numpy()
+    model.eval().to(memory_format=torch.channels_last)
+    out = [model(torch.from_numpy(normalize(images_hwc[i:i + batch_size], mean, std))
+                 .contiguous(memory_format=torch.channels_last)).numpy()
            for i in range(0, len(images_hwc), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -242,6 +259,10 @@ def fit_network(
         start = state["epoch"]
     chw = torch.from_numpy(train_imgs).permute(0, 3, 1, 2)
     yt = torch.from_numpy(y_train)
+    # channels-last lets oneDNN pick its fast convolution kernels (about 2x on CPU, same numbers);
+    # bf16 autocast about 1.5x more on CPUs that compute bf16 natively. Weights and optimizer stay fp32.
+    model.to(memory_format=torch.channels_last)
+    bf16 = cfg.precision == "bf16"
     bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=f"finetune {cfg.backbone}",
                disable=not progress, unit="batch")
     for epoch in range(start + 1, cfg.epochs + 1):
@@ -257,9 +278,11 @@ def fit_network(
             batch = chw[idx]
             if cfg.augmentation == "dermoscopy":
                 batch = augment_batch(batch, weights.input_size)
-            x = to_input(batch, weights.mean, weights.std)
+            x = to_input(batch, weights.mean, weights.std).contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
-            logits = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            logits = logits.float()
             loss = loss_fn(logits, yt[idx])
             loss.backward()
             opt.step()
@@ -455,4 +478,5 @@ def train(
 
 def config_from_run(run_dir: Path) -> TrainConfig:
     raw = rf.read_json(Path(run_dir) / rf.CONFIG)["train"]
+    raw.setdefault("precision", "fp32")  # runs written before bf16 training existed trained in fp32
     return TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})
