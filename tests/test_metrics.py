@@ -48,8 +48,13 @@ def test_threshold_policies(scores):
     y, p = scores
     t = choose_threshold(y, p, "sensitivity:0.95")
     assert point_metrics(y, p, t)["recall"] >= 0.95
-    # the highest such threshold: a hair above it, sensitivity drops under the target
-    assert point_metrics(y, p, t + 1e-9)["recall"] < 0.95
+    # the threshold sits mid-gap between two validation scores: the highest score still kept as positive
+    # and the next one below; any threshold in that gap gives the same counts, one above it does not
+    kept = p[p >= t].min()
+    below = p[p < t].max()
+    assert t == pytest.approx((kept + below) / 2)
+    assert confusion(y, p, kept) == confusion(y, p, t)
+    assert point_metrics(y, p, kept + 1e-9)["recall"] < 0.95
     assert choose_threshold(y, p, "fixed:0.3") == 0.3
     assert 0 < choose_threshold(y, p, "youden") < 1
     with pytest.raises(ValueError, match="unknown threshold policy"):

@@ -89,21 +89,31 @@ def metrics_with_ci(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5,
 # ------------------------------------------------------------------ operating point
 
 
+def _gap_midpoint(thr: np.ndarray, i: int) -> float:
+    """Middle of the gap below distinct score thr[i] (roc_curve lists scores in decreasing order)."""
+    return float(thr[i]) if i + 1 >= len(thr) else float((thr[i] + thr[i + 1]) / 2)
+
+
 def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLICY) -> float:
-    """``fixed:T`` | ``youden`` | ``sensitivity:S`` (the highest threshold whose sensitivity is >= S)."""
+    """``fixed:T`` | ``youden`` | ``sensitivity:S`` (the highest threshold whose sensitivity is >= S).
+
+    Every threshold between the chosen score and the next lower validation score gives the same validation
+    counts; the midpoint of that gap is returned, not its edge, so that a new image scoring just below
+    the last validation positive kept is not lost to a threshold sitting exactly on that positive.
+    """
     kind, _, arg = policy.partition(":")
     if kind == "fixed":
         return float(arg or 0.5)
     fpr, tpr, thr = roc_curve(y, prob, drop_intermediate=False)
     thr = np.clip(thr, 0.0, 1.0)  # sklearn puts +inf first
     if kind == "youden":
-        return float(thr[int(np.argmax(tpr - fpr))])
+        return _gap_midpoint(thr, int(np.argmax(tpr - fpr)))
     if kind == "sensitivity":
         target = float(arg)
         if not 0 < target <= 1:
             raise ValueError(f"sensitivity target must be in (0, 1], got {arg}")
         ok = np.flatnonzero(tpr >= target)
-        return float(thr[ok[0]])
+        return _gap_midpoint(thr, int(ok[0]))
     raise ValueError(f"unknown threshold policy '{policy}'; use fixed:0.5, youden or sensitivity:0.95")
 
 
