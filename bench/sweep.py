@@ -61,7 +61,7 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
     weights = resolve_weights(backbone_name, None, weights_dir, allow_random_init=True)
     splits = dataset.splits()
     train, val = splits["train"], splits["val"]
-    backbone = build_backbone(weights).eval()
+    backbone = build_backbone(weights).eval().to(memory_format=torch.channels_last)  # as features.extract
     head = Head(num_features(backbone))
     opt, _ = make_optimizer(TrainConfig(lr=1e-3), head.parameters(), 1)
     loss_fn = make_loss(TrainConfig(), np.zeros(1, np.float32))
@@ -80,7 +80,7 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
                 clock = Clock()
             x, y = batch([samples[j] for j in order[max(i, 0) * batch_size:(max(i, 0) + 1) * batch_size]])
             with torch.no_grad():
-                feats = backbone(x)
+                feats = backbone(x.contiguous(memory_format=torch.channels_last))
             if step:
                 opt.zero_grad()
                 loss_fn(head(feats), y).backward()
