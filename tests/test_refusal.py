@@ -95,3 +95,44 @@ def test_normalised_detector_ignores_feature_scale():
     train = rng.normal(5, 1, size=(200, 16))
     det = LesionDetector.fit(train, train[:50], n_components=8)
     np.testing.assert_allclose(det.score(train[:5] * 0.01), det.score(train[:5]), rtol=1e-4)
+
+
+def test_detector_also_scores_input_pixels(tiny_run):
+    meta = json.loads((tiny_run / "ood.json").read_text())
+    assert meta["pixel_threshold"] > 0 and "colour and texture" in meta["method"]
+    det = LesionDetector.load(tiny_run)
+    assert det.pixels is not None
+    feats = np.random.default_rng(0).normal(size=(2, det.center.shape[0]))
+    with pytest.raises(ValueError, match="pass the images"):
+        det.score(feats)
+    result = json.loads((tiny_run / "refusal.json").read_text())
+    assert "each of the two distances" in result["threshold_rule"]
+
+
+def test_pixel_statistics_put_flat_colours_and_gradients_far_from_lesions(small_data):
+    """The model-free distance: what fine-tuned features miss (flat colour, smooth gradients)."""
+    from lesionlab.data import load_dataset
+    from lesionlab.ood import PixelDistance, image_statistics
+
+    stats = refusal.pixel_statistics(load_dataset(small_data), 224, progress=False)
+    lesions = np.stack(list(stats.values()))
+    dist = PixelDistance.fit(lesions)
+    ramp = np.linspace(0, 255, 224, dtype=np.float32)
+    others = np.stack([np.full((224, 224, 3), (180, 120, 120), np.uint8),  # skin-coloured flat
+                       np.full((224, 224, 3), (255, 0, 255), np.uint8),
+                       np.repeat(np.tile(ramp, (224, 1))[..., None], 3, axis=2).astype(np.uint8)])
+    assert dist.score(image_statistics(others)).min() > 2 * dist.score(lesions).max()
+    assert image_statistics(others).shape == (3, lesions.shape[1])
+
+
+def test_detectors_saved_before_pixel_statistics_still_load(tmp_path):
+    rng = np.random.default_rng(0)
+    det = LesionDetector.fit(rng.normal(size=(60, 8)), rng.normal(size=(20, 8)), n_components=4)
+    det.save(tmp_path)
+    meta = json.loads((tmp_path / "ood.json").read_text())
+    del meta["pixel_threshold"]
+    (tmp_path / "ood.json").write_text(json.dumps(meta))
+    old = LesionDetector.load(tmp_path)
+    assert old.pixels is None
+    x = rng.normal(size=(5, 8))
+    np.testing.assert_allclose(old.score(x), det.score(x), rtol=1e-5)  # no images needed

@@ -122,7 +122,7 @@ class Predictor:
         if tta:
             logits = self.logits_from_uint8(batch, tta=True)
         probs = expit(logits / self.info.temperature)
-        scores = self.detector.score(feats) if self.detector is not None and feats is not None else None
+        scores = self.detector.score(feats, batch) if self.detector is not None and feats is not None else None
         out = []
         for i, (z, p) in enumerate(zip(logits, probs)):
             pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
@@ -130,7 +130,7 @@ class Predictor:
                 pred.ood_score = float(scores[i])
                 if scores[i] > self.detector.threshold:
                     pred.refused, pred.label = True, "not_a_lesion"
-                    pred.reason = (f"does not look like a dermoscopic lesion image (distance {scores[i]:.1f} "
+                    pred.reason = (f"does not look like a dermoscopic lesion image (score {scores[i]:.1f} "
                                    f"> {self.detector.threshold:.1f})")
             out.append(pred)
         return out

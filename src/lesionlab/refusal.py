@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import runfiles as rf
 from .data import Dataset, load_dataset, to_rgb
-from .ood import LesionDetector
+from .ood import LesionDetector, PixelDistance, image_statistics
 
 REFUSAL_FILE = "refusal.json"
 SCORES_FILE = "refusal_scores.csv"
@@ -32,6 +32,7 @@ MAX_REFUSAL = 0.01
 N_COMPONENTS = 512
 CONFIDENCE = 0.95
 NON_LESION_VERSION = 1  # bump when the generated set changes, to invalidate cached features
+PIXEL_STATS_VERSION = 1  # bump when ood.image_statistics changes, to invalidate cached statistics
 #: Photos and scientific images bundled in scikit-image's wheel (no download needed).
 SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "cat", "checkerboard", "clock", "coffee", "coins", "colorwheel",
                   "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
@@ -58,6 +59,30 @@ def _run_weights(run_dir: Path, config: dict):
 class SplitFeatures:
     relpaths: list[str]
     x: np.ndarray  # N x D backbone features
+    pixels: np.ndarray | None = None  # N x S ood.image_statistics of the same images
+
+
+def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -> dict[str, np.ndarray]:
+    """relpath -> image statistics of every readable file, as the model sees it; cached like features."""
+    from .data import decode_samples
+    from .features import cache_dir
+
+    blob = json.dumps({"v": PIXEL_STATS_VERSION, "size": input_size, "files": dataset.file_list_hash()},
+                      sort_keys=True)
+    path = cache_dir() / "pixel_stats" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npz"
+    if path.exists():
+        arrays = np.load(path)
+        return dict(zip(arrays["relpaths"].tolist(), arrays["stats"]))
+    relpaths, stats = [], []
+    for i in range(0, len(dataset.all), 256):  # bounded memory: 256 decoded images at a time
+        decoded = decode_samples(dataset.all[i:i + 256], input_size, progress=False)
+        relpaths += [s.relpath for s in decoded.samples]
+        stats.append(image_statistics(decoded.images))
+    table = np.concatenate(stats) if stats else np.zeros((0, 12))
+    with rf.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, relpaths=np.array(relpaths), stats=table)
+    return dict(zip(relpaths, table))
 
 
 def run_features(run_dir: str | Path, data: str | Path | None = None,
@@ -78,20 +103,33 @@ def run_features(run_dir: str | Path, data: str | Path | None = None,
         train_rel = {r["relpath"] for r in csv.DictReader(f) if r["split"] == "train"}
     splits["train"] = [s for s in dataset.train if s.relpath in train_rel]
     index = set(table.relpaths)
-    return {name: SplitFeatures([s.relpath for s in samples if s.relpath in index], table.rows(samples)[0])
-            for name, samples in splits.items()}
+    stats = pixel_statistics(dataset, int(config["weights"]["input_size"]), progress)
+    out = {}
+    for name, samples in splits.items():
+        rel = [s.relpath for s in samples if s.relpath in index]
+        out[name] = SplitFeatures(rel, table.rows(samples)[0], np.array([stats[r] for r in rel]))
+    return out
 
 
 def fit_refusal(run_dir: str | Path, data: str | Path | None = None, max_refusal: float = MAX_REFUSAL,
                 n_components: int = N_COMPONENTS, progress: bool = True,
                 features: dict[str, SplitFeatures] | None = None) -> LesionDetector:
-    """Fits the lesion detector on train features, thresholds it on validation and saves it into the run folder."""
+    """Fits the lesion detector on train images, thresholds it on validation and saves it into the run folder.
+
+    Two distances (backbone features, input-pixel statistics), each allowed half of ``max_refusal``: a
+    union bound keeps the refusal of validation lesions within ``max_refusal``.
+    """
     feats = features or run_features(run_dir, data, progress)
-    train, val = feats["train"].x, feats["val"].x
-    if len(train) < 3 or len(val) < 1:
+    train, val = feats["train"], feats["val"]
+    if len(train.x) < 3 or len(val.x) < 1:
         raise rf.RunError(f"{run_dir}: too few train/validation images to fit the lesion detector")
-    detector = LesionDetector.fit(train, val, max_refusal, n_components)
-    detector.threshold = conservative_threshold(detector.score(val), max_refusal)
+    detector = LesionDetector.fit(train.x, val.x, max_refusal, n_components)
+    detector.threshold = conservative_threshold(detector.feature_score(val.x), max_refusal / 2)
+    if train.pixels is not None and len(train.pixels) > train.pixels.shape[1]:
+        detector.pixels = PixelDistance.fit(train.pixels)
+        detector.pixels.threshold = conservative_threshold(detector.pixels.score(val.pixels), max_refusal / 2)
+    else:
+        detector.threshold = conservative_threshold(detector.feature_score(val.x), max_refusal)
     detector.save(Path(run_dir))
     return detector
 
@@ -103,6 +141,9 @@ def conservative_threshold(val_scores: np.ndarray, max_refusal: float = MAX_REFU
     The plain 99% quantile of ~500 validation scores refused 2-3% of the test lesions (test images sit
     slightly further from train than validation does); bounding the rate, not matching it, keeps test
     refusals under 1%. With too few validation images for any bound, nothing of validation is refused.
+    The threshold sits mid-gap between the last score kept and the first refused (a hair above the
+    largest when none is refused): the same image through ONNX Runtime or another batch size differs
+    in the last digits and must not flip to refused on the boundary.
     """
     from scipy.stats import beta
 
@@ -111,7 +152,9 @@ def conservative_threshold(val_scores: np.ndarray, max_refusal: float = MAX_REFU
     allowed = 0  # validation images the threshold may refuse
     while allowed + 1 < n and beta.ppf(confidence, allowed + 2, n - allowed - 1) <= max_refusal:
         allowed += 1
-    return float(s[allowed])
+    if allowed == 0:
+        return float(s[0] + 1e-4 * max(abs(s[0]), 1.0))
+    return float((s[allowed] + s[allowed - 1]) / 2)
 
 
 # ------------------------------------------------------------------ the non-lesion set
@@ -266,6 +309,14 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
     return feats
 
 
+def non_lesion_pixels(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
+    """Image statistics of the non-lesion set, resized and cropped as the predictor does."""
+    from .data import resize_to_input
+
+    size = int(rf.read_json(Path(run_dir) / rf.CONFIG)["weights"]["input_size"])
+    return image_statistics(np.stack([resize_to_input(it.image, size) for it in items]))
+
+
 def _rate(refused: np.ndarray) -> dict:
     return {"n": int(len(refused)), "refused": int(refused.sum()),
             "rate": float(refused.mean()) if len(refused) else float("nan")}
@@ -289,18 +340,21 @@ def measure_refusal(run_dir: str | Path, data: str | Path | None = None, progres
     if detector is None:
         detector = fit_refusal(run_dir, data, progress=progress, features=feats)
     items = non_lesion_images()
-    other = detector.score(non_lesion_features(run_dir, items))
-    scores = {name: detector.score(feats[name].x) for name in ("val", "test", "test_dedup")}
+    other = detector.score(non_lesion_features(run_dir, items), stats=non_lesion_pixels(run_dir, items))
+    scores = {name: detector.score(feats[name].x, stats=feats[name].pixels)
+              for name in ("val", "test", "test_dedup")}
     kinds = sorted({it.kind for it in items})
     by_kind = {k: _rate(np.array([s > detector.threshold for s, it in zip(other, items) if it.kind == k]))
                for k in kinds}
     accepted = [it.name for s, it in zip(other, items) if s <= detector.threshold]
     result = {
-        "method": "Mahalanobis distance on backbone features (PCA + Ledoit-Wolf), fitted on train lesions",
+        "method": detector.method,
         "threshold": detector.threshold,
+        "pixel_threshold": None if detector.pixels is None else detector.pixels.threshold,
         "max_refusal_on_validation": detector.max_refusal,
         "threshold_rule": f"lowest threshold whose validation refusal rate has a one-sided {CONFIDENCE:.0%} "
-                          "Clopper-Pearson upper bound <= max_refusal_on_validation",
+                          "Clopper-Pearson upper bound <= max_refusal_on_validation"
+                          + (" / 2, for each of the two distances" if detector.pixels is not None else ""),
         "l2_normalize": detector.normalize,
         "n_components": int(detector.components.shape[1]),
         "n_train": int(len(feats["train"].x)),
