@@ -51,6 +51,9 @@ def model_card(run: Path, command: str) -> str:
         f"- Training: {t['optimizer']} lr {t['lr']}, {t['schedule']} schedule, {t['warmup_epochs']} warm-up epoch(s), "
         f"{t['epochs']} epochs, batch {t['batch_size']}, label smoothing {t['label_smoothing']}, seed {t['seed']}; "
         f"checkpoint of the best validation accuracy (epoch {cfg.get('best_epoch')}).",
+        f"- Arithmetic: {t.get('precision', 'fp32')} (bf16 = autocast forward pass, fp32 weights and optimizer); "
+        f"{cfg.get('timing', {}).get('epoch_seconds_total', float('nan')) / 60:.1f} min of training on "
+        f"{cfg.get('timing', {}).get('cpu_threads', '?')} CPU threads.",
         f"- Input: RGB, shorter side resized to {cfg['preprocessing']['input_size']} px (bicubic) and centre-cropped, "
         f"scaled to [0, 1] then normalised with mean {cfg['preprocessing']['mean']} and std {cfg['preprocessing']['std']}.",
         f"- Files: `model.onnx` ({onnx_mb:.1f} MB, float32, served by ONNX Runtime), `model.pt` (float16 copy used "
@@ -63,6 +66,9 @@ def model_card(run: Path, command: str) -> str:
         f"({cfg['data']['n_test']} images) was used once, for the numbers below.",
         "",
         "## Performance (95% stratified bootstrap CIs, 1000 resamples)",
+        "",
+        ("Evaluated with test-time augmentation (mean of 8 flips/rotations); serve it with `tta=true` to match."
+         if m.get("tta") else "Evaluated without test-time augmentation, as the service predicts by default."),
         "",
         "At threshold 0.5:",
         "",

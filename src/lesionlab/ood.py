@@ -33,23 +33,25 @@ def image_statistics(batch_hwc: np.ndarray) -> np.ndarray:
     (Hasler & Suesstrunk), centre-minus-border brightness (a lesion sits in the middle) and mean
     saturation. Flat colours, gradients, text and most photos fall far from the lesions here.
     """
-    x = np.asarray(batch_hwc, np.float32) / 255.0
+    x = np.ascontiguousarray(np.moveaxis(np.asarray(batch_hwc), -1, 1), np.float32) / 255.0  # N x 3 x H x W
+    n, _, h, w = x.shape
     eps = 1e-3
-    mean, spread = x.mean((1, 2)), x.std((1, 2))
-    gray = x.mean(-1)
-    grad_x = np.abs(np.diff(gray, axis=2)).mean((1, 2))
-    grad_y = np.abs(np.diff(gray, axis=1)).mean((1, 2))
-    coarse = np.abs(gray[:, :, 4:] - gray[:, :, :-4]).mean((1, 2))
-    rg, yb = x[..., 0] - x[..., 1], 0.5 * (x[..., 0] + x[..., 1]) - x[..., 2]
-    colourful = (np.sqrt(rg.std((1, 2)) ** 2 + yb.std((1, 2)) ** 2)
-                 + 0.3 * np.sqrt(rg.mean((1, 2)) ** 2 + yb.mean((1, 2)) ** 2))
-    h, w = gray.shape[1:]
+    flat = x.reshape(n, 3, h * w)  # reductions over one contiguous axis are several times faster in numpy
+    mean, spread = flat.mean(-1), flat.std(-1)
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    gray = (r + g + b) / 3
+    grad_x = np.abs(np.diff(gray, axis=2)).reshape(n, -1).mean(-1)
+    grad_y = np.abs(np.diff(gray, axis=1)).reshape(n, -1).mean(-1)
+    coarse = np.abs(gray[:, :, 4:] - gray[:, :, :-4]).reshape(n, -1).mean(-1)
+    rg, yb = (r - g).reshape(n, -1), (0.5 * (r + g) - b).reshape(n, -1)
+    colourful = np.sqrt(rg.std(-1) ** 2 + yb.std(-1) ** 2) + 0.3 * np.sqrt(rg.mean(-1) ** 2 + yb.mean(-1) ** 2)
     centre = gray[:, h // 4:3 * h // 4, w // 4:3 * w // 4]
     n_centre = centre.shape[1] * centre.shape[2]
-    border = (gray.sum((1, 2)) - centre.sum((1, 2))) / max(h * w - n_centre, 1)
-    saturation = (x.max(-1) - x.min(-1)).mean((1, 2))
+    centre_sum, total = centre.reshape(n, -1).sum(-1), gray.reshape(n, -1).sum(-1)
+    border = (total - centre_sum) / max(h * w - n_centre, 1)
+    saturation = (np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).reshape(n, -1).mean(-1)
     return np.column_stack([mean, np.log(spread + eps), np.log(grad_x + eps), np.log(grad_y + eps),
-                            np.log(coarse + eps), np.log(colourful + eps), centre.mean((1, 2)) - border,
+                            np.log(coarse + eps), np.log(colourful + eps), centre_sum / n_centre - border,
                             saturation]).astype(np.float64)
 
 

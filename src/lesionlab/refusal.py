@@ -32,7 +32,7 @@ MAX_REFUSAL = 0.01
 N_COMPONENTS = 512
 CONFIDENCE = 0.95
 NON_LESION_VERSION = 1  # bump when the generated set changes, to invalidate cached features
-PIXEL_STATS_VERSION = 1  # bump when ood.image_statistics changes, to invalidate cached statistics
+PIXEL_STATS_VERSION = 2  # bump when ood.image_statistics changes, to invalidate cached statistics
 #: Photos and scientific images bundled in scikit-image's wheel (no download needed).
 SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "cat", "checkerboard", "clock", "coffee", "coins", "colorwheel",
                   "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
