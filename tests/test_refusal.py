@@ -76,17 +76,20 @@ def test_predict_prints_not_a_lesion(tiny_run, tmp_path):
     assert row["ood_score"] > json.loads((tiny_run / "ood.json").read_text())["threshold"]
 
 
-def test_detectors_saved_before_normalisation_still_load(tmp_path):
+@pytest.mark.parametrize("key, normalize", [("l2_normalize", False), ("pixel_threshold", True)])
+def test_detectors_saved_by_older_versions_still_load(key, normalize, tmp_path):
+    """Detectors saved before L2 normalisation, or before the pixel distance, score as they did."""
     rng = np.random.default_rng(0)
-    det = LesionDetector.fit(rng.normal(size=(60, 8)), rng.normal(size=(20, 8)), n_components=4, normalize=False)
+    det = LesionDetector.fit(rng.normal(size=(60, 8)), rng.normal(size=(20, 8)), n_components=4,
+                             normalize=normalize)
     det.save(tmp_path)
     meta = json.loads((tmp_path / "ood.json").read_text())
-    del meta["l2_normalize"]
+    del meta[key]
     (tmp_path / "ood.json").write_text(json.dumps(meta))
     old = LesionDetector.load(tmp_path)
-    assert old.normalize is False
+    assert old.normalize is normalize and old.pixels is None
     x = rng.normal(size=(5, 8))
-    np.testing.assert_allclose(old.score(x), det.score(x), rtol=1e-5)
+    np.testing.assert_allclose(old.score(x), det.score(x), rtol=1e-5)  # no images needed
 
 
 def test_normalised_detector_ignores_feature_scale():
@@ -123,16 +126,3 @@ def test_pixel_statistics_put_flat_colours_and_gradients_far_from_lesions(small_
                        np.repeat(np.tile(ramp, (224, 1))[..., None], 3, axis=2).astype(np.uint8)])
     assert dist.score(image_statistics(others)).min() > 2 * dist.score(lesions).max()
     assert image_statistics(others).shape == (3, lesions.shape[1])
-
-
-def test_detectors_saved_before_pixel_statistics_still_load(tmp_path):
-    rng = np.random.default_rng(0)
-    det = LesionDetector.fit(rng.normal(size=(60, 8)), rng.normal(size=(20, 8)), n_components=4)
-    det.save(tmp_path)
-    meta = json.loads((tmp_path / "ood.json").read_text())
-    del meta["pixel_threshold"]
-    (tmp_path / "ood.json").write_text(json.dumps(meta))
-    old = LesionDetector.load(tmp_path)
-    assert old.pixels is None
-    x = rng.normal(size=(5, 8))
-    np.testing.assert_allclose(old.score(x), det.score(x), rtol=1e-5)  # no images needed

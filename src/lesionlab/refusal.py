@@ -73,8 +73,11 @@ def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -
     if path.exists():
         arrays = np.load(path)
         return dict(zip(arrays["relpaths"].tolist(), arrays["stats"]))
+    from tqdm.auto import tqdm
+
     relpaths, stats = [], []
-    for i in range(0, len(dataset.all), 256):  # bounded memory: 256 decoded images at a time
+    chunks = range(0, len(dataset.all), 256)  # bounded memory: 256 decoded images at a time
+    for i in tqdm(chunks, desc="pixel statistics", disable=not progress, unit="chunk"):
         decoded = decode_samples(dataset.all[i:i + 256], input_size, progress=False)
         relpaths += [s.relpath for s in decoded.samples]
         stats.append(image_statistics(decoded.images))
@@ -123,13 +126,13 @@ def fit_refusal(run_dir: str | Path, data: str | Path | None = None, max_refusal
     train, val = feats["train"], feats["val"]
     if len(train.x) < 3 or len(val.x) < 1:
         raise rf.RunError(f"{run_dir}: too few train/validation images to fit the lesion detector")
+    use_pixels = train.pixels is not None and len(train.pixels) > train.pixels.shape[1]
+    budget = max_refusal / 2 if use_pixels else max_refusal
     detector = LesionDetector.fit(train.x, val.x, max_refusal, n_components)
-    detector.threshold = conservative_threshold(detector.feature_score(val.x), max_refusal / 2)
-    if train.pixels is not None and len(train.pixels) > train.pixels.shape[1]:
+    detector.threshold = conservative_threshold(detector.feature_score(val.x), budget)
+    if use_pixels:
         detector.pixels = PixelDistance.fit(train.pixels)
-        detector.pixels.threshold = conservative_threshold(detector.pixels.score(val.pixels), max_refusal / 2)
-    else:
-        detector.threshold = conservative_threshold(detector.feature_score(val.x), max_refusal)
+        detector.pixels.threshold = conservative_threshold(detector.pixels.score(val.pixels), budget)
     detector.save(Path(run_dir))
     return detector
 
