@@ -14,34 +14,26 @@ does not change the AUC), with the summed training time; nothing is retrained or
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import json
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from lesionlab import ensemble
+from lesionlab import runfiles as rf
 from lesionlab.report import fmt
 from lesionlab.sweep_report import STUDY_TABLE1
 
 COLUMNS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def members(model_dir: Path) -> list[Path]:
-    spec = model_dir / "ensemble.json"
-    if not spec.exists():
-        return [model_dir]
-    return [(model_dir / m).resolve() if not Path(m).is_absolute() else Path(m) for m in _json(spec)["members"]]
+    return ensemble.member_dirs(model_dir) if (model_dir / "ensemble.json").exists() else [model_dir]
 
 
 def training_minutes(model_dir: Path) -> float:
     """Sum of the members' measured epoch seconds (what training cost; evaluation not included)."""
-    return sum(float(_json(m / "config.json")["timing"]["epoch_seconds_total"]) for m in members(model_dir)) / 60
+    return sum(float(rf.read_json(m / "config.json")["timing"]["epoch_seconds_total"]) for m in members(model_dir)) / 60
 
 
 def study_rows() -> list[str]:
@@ -54,7 +46,7 @@ def study_rows() -> list[str]:
 
 
 def model_rows(label: str, model_dir: Path) -> list[str]:
-    m = _json(model_dir / "metrics.json")
+    m = rf.read_json(model_dir / "metrics.json")
     minutes = training_minutes(model_dir)
     thr = m["threshold"]["value"]
     out = []
@@ -73,23 +65,27 @@ def table(models: list[tuple[str, Path]]) -> str:
     return head + "\n" + "\n".join(body)
 
 
-def _probabilities(run: Path) -> dict[tuple[str, str], tuple[int, float]]:
-    with open(run / "predictions.csv", newline="") as f:
-        return {(r["split"], r["relpath"]): (int(r["label"]), float(r["probability"])) for r in csv.DictReader(f)}
+def _val_scores(run: Path) -> dict:
+    """The run's logits as its evaluation left them (TTA or not, as calibrated); refuses stale files."""
+    tta = bool(rf.read_json(run / rf.CALIBRATION).get("tta", False))
+    scores = ensemble.scores_from_predictions(run, tta)
+    if scores is None:
+        raise SystemExit(f"{run}: predictions.csv is missing or stale; run `lesionlab evaluate {run}` again")
+    return scores
 
 
 def rank_candidates(runs: list[Path]) -> str:
-    """Every non-empty subset of ``runs`` by validation AUC of the mean calibrated probability."""
-    preds = {r: _probabilities(r) for r in runs}
-    keys = {s: sorted(k for k in preds[runs[0]] if k[0] == s) for s in ("val", "test")}
-    y = {s: np.array([preds[runs[0]][k][0] for k in keys[s]]) for s in keys}
+    """Every non-empty subset of ``runs`` by validation AUC of the mean calibrated probability, combined
+    exactly as ``lesionlab ensemble`` does (``ensemble.combine``)."""
+    ensemble.check_same_split(runs)
+    scores = {r: _val_scores(r) for r in runs}
+    temps = {r: float(rf.read_json(r / rf.CALIBRATION).get("temperature", 1.0)) for r in runs}
     rows = []
     for n in range(1, len(runs) + 1):
         for combo in itertools.combinations(runs, n):
-            p = {s: np.mean([[preds[r][k][1] for k in keys[s]] for r in combo], axis=0) for s in keys}
-            minutes = sum(training_minutes(r) for r in combo)
-            rows.append((roc_auc_score(y["val"], p["val"]), float(((p["val"] >= 0.5) == y["val"]).mean()),
-                         minutes, " + ".join(r.name for r in combo)))
+            val = ensemble.combine([scores[r] for r in combo], [temps[r] for r in combo])["val"]
+            rows.append((roc_auc_score(val.y, val.logits), float(((val.logits >= 0) == (val.y > 0.5)).mean()),
+                         sum(training_minutes(r) for r in combo), " + ".join(r.name for r in combo)))
     rows.sort(key=lambda r: -r[0])
     lines = ["| rank | model | val AUC | val accuracy at 0.5 | CPU training, min |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {name} | {auc:.4f} | {acc:.3f} | {mins:.0f} |"
