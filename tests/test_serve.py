@@ -284,6 +284,16 @@ def test_not_ready_until_loaded_and_warm(onnx_run, monkeypatch):
         wait_ready(c)
 
 
+def test_load_before_accepting_is_ready_when_startup_ends(onnx_run, monkeypatch):
+    """With several workers each one must be warm before it takes connections (no 503 from a cold sibling)."""
+    from lesionlab.serve import service as service_module
+
+    real = service_module.load_predictor
+    monkeypatch.setattr(service_module, "load_predictor", lambda *a: time.sleep(0.5) or real(*a))
+    with TestClient(create_app(onnx_run, load_before_accepting=True)) as c:
+        assert c.get("/health/ready").status_code == 200  # no waiting: start-up already loaded it
+
+
 def test_failed_load_is_reported(onnx_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(onnx_run, broken)
@@ -412,6 +422,9 @@ def test_tokens_from_env_and_file(tmp_path):
                                 "LESIONLAB_SERVE_MAX_BODY_BYTES": "123"})
     assert s.tokens == ["a", "b", "from-file"] and s.max_body_bytes == 123
     assert "LESIONLAB_API_TOKENS" not in s.to_env() and "s3" not in json.dumps(s.to_env())
+    assert ServeSettings.from_env(ServeSettings(load_before_accepting=True).to_env()).load_before_accepting
+    with pytest.raises(ValueError, match="LESIONLAB_SERVE_LOAD_BEFORE_ACCEPTING='maybe' is not a valid true/false"):
+        ServeSettings.from_env({"LESIONLAB_SERVE_LOAD_BEFORE_ACCEPTING": "maybe"})
 
 
 # ------------------------------------------------------------------ no 500, nothing on disk or in logs
@@ -604,4 +617,5 @@ def test_cli_serve_starts_uvicorn_with_the_settings(onnx_run, monkeypatch):
 
     s = ServeSettings.from_env(os.environ)
     assert s.model_dir == str(onnx_run.resolve()) and s.max_body_bytes == 5_000_000 and s.timeout_s == 3.0
+    assert s.load_before_accepting  # several workers: each loads before it takes connections
     assert CliRunner().invoke(app, ["serve", "--model", str(onnx_run / "nope")]).exit_code == 2

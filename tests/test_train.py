@@ -97,6 +97,38 @@ def test_resume_after_a_kill_equals_an_unbroken_run(few_images, tmp_path, monkey
         assert torch.equal(v, b.state_dict()[k]), k
 
 
+def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(few_images, shared_weights, tmp_path,
+                                                                         monkeypatch):
+    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=3, batch_size=4, lr=1e-3, precision="fp32",
+                      augment="none", ema_decay=0.9)
+    unbroken = train(cfg, few_images, tmp_path / "a", weights_dir=shared_weights, progress=False)
+    assert json.loads((unbroken / "config.json").read_text())["train"]["ema_decay"] == 0.9
+
+    real = train_mod.write_history
+    monkeypatch.setattr(train_mod, "write_history", lambda path, rows: (
+        (_ for _ in ()).throw(KeyboardInterrupt) if len(rows) == 2 else real(path, rows)))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, few_images, tmp_path / "b", weights_dir=shared_weights, progress=False)
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
+    assert state["ema"] is not None and state["epoch"] == 1
+    k = "conv_stem.weight"
+    assert not torch.equal(state["ema"][f"backbone.{k}"], state["model"][f"backbone.{k}"])  # an average, not a copy
+    monkeypatch.setattr(train_mod, "write_history", real)
+    resumed = train(cfg, few_images, tmp_path / "b", weights_dir=shared_weights, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_history(resumed)) == strip(_history(unbroken))
+    a, _ = load_model(unbroken / "model.pt")
+    b, _ = load_model(resumed / "model.pt")
+    for name, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[name]), name
+
+
+def test_options_added_later_stay_out_of_the_config_while_off():
+    assert "ema_decay" not in train_mod.train_settings(TrainConfig())  # older runs and sweep caches still match
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(mode="frozen", ema_decay=0.99)
+
+
 def test_other_settings_in_the_same_folder_are_refused(few_images, tmp_path):
     train(TrainConfig(epochs=1), few_images, tmp_path / "r", progress=False)
     with pytest.raises(RunError, match="settings differ: lr"):

@@ -71,6 +71,7 @@ def train(
     class_weight: bool = typer.Option(False, help="Weight the positive class by the class ratio."),
     augment: str = typer.Option("auto", help="auto (on in finetune), none or dermoscopy."),
     precision: str = typer.Option("auto", help="finetune arithmetic: auto (bf16 where the CPU has it), bf16 or fp32."),
+    ema_decay: float = typer.Option(0.0, help="finetune: keep and validate an EMA of the weights (e.g. 0.998; 0 = off)."),
     weights: Optional[Path] = typer.Option(None, help="ImageNet weights file for the backbone."),
     weights_dir: Optional[Path] = typer.Option(None, help="Folder of <timm name>*.pth (default: $LESIONLAB_WEIGHTS_DIR or ../shared/weights)."),
     allow_random_init: bool = typer.Option(False, help="Train from random weights when no ImageNet weights are found."),
@@ -89,14 +90,14 @@ def train(
         cfg = TrainConfig(backbone=backbone, mode=mode, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
                           split_seed=split_seed, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight,
-                          augment=augment, precision=precision)
+                          augment=augment, precision=precision, ema_decay=ema_decay)
         out = out or Path("runs") / f"{backbone}-{mode}-lr{lr:g}-e{epochs}-s{seed}"
         data = resolve_data(data)
         command = _command_line("train", data=data, backbone=backbone, lr=lr, epochs=epochs, mode=mode,
                                 batch_size=batch_size, seed=seed, split_seed=split_seed, optimizer=optimizer,
                                 weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
                                 label_smoothing=label_smoothing, class_weight=class_weight, augment=augment,
-                                precision=cfg.precision, weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,
+                                precision=cfg.precision, ema_decay=ema_decay, weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,
                                 skip_bad=skip_bad, classes=classes, threshold_policy=threshold_policy, out=out)
         run_dir = run_train(cfg, data, out, weights, weights_dir, allow_random_init, skip_bad,
                             not quiet, _classes(classes), command)
@@ -285,7 +286,8 @@ def serve(
     try:
         model_dir = resolve_model_dir(model).resolve()
         settings = ServeSettings(str(model_dir), max_body_bytes, max_concurrency, timeout, backend,
-                                 threads or default_threads(workers, inference_threads), inference_threads)
+                                 threads or default_threads(workers, inference_threads), inference_threads,
+                                 load_before_accepting=workers > 1)
         os.environ.update(settings.to_env())
         tokens = ServeSettings.from_env(os.environ).tokens  # a bad token file fails here, not in each worker
     except (OSError, *USER_ERRORS) as e:

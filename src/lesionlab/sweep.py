@@ -35,7 +35,7 @@ from .data import Dataset, Sample, load_dataset
 from .model import Head, LesionClassifier, build_model
 from .runtime import keep_freed_memory
 from .sweep_report import SELECTION_RULE, write_reports
-from .train import MODES, TrainConfig, fit_head, fit_network, training_inputs, write_run
+from .train import MODES, TrainConfig, fit_head, fit_network, train_settings, training_inputs, write_run
 
 STUDY_BACKBONES = ("mobilenetv2", "resnet50v2", "efficientnetv2b0", "vgg16")
 STUDY_LRS = (1e-5, 5e-4, 1e-4, 5e-3, 1e-3)
@@ -138,10 +138,11 @@ def run_trial(cfg: TrainConfig, data: TrialData, record: tuple[int, ...],
     history: list[dict] = []
     states: dict[int, dict[str, torch.Tensor]] = {}
 
-    def on_epoch(result, module, opt, sched) -> None:
+    def on_epoch(result, module, opt, sched, ema=None) -> None:
         history.append(result.row())
         if result.epoch in record:
-            states[result.epoch] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            kept = module if ema is None else ema
+            states[result.epoch] = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         if tick:
             tick(1)
 
@@ -191,7 +192,7 @@ class TrialStore:
 
 def trial_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict:
     """Everything that decides a trial's numbers except its length (a longer trial covers a shorter one)."""
-    train = {k: v for k, v in asdict(cfg).items() if k != "epochs"}
+    train = {k: v for k, v in train_settings(cfg).items() if k != "epochs"}
     return {"train": train, "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
 
 
@@ -311,7 +312,7 @@ def write_selected(out: Path, choice: Choice, grid: SweepGrid, prep: Prepared, s
     cfg_path = out / rf.CONFIG
     if cfg_path.exists() and (out / rf.REPORT).exists():
         old = rf.read_json(cfg_path)
-        if (old.get("train") == asdict(cfg) and old.get("weights_sha256") == prep.weights.sha256
+        if (old.get("train") == train_settings(cfg) and old.get("weights_sha256") == prep.weights.sha256
                 and old.get("file_list_sha256") == file_hash and old.get("sweep_selection") == selection):
             return out
     for name in (rf.REPORT, rf.METRICS):  # an interrupted rewrite must not look finished

@@ -52,6 +52,7 @@ class TrainConfig:
     dropout: float = 0.0
     augment: str = "auto"  # "auto" = on in finetune, off in frozen; or "none" / "dermoscopy"
     precision: str = "auto"  # finetune only: "bf16" autocast where the CPU has it ("auto"), else "fp32"
+    ema_decay: float = 0.0  # finetune only: >0 evaluates and keeps an exponential moving average of the weights
 
     def __post_init__(self):
         if self.precision == "auto":
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ValueError("lr must be > 0, epochs >= 1 and batch size >= 1")
         if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
             raise ValueError("optimizer must be adam|adamw and schedule constant|cosine")
+        if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
+            raise ValueError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
 
     @property
     def augmentation(self) -> str:
@@ -241,11 +244,24 @@ def model_logits(model: nn.Module, images_hwc: np.ndarray, mean, std, batch_size
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def make_ema(model: nn.Module, decay: float):
+    """timm's weight EMA with warm-up (the average forgets the ImageNet start quickly), or None when off.
+
+    It smooths the last epochs' noise, so the epoch picked on validation depends less on luck."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
 def fit_network(
     model: LesionClassifier, train_imgs: np.ndarray, y_train: np.ndarray, val_imgs: np.ndarray, y_val: np.ndarray,
     cfg: TrainConfig, weights: ResolvedWeights, on_epoch: Callable | None = None, state: dict | None = None,
     progress: bool = True,
 ) -> LesionClassifier:
+    """Fine-tunes ``model``; with ``cfg.ema_decay`` the weight average is what is validated, passed to
+    ``on_epoch`` as ``ema`` and returned."""
     from tqdm.auto import tqdm
 
     steps = math.ceil(len(train_imgs) / cfg.batch_size)
@@ -257,6 +273,9 @@ def fit_network(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["epoch"]
+    ema = make_ema(model, cfg.ema_decay)
+    if ema is not None and state and state.get("ema"):
+        ema.module.load_state_dict(state["ema"])
     chw = torch.from_numpy(train_imgs).permute(0, 3, 1, 2)
     yt = torch.from_numpy(y_train)
     # channels-last lets oneDNN pick its fast convolution kernels (about 2x on CPU, same numbers);
@@ -287,28 +306,39 @@ def fit_network(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model, step=sched.last_epoch)  # the scheduler counts optimizer steps
             total += float(loss.detach()) * len(idx)
             correct += int(((logits.detach() > 0).float() == yt[idx]).sum())
             seen += len(idx)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}")
-        vl = model_logits(model, val_imgs, weights.mean, weights.std)
+        judged = model if ema is None else ema.module
+        vl = model_logits(judged, val_imgs, weights.mean, weights.std)
         va_loss = float(loss_fn(torch.from_numpy(vl), torch.from_numpy(y_val)))
         va_acc = float(((vl > 0) == (y_val > 0.5)).mean())
         result = EpochResult(epoch, total / seen, correct / seen, va_loss, va_acc, binary_auc(y_val, vl),
                              sched.get_last_lr()[0], time.perf_counter() - t0)
         bar.set_postfix(epoch=epoch, val_acc=f"{va_acc:.3f}")
         if on_epoch:
-            on_epoch(result, model, opt, sched)
+            on_epoch(result, model, opt, sched, ema=None if ema is None else ema.module)
     bar.close()
-    return model
+    return model if ema is None else ema.module
 
 
 # ------------------------------------------------------------------ the run folder
 
 
+def train_settings(cfg: TrainConfig) -> dict:
+    """The config as recorded; options added later are left out while off, so older runs and caches still match."""
+    return {k: v for k, v in asdict(cfg).items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+
+
+LATER_OPTIONS = {"ema_decay": 0.0}
+
+
 def _train_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict:
-    return {"train": asdict(cfg), "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
+    return {"train": train_settings(cfg), "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -439,15 +469,16 @@ def train(
         def full_model(net: nn.Module) -> LesionClassifier:
             return net
 
-    def on_epoch(result: EpochResult, module: nn.Module, opt, sched) -> None:
+    def on_epoch(result: EpochResult, module: nn.Module, opt, sched, ema: nn.Module | None = None) -> None:
         history.append(result.row())
         better = (result.val_accuracy > best["val_accuracy"]
                   or (result.val_accuracy == best["val_accuracy"] and result.val_loss < best["val_loss"]))
         if better:
             best.update(val_accuracy=result.val_accuracy, val_loss=result.val_loss, epoch=result.epoch)
-            save_model(full_model(module), out / rf.MODEL, {**meta, "epoch": result.epoch})
+            save_model(full_model(module if ema is None else ema), out / rf.MODEL, {**meta, "epoch": result.epoch})
         write_history(out / rf.HISTORY, history)
         rf.atomic_save_torch({"model": module.state_dict(), "optimizer": opt.state_dict(),
+                              "ema": None if ema is None else ema.state_dict(),
                               "scheduler": sched.state_dict(), "epoch": result.epoch, "history": history,
                               "best": best, "wall_seconds": earlier_seconds + time.perf_counter() - t_start},
                              state_path)

@@ -6,6 +6,7 @@ Build it with :func:`create_app` (tests, embedding) or let uvicorn build it from
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -214,13 +215,18 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(model_dir: str | Path | None = None, *, max_body_bytes: int = 10_000_000, max_concurrency: int = 32,
                timeout_s: float = 15.0, tokens: Iterable[str] | None = None, backend: str = "auto",
                num_threads: int | None = None, inference_threads: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_batch: int = 32) -> FastAPI:
-    """The app; the model loads in the background at start-up and /health/ready turns 200 once it is warm."""
+               max_batch: int = 32, load_before_accepting: bool = False) -> FastAPI:
+    """The app; the model loads in the background at start-up and /health/ready turns 200 once it is warm.
+
+    With ``load_before_accepting`` start-up waits for the warm model instead, so the process takes no
+    connection it could only answer with 503 (uvicorn opens the socket after the lifespan start-up)."""
     service = ModelService(model_dir, backend=backend, num_threads=num_threads, max_concurrency=max_concurrency,
                            timeout_s=timeout_s, inference_threads=inference_threads, max_pixels=max_pixels)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if load_before_accepting:
+            await asyncio.to_thread(service.load)
         service.start()
         yield
         service.stop()
@@ -239,7 +245,8 @@ def create_app(model_dir: str | Path | None = None, *, max_body_bytes: int = 10_
 def app_from_settings(s: ServeSettings) -> FastAPI:
     return create_app(s.model_dir, max_body_bytes=s.max_body_bytes, max_concurrency=s.max_concurrency,
                       timeout_s=s.timeout_s, tokens=s.tokens, backend=s.backend, num_threads=s.num_threads,
-                      inference_threads=s.inference_threads, max_pixels=s.max_pixels, max_batch=s.max_batch)
+                      inference_threads=s.inference_threads, max_pixels=s.max_pixels, max_batch=s.max_batch,
+                      load_before_accepting=s.load_before_accepting)
 
 
 def app_from_env() -> FastAPI:

@@ -24,6 +24,14 @@ def default_threads(workers: int = 1, inference_threads: int = 2) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers * inference_threads))
 
 
+def _flag(raw: str) -> bool:
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
+
 @dataclass
 class ServeSettings:
     model_dir: str | None = None
@@ -35,6 +43,9 @@ class ServeSettings:
     inference_threads: int = 2  # requests decoded and inferred at once per worker
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int = 32
+    # load the model before the worker takes connections; on with several workers, where a probe answered by
+    # one ready worker says nothing about the others sharing the socket
+    load_before_accepting: bool = False
     tokens: list[str] = field(default_factory=list, repr=False)
 
     def to_env(self) -> dict[str, str]:
@@ -56,9 +67,11 @@ class ServeSettings:
             if raw is None or f.name in ("model_dir", "tokens"):
                 continue
             kind = {"max_body_bytes": int, "max_concurrency": int, "timeout_s": float, "num_threads": int,
-                    "inference_threads": int, "max_pixels": int, "max_batch": int}.get(f.name, str)
+                    "inference_threads": int, "max_pixels": int, "max_batch": int,
+                    "load_before_accepting": _flag}.get(f.name, str)
             try:
                 kwargs[f.name] = kind(raw)
             except ValueError:
-                raise ValueError(f"{PREFIX + f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+                what = "true/false" if kind is _flag else kind.__name__
+                raise ValueError(f"{PREFIX + f.name.upper()}={raw!r} is not a valid {what}") from None
         return cls(**kwargs)
