@@ -23,6 +23,16 @@ def _history(run):
         return list(csv.DictReader(f))
 
 
+def assert_same_run(a, b) -> None:
+    """Same history (but for the timings) and bit-identical saved weights."""
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(_history(a)) == strip(_history(b))
+    ma, _ = load_model(a / "model.pt")
+    mb, _ = load_model(b / "model.pt")
+    for k, v in ma.state_dict().items():
+        assert torch.equal(v, mb.state_dict()[k]), k
+
+
 @pytest.mark.parametrize("backbone", ["resnet50v2", "efficientnetv2b0", "vgg16"])
 def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, tmp_path):
     with pytest.warns(UserWarning, match="RANDOM"):
@@ -89,12 +99,7 @@ def test_resume_after_a_kill_equals_an_unbroken_run(few_images, tmp_path, monkey
     monkeypatch.setattr(train_mod, "write_history", real)
     resumed = train(cfg, few_images, tmp_path / "b", progress=False)
     assert not (resumed / "train_state.pt").exists()
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(_history(resumed)) == strip(_history(unbroken))
-    a, _ = load_model(unbroken / "model.pt")
-    b, _ = load_model(resumed / "model.pt")
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
+    assert_same_run(resumed, unbroken)
 
 
 def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(few_images, shared_weights, tmp_path,
@@ -115,12 +120,7 @@ def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(few_im
     assert not torch.equal(state["ema"][f"backbone.{k}"], state["model"][f"backbone.{k}"])  # an average, not a copy
     monkeypatch.setattr(train_mod, "write_history", real)
     resumed = train(cfg, few_images, tmp_path / "b", weights_dir=shared_weights, progress=False)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(_history(resumed)) == strip(_history(unbroken))
-    a, _ = load_model(unbroken / "model.pt")
-    b, _ = load_model(resumed / "model.pt")
-    for name, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[name]), name
+    assert_same_run(resumed, unbroken)
 
 
 def test_options_added_later_stay_out_of_the_config_while_off():
