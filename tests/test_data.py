@@ -37,6 +37,22 @@ def test_validation_split_is_stratified_seeded_and_group_aware(shared_data):
         assert members <= val or members <= train, f"group {g} straddles train and validation"
 
 
+def test_folds_partition_train_and_fold_zero_is_the_default_split(shared_data):
+    ds = load_dataset(shared_data)
+    vals = [[s.relpath for s in ds.splits(seed=0, fold=k)["val"]] for k in range(5)]
+    assert vals[0] == [s.relpath for s in ds.splits(seed=0)["val"]]
+    assert sum(map(len, vals)) == len(set().union(*map(set, vals))) == len(ds.train)  # disjoint, covering
+    for k in (1, 4):
+        groups = {}
+        for r in vals[k]:
+            groups.setdefault(ds.groups.get(r), set()).add(r)
+        for g, members in groups.items():
+            if g is not None:
+                assert {r for r, gg in ds.groups.items() if gg == g and r.startswith("train/")} == members
+    with pytest.raises(DataError, match=r"fold must be in 0..4"):
+        ds.splits(seed=0, fold=5)
+
+
 def test_split_without_groups_still_stratified():
     from lesionlab.data import Sample
 

@@ -160,3 +160,50 @@ def test_members_exported_to_onnx_give_the_same_answers(ens, tiny_run, second_ru
     a, b = mixed.analyze(images), torch_only.analyze(images)
     np.testing.assert_allclose([p.probability for p in a], [p.probability for p in b], atol=1e-4)
     assert [p.label for p in a] == [p.label for p in b] and a[-1].refused
+
+
+@pytest.fixture(scope="module")
+def fold1_run(small_data, tmp_path_factory):
+    """tiny_run's recipe with validation on fold 1 of the same split seed (tiny_run is fold 0)."""
+    from lesionlab.evaluate import evaluate_run
+    from lesionlab.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-fold1"
+    train(TrainConfig(epochs=3, lr=1e-3, fold=1), small_data, out, progress=False)
+    evaluate_run(out, n_resamples=100, progress=False)
+    return out
+
+
+def test_cross_fit_ensemble_is_calibrated_out_of_fold(tiny_run, fold1_run, tmp_path):
+    out = tmp_path / "xfit"
+    m = create_ensemble([tiny_run, fold1_run], out, n_resamples=50, progress=False)
+    assert m["layout"] == "cross-fit" and json.loads((out / "config.json").read_text())["layout"] == "cross-fit"
+    a, b, e = _predictions(tiny_run), _predictions(fold1_run), _predictions(out)
+    a_val = {k: r for k, r in a.items() if k[0] == "val"}
+    b_val = {k: r for k, r in b.items() if k[0] == "val"}
+    assert not set(a_val) & set(b_val)
+    assert {k for k in e if k[0] == "val"} == set(a_val) | set(b_val)  # every validation image, once
+    assert m["val"]["n"] == len(a_val) + len(b_val)
+    for key, r in list(a_val.items())[:5] + list(b_val.items())[:5]:  # scored by the member that held it out
+        assert float(e[key]["logit"]) == pytest.approx(mean_probability_logit([[float(r["probability"])]])[0],
+                                                       abs=1e-4)
+    for key in [k for k in e if k[0] == "test"][:10]:  # test: every member
+        expected = mean_probability_logit([[float(a[key]["probability"])], [float(b[key]["probability"])]])[0]
+        assert float(e[key]["logit"]) == pytest.approx(expected, abs=1e-4)
+    with open(out / "splits.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["split"] for r in rows} == {"val"} and {r["member"] for r in rows} == {"0", "1"}
+    assert "out-of-fold predictions" in (out / "report.md").read_text()
+    assert isinstance(load_predictor(out), EnsemblePredictor)
+
+
+def test_overlapping_folds_are_refused(tiny_run, fold1_run, tmp_path):
+    other = tmp_path / "overlap"
+    shutil.copytree(fold1_run, other)
+    with open(tiny_run / "splits.csv") as f:
+        a_val = next(r["relpath"] for r in csv.DictReader(f) if r["split"] == "val")
+    lines = [line.replace(f"{a_val},0,train", f"{a_val},0,val").replace(f"{a_val},1,train", f"{a_val},1,val")
+             for line in (other / "splits.csv").read_text().splitlines()]
+    (other / "splits.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunError, match="validation folds overlap"):
+        create_ensemble([tiny_run, other], tmp_path / "ens", progress=False)

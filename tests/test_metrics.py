@@ -3,7 +3,8 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from lesionlab.metrics import (_rank_auc, bootstrap_ci, brier, choose_threshold, confusion,
-                               expected_calibration_error, fit_temperature, metrics_with_ci, point_metrics)
+                               expected_calibration_error, fit_temperature, metrics_with_ci, point_metrics,
+                               sensitivity_lower_bound)
 
 
 @pytest.fixture
@@ -59,6 +60,21 @@ def test_threshold_policies(scores):
     assert 0 < choose_threshold(y, p, "youden") < 1
     with pytest.raises(ValueError, match="unknown threshold policy"):
         choose_threshold(y, p, "magic")
+
+
+def test_sensitivity_lower_bound_policy_buys_a_margin(scores):
+    y, p = scores
+    n_pos = int(y.sum())
+    t = choose_threshold(y, p, "sensitivity-lcb:0.9")
+    hits = int(((p >= t) & (y == 1)).sum())
+    assert sensitivity_lower_bound(np.array([hits]), n_pos)[0] >= 0.9
+    assert sensitivity_lower_bound(np.array([hits - 1]), n_pos)[0] < 0.9  # the highest such threshold
+    assert t <= choose_threshold(y, p, "sensitivity:0.9")
+    # Clopper-Pearson: 234 of 240 is the fewest hits whose one-sided 95% lower bound reaches 0.95
+    lb = sensitivity_lower_bound(np.array([0, 233, 234, 240]), 240)
+    assert lb[0] == 0 and lb[1] < 0.95 <= lb[2] and lb[3] < 1
+    with pytest.raises(ValueError, match="no threshold gives"):
+        choose_threshold(y[:30], p[:30], "sensitivity-lcb:0.99")
 
 
 def test_temperature_scaling_fixes_overconfidence():

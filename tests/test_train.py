@@ -127,6 +127,11 @@ def test_options_added_later_stay_out_of_the_config_while_off():
     assert "ema_decay" not in train_mod.train_settings(TrainConfig())  # older runs and sweep caches still match
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(mode="frozen", ema_decay=0.99)
+    assert "fold" not in train_mod.train_settings(TrainConfig())
+    assert train_mod.train_settings(TrainConfig(fold=2))["fold"] == 2
+    with pytest.raises(ValueError, match=r"fold must be in 0..4"):
+        TrainConfig(fold=5)
+    assert TrainConfig(val_fraction=0.5, fold=1).fold == 1  # 0.5 makes two folds
 
 
 def test_other_settings_in_the_same_folder_are_refused(few_images, tmp_path):

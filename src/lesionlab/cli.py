@@ -63,6 +63,8 @@ def train(
     batch_size: int = typer.Option(32),
     seed: int = typer.Option(0, help="Training seed (head init, shuffling, augmentation)."),
     split_seed: int = typer.Option(0, help="Seed of the train/validation split."),
+    fold: int = typer.Option(0, help="Which of the 5 group-aware folds is validation (0 = the default split; train "
+                             "all five for a cross-fitted ensemble)."),
     optimizer: str = typer.Option("adam", help="adam (study) or adamw."),
     weight_decay: float = typer.Option(0.0),
     schedule: str = typer.Option("constant", help="constant or cosine (with --warmup-epochs)."),
@@ -77,7 +79,7 @@ def train(
     allow_random_init: bool = typer.Option(False, help="Train from random weights when no ImageNet weights are found."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable images (listed in the run folder) instead of stopping."),
     classes: str = typer.Option("benign,malignant", help="Class folder names, negative first."),
-    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95"),
+    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95 | sensitivity-lcb:0.95 (95% lower bound >= 0.95)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate after training."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<backbone>-<mode>-lr<lr>-e<epochs>-s<seed>)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -88,15 +90,15 @@ def train(
 
     try:
         cfg = TrainConfig(backbone=backbone, mode=mode, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
-                          split_seed=split_seed, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-                          warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight,
+                          split_seed=split_seed, fold=fold, optimizer=optimizer, weight_decay=weight_decay,
+                          schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight,
                           augment=augment, precision=precision, ema_decay=ema_decay)
         out = out or Path("runs") / f"{backbone}-{mode}-lr{lr:g}-e{epochs}-s{seed}"
         data = resolve_data(data)
         command = _command_line("train", data=data, backbone=backbone, lr=lr, epochs=epochs, mode=mode,
-                                batch_size=batch_size, seed=seed, split_seed=split_seed, optimizer=optimizer,
-                                weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
-                                label_smoothing=label_smoothing, class_weight=class_weight, augment=augment,
+                                batch_size=batch_size, seed=seed, split_seed=split_seed, fold=fold,
+                                optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+                                warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight, augment=augment,
                                 precision=cfg.precision, ema_decay=ema_decay, weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,
                                 skip_bad=skip_bad, classes=classes, threshold_policy=threshold_policy, out=out)
         run_dir = run_train(cfg, data, out, weights, weights_dir, allow_random_init, skip_bad,
@@ -122,7 +124,7 @@ def _print_summary(metrics: dict) -> None:
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder written by `lesionlab train`, or an ensemble folder."),
     data: Optional[Path] = typer.Option(None, help="Data folder (default: the one the run was trained on)."),
-    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95"),
+    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95 | sensitivity-lcb:0.95 (95% lower bound >= 0.95)."),
     tta: bool = typer.Option(False, help="Test-time augmentation: mean over 8 flips/rotations."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
     quiet: bool = typer.Option(False),
@@ -300,10 +302,11 @@ def serve(
 
 @app.command()
 def ensemble(
-    run_dirs: List[Path] = typer.Argument(..., help="Two or more evaluated run folders trained on the same split."),
+    run_dirs: List[Path] = typer.Argument(..., help="Two or more evaluated run folders: trained on the same split, or on "
+                                          "different folds of one split seed (`train --fold`: a cross-fit ensemble)."),
     out: Path = typer.Option(..., help="Ensemble folder to write (ensemble.json, metrics, report)."),
     data: Optional[Path] = typer.Option(None, help="Data folder (default: the one the runs were trained on)."),
-    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95"),
+    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95 | sensitivity-lcb:0.95 (95% lower bound >= 0.95)."),
     tta: bool = typer.Option(False, help="Test-time augmentation for every member (re-scores them)."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
     quiet: bool = typer.Option(False),

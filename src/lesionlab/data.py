@@ -80,8 +80,8 @@ class Dataset:
         keep = lambda xs: [s for s in xs if s.relpath not in relpaths]  # noqa: E731
         return Dataset(self.root, self.classes, keep(self.train), keep(self.test), self.groups, self.leaked)
 
-    def splits(self, seed: int = 0, val_fraction: float = 0.2) -> dict[str, list[Sample]]:
-        train, val = split_train_val(self.train, self.groups, seed, val_fraction)
+    def splits(self, seed: int = 0, val_fraction: float = 0.2, fold: int = 0) -> dict[str, list[Sample]]:
+        train, val = split_train_val(self.train, self.groups, seed, val_fraction, fold)
         test_dedup = [s for s in self.test if s.relpath not in self.leaked]
         return {"train": train, "val": val, "test": list(self.test), "test_dedup": test_dedup}
 
@@ -149,19 +149,34 @@ def read_leaked(root: Path) -> frozenset[str]:
     return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
+def n_folds(val_fraction: float) -> int:
+    """How many disjoint validation folds a validation fraction makes (0.2 -> 5)."""
+    return max(2, round(1 / val_fraction))
+
+
 def split_train_val(
-    samples: list[Sample], groups: dict[str, int], seed: int, val_fraction: float = 0.2
+    samples: list[Sample], groups: dict[str, int], seed: int, val_fraction: float = 0.2, fold: int = 0
 ) -> tuple[list[Sample], list[Sample]]:
-    """Seeded, stratified split in which a near-duplicate group never straddles train and validation."""
+    """Seeded, stratified split in which a near-duplicate group never straddles train and validation.
+
+    The validation part is fold ``fold`` of ``n_folds(val_fraction)`` group-aware folds; fold 0 is the default
+    split. Runs on every fold of one seed see each training image in validation exactly once, which is what a
+    cross-fitted ensemble needs (its threshold and temperature are fitted on all of train, out of fold).
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_splits = max(2, round(1 / val_fraction))
+    n_splits = n_folds(val_fraction)
+    if not 0 <= fold < n_splits:
+        raise DataError(f"fold must be in 0..{n_splits - 1} (validation fraction {val_fraction} makes {n_splits} "
+                        f"folds), got {fold}")
     labels = np.array([s.label for s in samples])
     # Files outside any listed group form a group of their own.
     offset = max(groups.values(), default=-1) + 1
     group_ids = np.array([groups.get(s.relpath, offset + i) for i, s in enumerate(samples)])
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(splitter.split(np.zeros(len(samples)), labels, group_ids))
+    for k, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(samples)), labels, group_ids)):
+        if k == fold:
+            break
     return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
 
 

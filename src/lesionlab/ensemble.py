@@ -7,8 +7,14 @@ validation split), predictions.csv, figures and report.md. ``load_predictor`` tu
 ``EnsemblePredictor``, so predict and serve accept it; exporting it means exporting each member
 (``lesionlab export MEMBER``), after which its members run on ONNX Runtime.
 
-Members must share the validation split: the ensemble's temperature and threshold are fitted on
-validation images, which must be unseen by every member.
+The ensemble's temperature and threshold are fitted on validation images that the scoring model never
+trained on. Two layouts of members allow that:
+
+- **shared**: every member has the same train/validation split; validation is scored by the ensemble itself.
+- **cross-fit**: the members were trained on different folds of one training pool (``train --fold k``), their
+  validation folds disjoint. Validation is then *out of fold*: each image is scored by the one member that held
+  it out, so the temperature and threshold are fitted on up to the whole training pool (2637 images instead of
+  528), which makes the operating threshold far less noisy. Test images are scored by every member.
 """
 
 from __future__ import annotations
@@ -76,6 +82,29 @@ def check_same_split(members: Sequence[Path]) -> None:
                 "the ensemble's temperature and threshold are fitted on images no member trained on.")
 
 
+SHARED, CROSS_FIT = "shared", "cross-fit"
+
+
+def split_layout(members: Sequence[Path]) -> str:
+    """``shared`` or ``cross-fit`` (see the module docstring); RunError for any other mix of splits."""
+    rows = [_split_rows(m) for m in members]
+    if all(r == rows[0] for r in rows[1:]):
+        return SHARED
+    pools = [{(r[0], r[1]) for r in rs} for rs in rows]
+    vals = [{r[0] for r in rs if r[2] == "val"} for rs in rows]
+    if all(p == pools[0] for p in pools[1:]):
+        for i, a in enumerate(vals):
+            for j in range(i + 1, len(vals)):
+                if a & vals[j]:
+                    raise rf.RunError(
+                        f"{members[i]} and {members[j]} were not trained on the same train/validation split, yet "
+                        f"their validation folds overlap ({len(a & vals[j])} images). Members need either the same split (same --split-seed and --fold) or "
+                        "disjoint validation folds of one --split-seed (`lesionlab train --fold 0..4`).")
+        return CROSS_FIT
+    check_same_split(members)  # raises with the first differing file
+    raise AssertionError("unreachable")
+
+
 def _temperature(run_dir: Path) -> float:
     return float(rf.read_json(run_dir / rf.CALIBRATION).get("temperature", 1.0))
 
@@ -120,10 +149,11 @@ def member_scores(run_dir: Path, data: str | Path | None, tta: bool, reuse: bool
     return score_run(run_dir, data, tta, progress)
 
 
-def combine(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float]) -> dict[str, SplitScores]:
+def combine(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
+            splits: Sequence[str] = EVAL_SPLITS) -> dict[str, SplitScores]:
     """Per split, on the images every member scored: logit of the mean calibrated probability."""
     out = {}
-    for split in EVAL_SPLITS:
+    for split in splits:
         maps = [dict(zip(s[split].relpaths, zip(s[split].y, s[split].logits))) for s in per_member]
         common = [r for r in per_member[0][split].relpaths if all(r in m for m in maps[1:])]
         if not common:
@@ -136,6 +166,27 @@ def combine(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence
         probs = [expit(np.array([m[r][1] for r in common]) / t) for m, t in zip(maps, temperatures)]
         out[split] = SplitScores(common, y, mean_probability_logit(probs))
     return out
+
+
+def out_of_fold(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float]) -> SplitScores:
+    """Cross-fit validation: every member's own validation fold, scored by that member alone (calibrated)."""
+    relpaths: list[str] = []
+    ys, logits = [], []
+    for scores, t in zip(per_member, temperatures):
+        v = scores["val"]
+        relpaths += list(v.relpaths)
+        ys.append(np.asarray(v.y, np.float32))
+        logits.append(mean_probability_logit([expit(np.asarray(v.logits) / t)]))
+    order = np.argsort(relpaths, kind="stable")
+    return SplitScores([relpaths[i] for i in order], np.concatenate(ys)[order], np.concatenate(logits)[order])
+
+
+def ensemble_scores(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
+                    layout: str) -> dict[str, SplitScores]:
+    if layout == SHARED:
+        return combine(per_member, temperatures)
+    scores = combine(per_member, temperatures, [s for s in EVAL_SPLITS if s != "val"])
+    return {"val": out_of_fold(per_member, temperatures), **scores}
 
 
 # ------------------------------------------------------------------ the folder
@@ -173,9 +224,14 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
     from .refusal import report_section
 
     thr, cal = metrics["threshold"], metrics["calibration"]
+    if metrics.get("layout") == CROSS_FIT:
+        fitted_on = (f"out-of-fold predictions on {metrics['val']['n']} training images, each scored by the one "
+                     "member that did not train on it (cross-fit)")
+    else:
+        fitted_on = "the shared validation split"
     lines = [f"# lesionlab ensemble of {len(members)} runs", "", f"> {DISCLAIMER}", "",
-             f"P(malignant) = {COMBINE}, then the ensemble's own temperature and threshold (fitted on the shared "
-             f"validation split). TTA: {'on' if metrics.get('tta') else 'off'}.", "",
+             f"P(malignant) = {COMBINE}, then the ensemble's own temperature and threshold (fitted on "
+             f"{fitted_on}). TTA: {'on' if metrics.get('tta') else 'off'}.", "",
              "## Members", "", _member_table(members, ensemble_dir), "",
              "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)", "", metrics_table(metrics), "",
              f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on "
@@ -197,16 +253,17 @@ def _evaluate(ensemble_dir: Path, members: list[Path], data, policy: str, tta: b
               progress: bool, reuse: bool) -> dict:
     from .refusal import combine_refusal, summary
 
-    check_same_split(members)
+    layout = split_layout(members)
     per_member = [member_scores(m, data, tta, reuse, progress) for m in members]
-    scores = combine(per_member, [_temperature(m) for m in members])
+    scores = ensemble_scores(per_member, [_temperature(m) for m in members], layout)
     names = ", ".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members)
     metrics = write_evaluation(ensemble_dir, scores, policy, n_resamples, seed, f"ensemble ({names})",
                                f"ensemble-{len(members)}-{ensemble_dir.name}", tta)
+    metrics["layout"] = layout
     refusal = combine_refusal(members, ensemble_dir)
     if refusal is not None:
         metrics["refusal"] = summary(refusal)
-        rf.atomic_write_json(ensemble_dir / rf.METRICS, metrics)
+    rf.atomic_write_json(ensemble_dir / rf.METRICS, metrics)
     rf.atomic_write_text(ensemble_dir / rf.REPORT, ensemble_report(members, ensemble_dir, metrics, refusal))
     return metrics
 
@@ -224,7 +281,7 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
         raise rf.RunError("a run is listed twice; each member counts once in the mean")
     if out.resolve() in members or (out / rf.MODEL).exists():
         raise rf.RunError(f"{out} is a run folder; choose a new folder for the ensemble")
-    check_same_split(members)
+    layout = split_layout(members)
     out.mkdir(parents=True, exist_ok=True)
     rf.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],
                                                "combine": COMBINE})
@@ -232,13 +289,27 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
     rf.atomic_write_json(out / rf.CONFIG, {
         "kind": KIND, "mode": "ensemble",
         "backbone": "ensemble(" + ",".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members) + ")",
-        "combine": COMBINE, "members": [_describe_member(m, out) for m in members],
+        "combine": COMBINE, "layout": layout, "members": [_describe_member(m, out) for m in members],
         "data": {k: first["data"].get(k) for k in ("root", "classes", "positive_class", "split_seed", "n_train",
-                                                     "n_val", "n_test", "n_test_dedup")},
+                                                     "n_val", "n_test", "n_test_dedup")}
+                | ({} if layout == SHARED else {
+                    "n_val": sum(rf.read_json(m / rf.CONFIG)["data"].get("n_val", 0) for m in members),
+                    "n_val_note": "out of fold: each member's validation fold, scored by that member",
+                    "folds": [rf.read_json(m / rf.CONFIG)["data"].get("fold", 0) for m in members]}),
         "versions": rf.package_versions(), "command": command,
     })
-    rf.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
+    if layout == SHARED:
+        rf.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
+    else:
+        rf.atomic_write_text(out / "splits.csv", _cross_fit_splits(members))
     return _evaluate(out, members, data, policy, tta, n_resamples, seed, progress, reuse=True)
+
+
+def _cross_fit_splits(members: Sequence[Path]) -> str:
+    """splits.csv of a cross-fit ensemble: every pool image is validation (out of fold); ``member`` says which
+    member held it out (its index in ensemble.json)."""
+    rows = sorted((r[0], r[1], i) for i, m in enumerate(members) for r in _split_rows(m) if r[2] == "val")
+    return "relpath,label,split,member\n" + "".join(f"{p},{label},val,{i}\n" for p, label, i in rows)
 
 
 def evaluate_ensemble(run_dir: str | Path, data: str | Path | None = None, policy: str = DEFAULT_POLICY,

@@ -95,7 +95,10 @@ def _gap_midpoint(thr: np.ndarray, i: int) -> float:
 
 
 def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLICY) -> float:
-    """``fixed:T`` | ``youden`` | ``sensitivity:S`` (the highest threshold whose sensitivity is >= S).
+    """``fixed:T`` | ``youden`` | ``sensitivity:S`` (the highest threshold whose sensitivity is >= S) |
+    ``sensitivity-lcb:S`` (the highest threshold at which the one-sided 95% Clopper-Pearson lower bound of the
+    sensitivity is >= S: a point estimate of exactly S on validation leaves about even odds of falling below S
+    on new images; the bound buys a margin that shrinks as validation holds more positives).
 
     Every threshold between the chosen score and the next lower validation score gives the same validation
     counts; the midpoint of that gap is returned, not its edge, so that a new image scoring just below
@@ -114,7 +117,28 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
             raise ValueError(f"sensitivity target must be in (0, 1], got {arg}")
         ok = np.flatnonzero(tpr >= target)
         return _gap_midpoint(thr, int(ok[0]))
-    raise ValueError(f"unknown threshold policy '{policy}'; use fixed:0.5, youden or sensitivity:0.95")
+    if kind == "sensitivity-lcb":
+        target = float(arg)
+        if not 0 < target < 1:
+            raise ValueError(f"sensitivity-lcb target must be in (0, 1), got {arg}")
+        n_pos = int(np.sum(np.asarray(y) == 1))
+        ok = np.flatnonzero(sensitivity_lower_bound(np.round(tpr * n_pos), n_pos) >= target)
+        if not len(ok):
+            raise ValueError(f"with {n_pos} validation positives no threshold gives a 95% lower bound of the "
+                             f"sensitivity >= {target}; use sensitivity:{target} or a larger validation set")
+        return _gap_midpoint(thr, int(ok[0]))
+    raise ValueError(f"unknown threshold policy '{policy}'; use fixed:0.5, youden, sensitivity:0.95 or "
+                     "sensitivity-lcb:0.95")
+
+
+def sensitivity_lower_bound(hits: np.ndarray, n: int, confidence: float = 0.95) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of hits / n (exact binomial; 0 where hits is 0)."""
+    from scipy.stats import beta
+
+    hits = np.asarray(hits, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        lower = beta.ppf(1 - confidence, hits, n - hits + 1)
+    return np.where(hits > 0, np.nan_to_num(lower), 0.0)
 
 
 # ------------------------------------------------------------------ calibration

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import runfiles as rf
 from .backbones import ResolvedWeights, build_backbone, resolve_weights
-from .data import Dataset, DecodedSet, Sample, decode_samples, load_dataset, normalize
+from .data import Dataset, DecodedSet, Sample, decode_samples, load_dataset, n_folds, normalize
 from .features import BadDataError, FeatureTable, load_or_compute, preprocessing
 from .model import Head, LesionClassifier, build_model, save_model
 
@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.2
+    fold: int = 0  # which of the round(1 / val_fraction) group-aware folds is validation (0 = the default split)
     optimizer: str = "adam"  # the study's Keras default; "adamw" for the fine-tuning recipe
     weight_decay: float = 0.0
     schedule: str = "constant"  # or "cosine" (with linear warm-up)
@@ -65,6 +66,9 @@ class TrainConfig:
             raise ValueError("lr must be > 0, epochs >= 1 and batch size >= 1")
         if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
             raise ValueError("optimizer must be adam|adamw and schedule constant|cosine")
+        if not 0 <= self.fold < n_folds(self.val_fraction):
+            raise ValueError(f"fold must be in 0..{n_folds(self.val_fraction) - 1} for validation fraction "
+                             f"{self.val_fraction}, got {self.fold}")
         if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
             raise ValueError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
 
@@ -334,7 +338,7 @@ def train_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
 
 
-LATER_OPTIONS = {"ema_decay": 0.0}
+LATER_OPTIONS = {"ema_decay": 0.0, "fold": 0}
 
 
 def _train_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict:
@@ -381,6 +385,7 @@ def run_config(cfg: TrainConfig, resolved: ResolvedWeights, data: str | Path, cl
         "preprocessing": preprocessing(resolved),
         "data": {"root": str(Path(data).resolve()), "classes": list(classes), "positive_class": classes[1],
                  "file_list_sha256": file_hash, "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
+                 "fold": cfg.fold,
                  "skipped_files": n_skipped, **{f"n_{k}": len(v) for k, v in splits.items()}},
         "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
         "versions": rf.package_versions(),
@@ -442,7 +447,7 @@ def train(
     t_start = time.perf_counter()
     table, decoded, bad = training_inputs(dataset, resolved, cfg.mode, cfg.seed, skip_bad, progress)
     dataset = dataset.without({p for p, _ in bad})
-    splits = dataset.splits(cfg.split_seed, cfg.val_fraction)
+    splits = dataset.splits(cfg.split_seed, cfg.val_fraction, cfg.fold)
 
     out.mkdir(parents=True, exist_ok=True)
     if bad:
