@@ -192,9 +192,23 @@ def test_cross_fit_ensemble_is_calibrated_out_of_fold(tiny_run, fold1_run, tmp_p
         assert float(e[key]["logit"]) == pytest.approx(expected, abs=1e-4)
     with open(out / "splits.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["split"] for r in rows} == {"val"} and {r["member"] for r in rows} == {"0", "1"}
+    assert {r["split"] for r in rows} == {"val"} and {r["members"] for r in rows} == {"0", "1"}
     assert "out-of-fold predictions" in (out / "report.md").read_text()
     assert isinstance(load_predictor(out), EnsemblePredictor)
+
+
+def test_members_sharing_a_fold_score_it_together(tiny_run, second_run, fold1_run, tmp_path):
+    out = tmp_path / "groups"
+    m = create_ensemble([tiny_run, fold1_run, second_run], out, n_resamples=50, progress=False)
+    assert m["layout"] == "cross-fit"
+    a, b, c, e = (_predictions(r) for r in (tiny_run, fold1_run, second_run, out))
+    fold0 = [k for k in a if k[0] == "val"]
+    assert set(fold0) == {k for k in c if k[0] == "val"}  # tiny_run and second_run share fold 0
+    for key in fold0[:5]:
+        expected = mean_probability_logit([[float(a[key]["probability"])], [float(c[key]["probability"])]])[0]
+        assert float(e[key]["logit"]) == pytest.approx(expected, abs=1e-4)
+    with open(out / "splits.csv") as f:
+        assert {r["members"] for r in csv.DictReader(f)} == {"0;2", "1"}
 
 
 def test_overlapping_folds_are_refused(tiny_run, fold1_run, tmp_path):

@@ -12,9 +12,11 @@ trained on. Two layouts of members allow that:
 
 - **shared**: every member has the same train/validation split; validation is scored by the ensemble itself.
 - **cross-fit**: the members were trained on different folds of one training pool (``train --fold k``), their
-  validation folds disjoint. Validation is then *out of fold*: each image is scored by the one member that held
-  it out, so the temperature and threshold are fitted on up to the whole training pool (2637 images instead of
-  528), which makes the operating threshold far less noisy. Test images are scored by every member.
+  validation folds disjoint. Validation is then *out of fold*: each image is scored by the members that held
+  it out (one per fold, or several recipes per fold: members with the same split form a fold group), so the
+  temperature and threshold are fitted on up to the whole training pool (2637 images instead of 528), which
+  makes the operating threshold far less noisy. Test images are scored by every member. Give every fold group
+  the same recipes, so that out-of-fold scores come from the same kind of model throughout.
 """
 
 from __future__ import annotations
@@ -85,24 +87,35 @@ def check_same_split(members: Sequence[Path]) -> None:
 SHARED, CROSS_FIT = "shared", "cross-fit"
 
 
-def split_layout(members: Sequence[Path]) -> str:
-    """``shared`` or ``cross-fit`` (see the module docstring); RunError for any other mix of splits."""
+def fold_groups(members: Sequence[Path]) -> list[list[int]]:
+    """Member indices grouped by identical train/validation split; one group is the shared layout, several
+    are cross-fit and must hold disjoint validation folds of one training pool. RunError for any other mix."""
     rows = [_split_rows(m) for m in members]
-    if all(r == rows[0] for r in rows[1:]):
-        return SHARED
+    groups: list[list[int]] = []
+    for i, r in enumerate(rows):
+        same = next((g for g in groups if rows[g[0]] == r), None)
+        (same.append(i) if same is not None else groups.append([i]))
+    if len(groups) == 1:
+        return groups
     pools = [{(r[0], r[1]) for r in rs} for rs in rows]
-    vals = [{r[0] for r in rs if r[2] == "val"} for rs in rows]
-    if all(p == pools[0] for p in pools[1:]):
-        for i, a in enumerate(vals):
-            for j in range(i + 1, len(vals)):
-                if a & vals[j]:
-                    raise rf.RunError(
-                        f"{members[i]} and {members[j]} were not trained on the same train/validation split, yet "
-                        f"their validation folds overlap ({len(a & vals[j])} images). Members need either the same split (same --split-seed and --fold) or "
-                        "disjoint validation folds of one --split-seed (`lesionlab train --fold 0..4`).")
-        return CROSS_FIT
-    check_same_split(members)  # raises with the first differing file
-    raise AssertionError("unreachable")
+    if any(p != pools[0] for p in pools[1:]):
+        check_same_split(members)  # raises, naming the first differing file
+    vals = [{r[0] for r in rows[g[0]] if r[2] == "val"} for g in groups]
+    for a in range(len(groups)):
+        for b in range(a + 1, len(groups)):
+            if vals[a] & vals[b]:
+                i, j = groups[a][0], groups[b][0]
+                raise rf.RunError(
+                    f"{members[i]} and {members[j]} were not trained on the same train/validation split, yet their "
+                    f"validation folds overlap ({len(vals[a] & vals[b])} images). Members need either the same "
+                    "split (same --split-seed and --fold) or disjoint validation folds of one --split-seed "
+                    "(`lesionlab train --fold 0..4`).")
+    return groups
+
+
+def split_layout(members: Sequence[Path]) -> str:
+    """``shared`` or ``cross-fit`` (see the module docstring)."""
+    return SHARED if len(fold_groups(members)) == 1 else CROSS_FIT
 
 
 def _temperature(run_dir: Path) -> float:
@@ -168,25 +181,23 @@ def combine(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence
     return out
 
 
-def out_of_fold(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float]) -> SplitScores:
-    """Cross-fit validation: every member's own validation fold, scored by that member alone (calibrated)."""
-    relpaths: list[str] = []
-    ys, logits = [], []
-    for scores, t in zip(per_member, temperatures):
-        v = scores["val"]
-        relpaths += list(v.relpaths)
-        ys.append(np.asarray(v.y, np.float32))
-        logits.append(mean_probability_logit([expit(np.asarray(v.logits) / t)]))
+def out_of_fold(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
+                groups: Sequence[Sequence[int]]) -> SplitScores:
+    """Cross-fit validation: each fold scored by the members that held it out (mean calibrated probability)."""
+    parts = [combine([per_member[i] for i in g], [temperatures[i] for i in g], ["val"])["val"] for g in groups]
+    relpaths = [r for p in parts for r in p.relpaths]
     order = np.argsort(relpaths, kind="stable")
-    return SplitScores([relpaths[i] for i in order], np.concatenate(ys)[order], np.concatenate(logits)[order])
+    return SplitScores([relpaths[i] for i in order], np.concatenate([p.y for p in parts])[order],
+                       np.concatenate([p.logits for p in parts])[order])
 
 
 def ensemble_scores(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
-                    layout: str) -> dict[str, SplitScores]:
-    if layout == SHARED:
+                    groups: Sequence[Sequence[int]]) -> dict[str, SplitScores]:
+    """Validation (shared or out of fold) and test scores of the ensemble."""
+    if len(groups) == 1:
         return combine(per_member, temperatures)
     scores = combine(per_member, temperatures, [s for s in EVAL_SPLITS if s != "val"])
-    return {"val": out_of_fold(per_member, temperatures), **scores}
+    return {"val": out_of_fold(per_member, temperatures, groups), **scores}
 
 
 # ------------------------------------------------------------------ the folder
@@ -225,8 +236,8 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
 
     thr, cal = metrics["threshold"], metrics["calibration"]
     if metrics.get("layout") == CROSS_FIT:
-        fitted_on = (f"out-of-fold predictions on {metrics['val']['n']} training images, each scored by the one "
-                     "member that did not train on it (cross-fit)")
+        fitted_on = (f"out-of-fold predictions on {metrics['val']['n']} training images, each scored by the "
+                     "members that did not train on it (cross-fit)")
     else:
         fitted_on = "the shared validation split"
     lines = [f"# lesionlab ensemble of {len(members)} runs", "", f"> {DISCLAIMER}", "",
@@ -253,9 +264,10 @@ def _evaluate(ensemble_dir: Path, members: list[Path], data, policy: str, tta: b
               progress: bool, reuse: bool) -> dict:
     from .refusal import combine_refusal, summary
 
-    layout = split_layout(members)
+    groups = fold_groups(members)
+    layout = SHARED if len(groups) == 1 else CROSS_FIT
     per_member = [member_scores(m, data, tta, reuse, progress) for m in members]
-    scores = ensemble_scores(per_member, [_temperature(m) for m in members], layout)
+    scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups)
     names = ", ".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members)
     metrics = write_evaluation(ensemble_dir, scores, policy, n_resamples, seed, f"ensemble ({names})",
                                f"ensemble-{len(members)}-{ensemble_dir.name}", tta)
@@ -306,10 +318,13 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
 
 
 def _cross_fit_splits(members: Sequence[Path]) -> str:
-    """splits.csv of a cross-fit ensemble: every pool image is validation (out of fold); ``member`` says which
-    member held it out (its index in ensemble.json)."""
-    rows = sorted((r[0], r[1], i) for i, m in enumerate(members) for r in _split_rows(m) if r[2] == "val")
-    return "relpath,label,split,member\n" + "".join(f"{p},{label},val,{i}\n" for p, label, i in rows)
+    """splits.csv of a cross-fit ensemble: every pool image is validation (out of fold); ``members`` lists the
+    members that held it out (indices in ensemble.json, separated by ';')."""
+    rows = []
+    for g in fold_groups(members):
+        held_out_by = ";".join(str(i) for i in g)
+        rows += [(r[0], r[1], held_out_by) for r in _split_rows(members[g[0]]) if r[2] == "val"]
+    return "relpath,label,split,members\n" + "".join(f"{p},{label},val,{g}\n" for p, label, g in sorted(rows))
 
 
 def evaluate_ensemble(run_dir: str | Path, data: str | Path | None = None, policy: str = DEFAULT_POLICY,
