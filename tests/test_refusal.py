@@ -126,3 +126,28 @@ def test_pixel_statistics_put_flat_colours_and_gradients_far_from_lesions(small_
                        np.repeat(np.tile(ramp, (224, 1))[..., None], 3, axis=2).astype(np.uint8)])
     assert dist.score(image_statistics(others)).min() > 2 * dist.score(lesions).max()
     assert image_statistics(others).shape == (3, lesions.shape[1])
+
+
+def test_ensemble_refusal_is_a_majority_not_a_union(tmp_path):
+    """Each member's detector refuses ~1% of real lesions; 'any member refuses' would add those up."""
+    import json
+
+    from lesionlab.ood import ensemble_refusal_score
+    from lesionlab.refusal import combine_refusal
+
+    assert ensemble_refusal_score([[2.0, 0.5], [0.1, 0.6], [0.2, 3.0]]).tolist() == [0.2, 0.6]
+    assert ensemble_refusal_score([[1.5], [0.7]]).tolist() == [1.1]  # two members: their mean
+    rows = {  # member -> (test lesion a, test lesion b, non-lesion) as distance / threshold
+        "m0": (1.5, 0.2, 4.0), "m1": (0.3, 1.2, 5.0), "m2": (0.4, 0.3, 0.9)}
+    dirs = []
+    for name, (a, b, nl) in rows.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "refusal.json").write_text(json.dumps({"threshold": 10.0}))
+        (d / "refusal_scores.csv").write_text("set,name,score,refused\n"
+                                              f"test,a.jpg,{a * 10},0\ntest,b.jpg,{b * 10},0\n"
+                                              f"non_lesion,noise/x,{nl * 10},1\n")
+        dirs.append(d)
+    out = combine_refusal(dirs)
+    assert out["lesions"]["test"]["refused"] == 0  # a union would refuse both lesions
+    assert out["non_lesion"]["refused"] == 1 and "median" in out["method"]

@@ -169,3 +169,18 @@ class LesionDetector:
 
 def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+ENSEMBLE_RULE = ("refused when the median over members of distance / member threshold is > 1 (a majority of "
+                 "the members' detectors refuse; with two members, their mean)")
+
+
+def ensemble_refusal_score(normalized: np.ndarray) -> np.ndarray:
+    """Median over members (axis 0) of each member's distance / threshold; > 1 means refused.
+
+    Not "any member refuses": each member's threshold lets about 1% of real lesions through as refused,
+    and the union of k detectors refuses up to k times that (5 cross-fit members refused 7 of 660 test
+    lesions that way, 0 with the median). The median keeps the false-refusal rate of one member.
+    """
+    return np.median(np.asarray(normalized, dtype=np.float64), axis=0)
+

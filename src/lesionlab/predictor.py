@@ -17,7 +17,7 @@ from scipy.special import expit
 
 from . import runfiles as rf
 from .data import normalize, resize_to_input
-from .ood import LesionDetector
+from .ood import LesionDetector, ensemble_refusal_score
 
 LABELS = ("benign", "malignant")
 ONNX_FILE = "model.onnx"
@@ -227,20 +227,27 @@ class EnsemblePredictor(Predictor):
         return any(m.refuses_non_lesions for m in self.members)
 
     def analyze(self, images: Sequence[Image.Image], tta: bool = False) -> list[Prediction]:
-        """Mean of member probabilities; refused when any member's lesion detector refuses."""
+        """Mean of member probabilities; refused when the median member's lesion detector refuses
+        (``ood.ensemble_refusal_score``); ``ood_score`` is then that median of distance / threshold."""
         if not images:
             return []
         per_member = [m.analyze(images, tta) for m in self.members]
         logits = mean_probability_logit([[p.probability for p in preds] for preds in per_member])
         probs = expit(logits / self.info.temperature)
+        judges = [(m, preds) for m, preds in zip(self.members, per_member)
+                  if m.detector is not None and all(p.ood_score is not None for p in preds)]
+        combined = ensemble_refusal_score(
+            [[p.ood_score / m.detector.threshold for p in preds] for m, preds in judges]) if judges else None
         out = []
         for i, (z, p) in enumerate(zip(logits, probs)):
             pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
-            refusals = [preds[i] for preds in per_member if preds[i].refused]
-            scores = [preds[i].ood_score for preds in per_member if preds[i].ood_score is not None]
-            pred.ood_score = max(scores) if scores else None
-            if refusals:
-                pred.refused, pred.label, pred.reason = True, "not_a_lesion", refusals[0].reason
+            if combined is not None:
+                pred.ood_score = float(combined[i])
+                if combined[i] > 1.0:
+                    n_refusing = sum(preds[i].refused for _, preds in judges)
+                    pred.refused, pred.label = True, "not_a_lesion"
+                    pred.reason = (f"does not look like a dermoscopic lesion image ({n_refusing} of {len(judges)} "
+                                   f"members' detectors refuse; median score/threshold {combined[i]:.2f} > 1)")
             out.append(pred)
         return out
 

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import runfiles as rf
 from .data import Dataset, load_dataset, to_rgb
-from .ood import LesionDetector, PixelDistance, image_statistics
+from .ood import ENSEMBLE_RULE, LesionDetector, PixelDistance, ensemble_refusal_score, image_statistics
 
 REFUSAL_FILE = "refusal.json"
 SCORES_FILE = "refusal_scores.csv"
@@ -420,20 +420,21 @@ def _read_scores(run_dir: Path) -> dict[tuple[str, str], float] | None:
 
 
 def combine_refusal(member_dirs: list[Path], out: Path | None = None) -> dict | None:
-    """An ensemble refuses when any member refuses (EnsemblePredictor.analyze); measured from the members'
-    refusal_scores.csv without recomputing. None when a member has not been measured."""
+    """An ensemble refuses when the median member refuses (``ood.ensemble_refusal_score``, as
+    EnsemblePredictor.analyze does); measured from the members' refusal_scores.csv without recomputing.
+    None when a member has not been measured."""
     per_member = [_read_scores(Path(m)) for m in member_dirs]
     if any(p is None for p in per_member):
         return None
     keys = [k for k in per_member[0] if all(k in p for p in per_member[1:])]
-    score = {k: max(p[k] for p in per_member) for k in keys}  # type: ignore[index]
+    combined = ensemble_refusal_score([[p[k] for k in keys] for p in per_member])  # type: ignore[index]
+    score = dict(zip(keys, combined.tolist()))
     kind = lambda k: k[1].split("/", 1)[0]  # noqa: E731
     test = np.array([v for k, v in score.items() if k[0] == "test"])
     other = [(k, v) for k, v in score.items() if k[0] == "non_lesion"]
     nl = np.array([v for _, v in other])
     result = {
-        "method": "refused when any member's lesion detector refuses; score = max over members of "
-                  "distance / member threshold",
+        "method": ENSEMBLE_RULE,
         "threshold": 1.0, "max_refusal_on_validation": MAX_REFUSAL,
         "members": [str(m) for m in member_dirs],
         "auroc_test_vs_non_lesion": _auroc(test, nl),
