@@ -17,16 +17,21 @@ from lesionlab.runfiles import RunError
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def second_run(small_data, tmp_path_factory):
-    """Another seed on the same split (the frozen features come from the session's cache)."""
+def _tiny_variant(small_data, tmp_path_factory, name: str, **settings):
+    """tiny_run's recipe with other settings, trained and evaluated (frozen features from the session cache)."""
     from lesionlab.evaluate import evaluate_run
     from lesionlab.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("runs") / "tiny-seed1"
-    train(TrainConfig(epochs=3, lr=1e-3, seed=1), small_data, out, progress=False)
+    out = tmp_path_factory.mktemp("runs") / name
+    train(TrainConfig(epochs=3, lr=1e-3, **settings), small_data, out, progress=False)
     evaluate_run(out, n_resamples=100, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def second_run(small_data, tmp_path_factory):
+    """Another seed on the same split."""
+    return _tiny_variant(small_data, tmp_path_factory, "tiny-seed1", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +169,8 @@ def test_members_exported_to_onnx_give_the_same_answers(ens, tiny_run, second_ru
 
 @pytest.fixture(scope="module")
 def fold1_run(small_data, tmp_path_factory):
-    """tiny_run's recipe with validation on fold 1 of the same split seed (tiny_run is fold 0)."""
-    from lesionlab.evaluate import evaluate_run
-    from lesionlab.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("runs") / "tiny-fold1"
-    train(TrainConfig(epochs=3, lr=1e-3, fold=1), small_data, out, progress=False)
-    evaluate_run(out, n_resamples=100, progress=False)
-    return out
+    """Validation on fold 1 of the same split seed (tiny_run is fold 0)."""
+    return _tiny_variant(small_data, tmp_path_factory, "tiny-fold1", fold=1)
 
 
 def test_cross_fit_ensemble_is_calibrated_out_of_fold(tiny_run, fold1_run, tmp_path):

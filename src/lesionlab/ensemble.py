@@ -94,7 +94,10 @@ def fold_groups(members: Sequence[Path]) -> list[list[int]]:
     groups: list[list[int]] = []
     for i, r in enumerate(rows):
         same = next((g for g in groups if rows[g[0]] == r), None)
-        (same.append(i) if same is not None else groups.append([i]))
+        if same is None:
+            groups.append([i])
+        else:
+            same.append(i)
     if len(groups) == 1:
         return groups
     pools = [{(r[0], r[1]) for r in rs} for rs in rows]
@@ -113,9 +116,9 @@ def fold_groups(members: Sequence[Path]) -> list[list[int]]:
     return groups
 
 
-def split_layout(members: Sequence[Path]) -> str:
+def layout_of(groups: Sequence[Sequence[int]]) -> str:
     """``shared`` or ``cross-fit`` (see the module docstring)."""
-    return SHARED if len(fold_groups(members)) == 1 else CROSS_FIT
+    return SHARED if len(groups) == 1 else CROSS_FIT
 
 
 def _temperature(run_dir: Path) -> float:
@@ -265,7 +268,7 @@ def _evaluate(ensemble_dir: Path, members: list[Path], data, policy: str, tta: b
     from .refusal import combine_refusal, summary
 
     groups = fold_groups(members)
-    layout = SHARED if len(groups) == 1 else CROSS_FIT
+    layout = layout_of(groups)
     per_member = [member_scores(m, data, tta, reuse, progress) for m in members]
     scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups)
     names = ", ".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members)
@@ -293,7 +296,8 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
         raise rf.RunError("a run is listed twice; each member counts once in the mean")
     if out.resolve() in members or (out / rf.MODEL).exists():
         raise rf.RunError(f"{out} is a run folder; choose a new folder for the ensemble")
-    layout = split_layout(members)
+    groups = fold_groups(members)
+    layout = layout_of(groups)
     out.mkdir(parents=True, exist_ok=True)
     rf.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],
                                                "combine": COMBINE})
@@ -313,15 +317,15 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
     if layout == SHARED:
         rf.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
     else:
-        rf.atomic_write_text(out / "splits.csv", _cross_fit_splits(members))
+        rf.atomic_write_text(out / "splits.csv", _cross_fit_splits(members, groups))
     return _evaluate(out, members, data, policy, tta, n_resamples, seed, progress, reuse=True)
 
 
-def _cross_fit_splits(members: Sequence[Path]) -> str:
+def _cross_fit_splits(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> str:
     """splits.csv of a cross-fit ensemble: every pool image is validation (out of fold); ``members`` lists the
     members that held it out (indices in ensemble.json, separated by ';')."""
     rows = []
-    for g in fold_groups(members):
+    for g in groups:
         held_out_by = ";".join(str(i) for i in g)
         rows += [(r[0], r[1], held_out_by) for r in _split_rows(members[g[0]]) if r[2] == "val"]
     return "relpath,label,split,members\n" + "".join(f"{p},{label},val,{g}\n" for p, label, g in sorted(rows))
