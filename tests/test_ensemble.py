@@ -193,7 +193,9 @@ def test_cross_fit_ensemble_is_calibrated_out_of_fold(tiny_run, fold1_run, tmp_p
         rows = list(csv.DictReader(f))
     assert {r["split"] for r in rows} == {"val"} and {r["members"] for r in rows} == {"0", "1"}
     assert "out-of-fold predictions" in (out / "report.md").read_text()
-    assert isinstance(load_predictor(out), EnsemblePredictor)
+    assert m["threshold"]["chosen_on"].startswith("val (out of fold")
+    predictor = load_predictor(out)
+    assert isinstance(predictor, EnsemblePredictor) and predictor.refusal_threshold == 1.0
 
 
 def test_members_sharing_a_fold_score_it_together(tiny_run, second_run, fold1_run, tmp_path):

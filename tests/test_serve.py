@@ -248,6 +248,7 @@ def test_bundled_default_model(lesion_jpeg):
         assert r.status_code == 200 and r.json()["body"]["predicted_label"] in ("benign", "malignant", "not_a_lesion")
         card = c.get("/v1/model").json()
         assert card["runtime"] == "onnxruntime" and card["model_card"] and card["lesion_detector"] is True
+        assert card["lesion_detector_threshold"] > 0
         assert card["metrics"]["test"]["auc"]["ci95"][0] > 0.5
 
 

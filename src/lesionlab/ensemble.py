@@ -275,6 +275,9 @@ def _evaluate(ensemble_dir: Path, members: list[Path], data, policy: str, tta: b
     metrics = write_evaluation(ensemble_dir, scores, policy, n_resamples, seed, f"ensemble ({names})",
                                f"ensemble-{len(members)}-{ensemble_dir.name}", tta)
     metrics["layout"] = layout
+    if layout == CROSS_FIT:
+        metrics["threshold"]["chosen_on"] = ("val (out of fold: every training image, scored by the members that "
+                                             "held it out)")
     refusal = combine_refusal(members, ensemble_dir)
     if refusal is not None:
         metrics["refusal"] = summary(refusal)

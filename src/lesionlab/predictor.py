@@ -83,6 +83,11 @@ class Predictor:
     def refuses_non_lesions(self) -> bool:
         return self.detector is not None
 
+    @property
+    def refusal_threshold(self) -> float | None:
+        """An image whose ``ood_score`` is above this is refused; None without a lesion detector."""
+        return None if self.detector is None else float(self.detector.threshold)
+
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
         return np.stack([resize_to_input(im, self.info.input_size) for im in images])
 
@@ -225,6 +230,11 @@ class EnsemblePredictor(Predictor):
     @property
     def refuses_non_lesions(self) -> bool:
         return any(m.refuses_non_lesions for m in self.members)
+
+    @property
+    def refusal_threshold(self) -> float | None:
+        """``ood_score`` is the median member's distance / threshold, so the threshold is 1."""
+        return 1.0 if self.refuses_non_lesions else None
 
     def analyze(self, images: Sequence[Image.Image], tta: bool = False) -> list[Prediction]:
         """Mean of member probabilities; refused when the median member's lesion detector refuses

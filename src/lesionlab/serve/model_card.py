@@ -71,6 +71,7 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
                       "chosen_on": metrics.get("threshold", {}).get("chosen_on", "val")},
         "temperature": info.temperature,
         "lesion_detector": predictor.refuses_non_lesions,
+        "lesion_detector_threshold": predictor.refusal_threshold,  # ood_score above it: refused
         "training_data": training_data(config),
         "metrics": {s: _split_metrics(metrics[s]) for s in ("val", "test", "test_dedup") if s in metrics},
         "metrics_note": "95% stratified bootstrap confidence intervals (ci95); top-level values at threshold 0.5, "
