@@ -210,6 +210,8 @@ def test_members_sharing_a_fold_score_it_together(tiny_run, second_run, fold1_ru
         assert float(e[key]["logit"]) == pytest.approx(expected, abs=1e-4)
     with open(out / "splits.csv") as f:
         assert {r["members"] for r in csv.DictReader(f)} == {"0;2", "1"}
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert data["n_val"] == m["val"]["n"] and data["folds"] == [0, 1]  # one fold per group, not per member
 
 
 def test_overlapping_folds_are_refused(tiny_run, fold1_run, tmp_path):

@@ -311,10 +311,7 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
         "combine": COMBINE, "layout": layout, "members": [_describe_member(m, out) for m in members],
         "data": {k: first["data"].get(k) for k in ("root", "classes", "positive_class", "split_seed", "n_train",
                                                      "n_val", "n_test", "n_test_dedup")}
-                | ({} if layout == SHARED else {
-                    "n_val": sum(rf.read_json(m / rf.CONFIG)["data"].get("n_val", 0) for m in members),
-                    "n_val_note": "out of fold: each member's validation fold, scored by that member",
-                    "folds": [rf.read_json(m / rf.CONFIG)["data"].get("fold", 0) for m in members]}),
+                | ({} if layout == SHARED else _cross_fit_data(members, groups)),
         "versions": rf.package_versions(), "command": command,
     })
     if layout == SHARED:
@@ -322,6 +319,14 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
     else:
         rf.atomic_write_text(out / "splits.csv", _cross_fit_splits(members, groups))
     return _evaluate(out, members, data, policy, tta, n_resamples, seed, progress, reuse=True)
+
+
+def _cross_fit_data(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> dict:
+    """config.json's data block of a cross-fit ensemble: one validation fold per fold group, not per member."""
+    first_of_group = [rf.read_json(members[g[0]] / rf.CONFIG)["data"] for g in groups]
+    return {"n_val": sum(d.get("n_val", 0) for d in first_of_group),
+            "n_val_note": "out of fold: each fold scored by the members that held it out",
+            "folds": [d.get("fold", 0) for d in first_of_group]}
 
 
 def _cross_fit_splits(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> str:
