@@ -12,20 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+from lesionlab.ensemble import member_dirs
+from lesionlab.predictor import ENSEMBLE_FILE
 from lesionlab.report import fmt
-
-
-def _members(folder: Path) -> list[Path]:
-    spec = folder / "ensemble.json"
-    if not spec.exists():
-        return [folder]
-    return [(folder / m).resolve() if not Path(m).is_absolute() else Path(m)
-            for m in json.loads(spec.read_text())["members"]]
 
 
 def training_minutes(folder: Path) -> float:
     total = 0.0
-    for m in _members(folder):
+    for m in member_dirs(folder) if (folder / ENSEMBLE_FILE).exists() else [folder]:
         timing = json.loads((m / "config.json").read_text()).get("timing", {})
         total += float(timing.get("epoch_seconds_total", float("nan")))
     return total / 60
@@ -41,6 +35,7 @@ def table(folder: Path) -> str:
     correct = test["confusion"][0][0] + test["confusion"][1][1]
     gap = abs(dedup["auc"]["value"] - test["auc"]["value"])
     refused = ref.get("test_refused", float("nan"))
+    minutes = training_minutes(folder)
     rows = [
         ("ROC-AUC >= 0.970", fmt(test["auc"]), test["auc"]["value"] >= 0.970),
         ("accuracy >= 0.90 at 0.5", f"{fmt(test['accuracy'])} ({correct}/{test['n']})",
@@ -54,7 +49,7 @@ def table(folder: Path) -> str:
          ref.get("auroc_test_vs_non_lesion", 0) >= 0.99),
         ("<= 1% of test lesions refused", f"{refused:.4f} ({round(refused * test['n'])}/{test['n']})",
          refused <= 0.01),
-        ("trainable in <= 90 min on 2 CPU cores", f"{training_minutes(folder):.1f} min", training_minutes(folder) <= 90),
+        ("trainable in <= 90 min on 2 CPU cores", f"{minutes:.1f} min", minutes <= 90),
     ]
     lines = [f"### {folder.name}", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {t} | {v} | {'met' if ok else '**not met**'} |" for t, v, ok in rows]

@@ -154,6 +154,12 @@ def n_folds(val_fraction: float) -> int:
     return max(2, round(1 / val_fraction))
 
 
+def check_fold(fold: int, val_fraction: float) -> None:
+    n = n_folds(val_fraction)
+    if not 0 <= fold < n:
+        raise DataError(f"fold must be in 0..{n - 1} (validation fraction {val_fraction} makes {n} folds), got {fold}")
+
+
 def split_train_val(
     samples: list[Sample], groups: dict[str, int], seed: int, val_fraction: float = 0.2, fold: int = 0
 ) -> tuple[list[Sample], list[Sample]]:
@@ -165,15 +171,12 @@ def split_train_val(
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_splits = n_folds(val_fraction)
-    if not 0 <= fold < n_splits:
-        raise DataError(f"fold must be in 0..{n_splits - 1} (validation fraction {val_fraction} makes {n_splits} "
-                        f"folds), got {fold}")
+    check_fold(fold, val_fraction)
     labels = np.array([s.label for s in samples])
     # Files outside any listed group form a group of their own.
     offset = max(groups.values(), default=-1) + 1
     group_ids = np.array([groups.get(s.relpath, offset + i) for i, s in enumerate(samples)])
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    splitter = StratifiedGroupKFold(n_splits=n_folds(val_fraction), shuffle=True, random_state=seed)
     for k, (train_idx, val_idx) in enumerate(splitter.split(np.zeros(len(samples)), labels, group_ids)):
         if k == fold:
             break

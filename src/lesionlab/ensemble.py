@@ -263,11 +263,10 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
     return "\n".join(lines)
 
 
-def _evaluate(ensemble_dir: Path, members: list[Path], data, policy: str, tta: bool, n_resamples: int, seed: int,
-              progress: bool, reuse: bool) -> dict:
+def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], data, policy: str, tta: bool,
+              n_resamples: int, seed: int, progress: bool, reuse: bool) -> dict:
     from .refusal import combine_refusal, summary
 
-    groups = fold_groups(members)
     layout = layout_of(groups)
     per_member = [member_scores(m, data, tta, reuse, progress) for m in members]
     scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups)
@@ -318,7 +317,7 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
         rf.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
     else:
         rf.atomic_write_text(out / "splits.csv", _cross_fit_splits(members, groups))
-    return _evaluate(out, members, data, policy, tta, n_resamples, seed, progress, reuse=True)
+    return _evaluate(out, members, groups, data, policy, tta, n_resamples, seed, progress, reuse=True)
 
 
 def _cross_fit_data(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> dict:
@@ -349,4 +348,5 @@ def evaluate_ensemble(run_dir: str | Path, data: str | Path | None = None, polic
     members = [_require_member(m) for m in member_dirs(run_dir)]
     if not members:
         raise rf.RunError(f"{run_dir / ENSEMBLE_FILE} lists no members")
-    return _evaluate(run_dir, members, data, policy, tta, n_resamples, seed, progress, reuse=False)
+    return _evaluate(run_dir, members, fold_groups(members), data, policy, tta, n_resamples, seed, progress,
+                     reuse=False)

@@ -183,4 +183,3 @@ def ensemble_refusal_score(normalized: np.ndarray) -> np.ndarray:
     lesions that way, 0 with the median). The median keeps the false-refusal rate of one member.
     """
     return np.median(np.asarray(normalized, dtype=np.float64), axis=0)
-

@@ -244,10 +244,10 @@ class EnsemblePredictor(Predictor):
         per_member = [m.analyze(images, tta) for m in self.members]
         logits = mean_probability_logit([[p.probability for p in preds] for preds in per_member])
         probs = expit(logits / self.info.temperature)
-        judges = [(m, preds) for m, preds in zip(self.members, per_member)
-                  if m.detector is not None and all(p.ood_score is not None for p in preds)]
+        judges = [(m.refusal_threshold, preds) for m, preds in zip(self.members, per_member)
+                  if m.refusal_threshold is not None and all(p.ood_score is not None for p in preds)]
         combined = ensemble_refusal_score(
-            [[p.ood_score / m.detector.threshold for p in preds] for m, preds in judges]) if judges else None
+            [[p.ood_score / t for p in preds] for t, preds in judges]) if judges else None
         out = []
         for i, (z, p) in enumerate(zip(logits, probs)):
             pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import runfiles as rf
 from .backbones import ResolvedWeights, build_backbone, resolve_weights
-from .data import Dataset, DecodedSet, Sample, decode_samples, load_dataset, n_folds, normalize
+from .data import Dataset, DecodedSet, Sample, check_fold, decode_samples, load_dataset, normalize
 from .features import BadDataError, FeatureTable, load_or_compute, preprocessing
 from .model import Head, LesionClassifier, build_model, save_model
 
@@ -66,9 +66,7 @@ class TrainConfig:
             raise ValueError("lr must be > 0, epochs >= 1 and batch size >= 1")
         if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
             raise ValueError("optimizer must be adam|adamw and schedule constant|cosine")
-        if not 0 <= self.fold < n_folds(self.val_fraction):
-            raise ValueError(f"fold must be in 0..{n_folds(self.val_fraction) - 1} for validation fraction "
-                             f"{self.val_fraction}, got {self.fold}")
+        check_fold(self.fold, self.val_fraction)  # DataError is a ValueError
         if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
             raise ValueError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
 
