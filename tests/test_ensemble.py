@@ -2,7 +2,9 @@
 
 import csv
 import json
+import runpy
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +226,15 @@ def test_overlapping_folds_are_refused(tiny_run, fold1_run, tmp_path):
     (other / "splits.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(RunError, match="validation folds overlap"):
         create_ensemble([tiny_run, other], tmp_path / "ens", progress=False)
+
+
+def test_threshold_transfer_bench_reads_a_cross_fit_ensemble(tiny_run, fold1_run, ens, tmp_path):
+    out = tmp_path / "xfit"
+    create_ensemble([tiny_run, fold1_run], out, n_resamples=50, progress=False)
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "threshold_transfer.py"))
+    cells = [c.strip() for c in bench["row"](out).strip("|").split("|")]
+    assert cells[0] == "xfit" and len(cells) == 4
+    sens, spec = (float(v) for v in cells[2].split(" / "))
+    assert 0 <= sens <= 1 and 0 <= spec <= 1
+    with pytest.raises(SystemExit, match="not a cross-fit ensemble"):
+        bench["row"](ens)
