@@ -124,3 +124,19 @@ def test_bytes_input_and_decode_collects_bad(image_files, tmp_path):
     decoded = decode_samples(samples, 64, progress=False)
     assert [s.relpath for s in decoded.samples] == ["good"]
     assert [e.path for e in decoded.bad] == ["text"]
+
+
+def test_default_folders_next_to_the_repository_are_found_from_anywhere(shared_data, shared_weights, tmp_path,
+                                                                      monkeypatch):
+    """README: without --data, ../shared/data/isic-kaggle next to the working directory or the repository."""
+    from lesionlab.backbones import default_weights_dir
+    from lesionlab.data import default_data_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    if shared_data.resolve() != (repo.parent / "shared" / "data" / "isic-kaggle").resolve():
+        pytest.skip("the data folder is not next to this repository")
+    monkeypatch.delenv("LESIONLAB_DATA", raising=False)
+    monkeypatch.delenv("LESIONLAB_WEIGHTS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing at tmp/../shared
+    assert default_data_dir() == shared_data.resolve()
+    assert default_weights_dir() == shared_weights.resolve()

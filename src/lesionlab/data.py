@@ -98,7 +98,7 @@ def default_data_dir() -> Path | None:
     env = os.environ.get("LESIONLAB_DATA")
     if env:
         return Path(env)
-    candidates = [Path.cwd() / SHARED_DATA, Path(__file__).resolve().parents[3] / SHARED_DATA]
+    candidates = [Path.cwd() / SHARED_DATA, Path(__file__).resolve().parents[2] / SHARED_DATA]  # parents[2]: the repository
     for c in candidates:
         if (c / "train").is_dir():
             return c.resolve()
