@@ -47,10 +47,11 @@ def test_train_writes_a_self_describing_run_folder(cli_run):
 
 
 def test_rerunning_a_finished_run_does_not_retrain(small_data, cli_run):
-    before = (cli_run / "model.pt").stat().st_mtime_ns
-    res = invoke("train", "--data", small_data, "--epochs", 5, "--out", cli_run, "--quiet", "--no-eval")
+    before = {f: (cli_run / f).stat().st_mtime_ns for f in ("model.pt", "metrics.json", "report.md")}
+    res = invoke("train", "--data", small_data, "--epochs", 5, "--out", cli_run, "--quiet")
     assert res.exit_code == 0, res.output
-    assert (cli_run / "model.pt").stat().st_mtime_ns == before
+    assert "already evaluated" in res.output  # nor re-evaluated: an earlier `evaluate --tta` stays
+    assert {f: (cli_run / f).stat().st_mtime_ns for f in before} == before
 
 
 def test_evaluate_again_with_another_policy(cli_run):

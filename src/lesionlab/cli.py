@@ -12,7 +12,7 @@ import typer
 from .backbones import DEFAULT_BACKBONE, REGISTRY, WeightsError
 from .data import BadImageError, DataError, default_data_dir
 from .metrics import DEFAULT_POLICY
-from .runfiles import RunError
+from .runfiles import METRICS, MODEL, STATE, RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, evaluate and serve skin-lesion classifiers (benign vs malignant). "
@@ -101,10 +101,13 @@ def train(
                                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight, augment=augment,
                                 precision=cfg.precision, ema_decay=ema_decay, weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,
                                 skip_bad=skip_bad, classes=classes, threshold_policy=threshold_policy, out=out)
+        evaluated = all((out / f).exists() for f in (MODEL, METRICS)) and not (out / STATE).exists()
         run_dir = run_train(cfg, data, out, weights, weights_dir, allow_random_init, skip_bad,
                             not quiet, _classes(classes), command)
         typer.echo(f"trained: {run_dir}")
-        if not no_eval:
+        if evaluated:  # finished and evaluated earlier: keep that evaluation (it may have used --tta)
+            typer.echo(f"already evaluated: {run_dir / 'report.md'} (`lesionlab evaluate {run_dir}` evaluates again)")
+        elif not no_eval:
             metrics = evaluate_run(run_dir, policy=threshold_policy, progress=not quiet)
             _print_summary(metrics)
             typer.echo(f"report: {run_dir / 'report.md'}")
