@@ -114,3 +114,12 @@ def test_unknown_backbone_and_missing_weights(tmp_path, small_data):
     res = invoke("train", "--data", small_data, "--backbone", "vgg16", "--weights-dir", tmp_path, "--out",
                  tmp_path / "r")
     assert res.exit_code == 2 and "--allow-random-init" in res.output
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "ensemble"])
+def test_a_bad_threshold_policy_stops_the_command_before_any_work(command, small_data, cli_run, tmp_path):
+    args = {"train": ["train", "--data", small_data, "--out", tmp_path / "never"],
+            "evaluate": ["evaluate", cli_run], "ensemble": ["ensemble", cli_run, cli_run, "--out", tmp_path / "e"]}
+    res = invoke(*args[command], "--threshold-policy", "fixed:7")
+    assert res.exit_code == 2 and "must lie in (0, 1)" in res.output
+    assert not (tmp_path / "never").exists() and not (tmp_path / "e").exists()

@@ -238,3 +238,13 @@ def test_threshold_transfer_bench_reads_a_cross_fit_ensemble(tiny_run, fold1_run
     assert 0 <= sens <= 1 and 0 <= spec <= 1
     with pytest.raises(SystemExit, match="not a cross-fit ensemble"):
         bench["row"](ens)
+
+
+def test_a_failed_ensemble_leaves_nothing_servable(tiny_run, second_run, tmp_path):
+    out = tmp_path / "failed"
+    with pytest.raises(ValueError, match="no threshold gives"):  # found late: after the members are scored
+        create_ensemble([tiny_run, second_run], out, policy="sensitivity-lcb:0.99", n_resamples=20, progress=False)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="must lie in"):  # found early: nothing is written
+        create_ensemble([tiny_run, second_run], out, policy="fixed:1.5", progress=False)
+    assert not out.exists()

@@ -101,3 +101,51 @@ def test_int8_is_kept_only_within_the_auc_margin(run_copy, monkeypatch):
     report = json.loads((run_copy / ex.QUANT_REPORT).read_text())
     assert report["kept"] is False and report["n_test"] == 24 and 0 <= report["auc_int8"] <= 1
     assert not [p for p in run_copy.iterdir() if p.name.startswith(".int8-")]
+
+
+def test_a_folder_with_only_the_exported_model_keeps_its_operating_point(onnx_run, tmp_path):
+    """model.onnx + preprocess.json is what other runtimes get; lesionlab reads the same operating point."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.onnx", "preprocess.json"):
+        shutil.copy(onnx_run / name, bare / name)
+    info, full = load_predictor(bare).info, load_predictor(onnx_run, "onnx").info
+    assert (info.threshold, info.temperature, info.model_id, info.tta) == (
+        full.threshold, full.temperature, full.model_id, full.tta)
+    assert info.threshold != 0.5
+
+
+def test_re_evaluating_refreshes_the_exported_operating_point(run_copy):
+    from lesionlab.evaluate import evaluate_run
+
+    evaluate_run(run_copy, policy="fixed:0.42", n_resamples=20, progress=False)
+    spec = rf.read_json(run_copy / "preprocess.json")
+    assert spec["threshold"] == 0.42 and spec["threshold_policy"] == "fixed:0.42" and spec["tta"] is False
+    assert spec["temperature"] == rf.read_json(run_copy / rf.CALIBRATION)["temperature"]
+
+
+def test_a_model_without_an_operating_point_is_not_loaded(run_copy):
+    (run_copy / rf.CALIBRATION).unlink()
+    (run_copy / "preprocess.json").unlink()
+    with pytest.raises(rf.RunError, match="no operating point"):
+        load_predictor(run_copy)
+    res = CliRunner().invoke(app, ["predict", "--model", str(run_copy), __file__])
+    assert res.exit_code == 2 and "lesionlab evaluate" in res.output
+    with pytest.raises(ValueError, match="backend must be one of"):
+        load_predictor(run_copy, "onxx")
+
+
+def test_predictions_use_tta_as_the_threshold_was_fitted(run_copy, small_data, monkeypatch):
+    cal = rf.read_json(run_copy / rf.CALIBRATION)
+    rf.atomic_write_json(run_copy / rf.CALIBRATION, cal | {"tta": True})
+    predictor = load_predictor(run_copy, "onnx")
+    calls = []
+    real = predictor.logits_from_uint8
+    monkeypatch.setattr(predictor, "logits_from_uint8", lambda b, tta=False: calls.append(tta) or real(b, tta))
+    image = open_image(sorted((small_data / "test" / "benign").iterdir())[0])
+    assert predictor.info.tta is True
+    assert predictor.predict([image])[0] == pytest.approx(predictor.predict([image], tta=True)[0])
+    assert calls.count(True) == 2  # (each TTA call scores its 8 views through the same method, tta=False)
+    calls.clear()
+    predictor.predict([image], tta=False)
+    assert calls == [False]

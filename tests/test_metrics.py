@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from lesionlab.metrics import (_rank_auc, bootstrap_ci, brier, choose_threshold, confusion,
+from lesionlab.metrics import (_rank_auc, bootstrap_ci, brier, check_policy, choose_threshold, confusion,
                                expected_calibration_error, fit_temperature, metrics_with_ci, point_metrics,
                                sensitivity_lower_bound)
 
@@ -74,7 +74,7 @@ def test_sensitivity_lower_bound_policy_buys_a_margin(scores):
     lb = sensitivity_lower_bound(np.array([0, 233, 234, 240]), 240)
     assert lb[0] == 0 and lb[1] < 0.95 <= lb[2] and lb[3] < 1
     with pytest.raises(ValueError, match="no threshold gives"):
-        choose_threshold(y[:30], p[:30], "sensitivity-lcb:0.99")
+        choose_threshold(y[270:330], p[270:330], "sensitivity-lcb:0.99")  # 30 positives: at best 0.905
 
 
 def test_temperature_scaling_fixes_overconfidence():
@@ -101,3 +101,27 @@ def test_bootstrap_keeps_class_counts(scores):
     y, p = scores
     ci = bootstrap_ci(y, p, n_resamples=50, seed=0)
     assert set(ci) == {"accuracy", "precision", "recall", "specificity", "f1", "auc"}
+
+
+@pytest.mark.parametrize("policy", ["fixed:0.5", "youden", "sensitivity:0.95", "sensitivity:1", "sensitivity-lcb:0.9"])
+def test_valid_policies_pass_the_check(policy):
+    assert check_policy(policy) == policy
+
+
+@pytest.mark.parametrize("policy, message", [
+    ("magic", "unknown threshold policy"), ("fixed:7", r"must lie in \(0, 1\)"), ("fixed:0", "must lie in"),
+    ("sensitivity:0", r"must lie in \(0, 1\]"), ("sensitivity-lcb:1", "must lie in"),
+    ("sensitivity:high", "needs a number"), ("fixed", "needs a number"), ("youden:2", "unknown threshold policy"),
+])
+def test_bad_policies_are_refused_with_the_accepted_forms(policy, message):
+    with pytest.raises(ValueError, match=message) as e:
+        check_policy(policy)
+    assert "sensitivity:0.95" in str(e.value)  # says what to use instead
+
+
+def test_a_single_class_validation_set_cannot_place_a_sensitivity_threshold():
+    y, p = np.zeros(20), np.linspace(0, 1, 20)
+    for policy in ("sensitivity:0.95", "youden", "sensitivity-lcb:0.9"):
+        with pytest.raises(ValueError, match="both classes"):
+            choose_threshold(y, p, policy)
+    assert choose_threshold(y, p, "fixed:0.4") == 0.4

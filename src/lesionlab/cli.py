@@ -11,7 +11,7 @@ import typer
 
 from .backbones import DEFAULT_BACKBONE, REGISTRY, WeightsError
 from .data import BadImageError, DataError, default_data_dir
-from .metrics import DEFAULT_POLICY
+from .metrics import DEFAULT_POLICY, check_policy
 from .runfiles import METRICS, MODEL, STATE, RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -39,6 +39,19 @@ def _classes(value: str) -> tuple[str, str]:
     if len(parts) != 2:
         fail(f"--classes needs two folder names 'negative,positive', got '{value}'")
     return parts[0], parts[1]
+
+
+def _policy(value: str) -> str:
+    """Checked when the command starts, not after an hour of training."""
+    try:
+        return check_policy(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+POLICY_OPTION = typer.Option(DEFAULT_POLICY, callback=_policy,
+                             help="fixed:0.5 | youden | sensitivity:0.95 | sensitivity-lcb:0.95 (95% lower bound "
+                                  ">= 0.95).")
 
 
 def _command_line(command: str, **options) -> str:
@@ -79,7 +92,7 @@ def train(
     allow_random_init: bool = typer.Option(False, help="Train from random weights when no ImageNet weights are found."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable images (listed in the run folder) instead of stopping."),
     classes: str = typer.Option("benign,malignant", help="Class folder names, negative first."),
-    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95 | sensitivity-lcb:0.95 (95% lower bound >= 0.95)."),
+    threshold_policy: str = POLICY_OPTION,
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate after training."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<backbone>-<mode>-lr<lr>-e<epochs>-s<seed>)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -127,7 +140,7 @@ def _print_summary(metrics: dict) -> None:
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder written by `lesionlab train`, or an ensemble folder."),
     data: Optional[Path] = typer.Option(None, help="Data folder (default: the one the run was trained on)."),
-    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95 | sensitivity-lcb:0.95 (95% lower bound >= 0.95)."),
+    threshold_policy: str = POLICY_OPTION,
     tta: bool = typer.Option(False, help="Test-time augmentation: mean over 8 flips/rotations."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
     quiet: bool = typer.Option(False),
@@ -153,7 +166,8 @@ def predict(
     images: List[Path] = typer.Argument(..., help="Image files (any size; JPEG, PNG, BMP, GIF, TIFF, WebP)."),
     model: Optional[Path] = typer.Option(None, help="Run or ensemble folder (default: the bundled model)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
-    tta: bool = typer.Option(False, help="Test-time augmentation."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Test-time augmentation (mean over 8 "
+                                       "flips/rotations). Default: as the model's threshold was fitted."),
     backend: str = typer.Option("auto", help="auto | onnx | torch"),
 ) -> None:
     """Probability of malignant and the label at the model's operating threshold, per image."""
@@ -309,7 +323,7 @@ def ensemble(
                                           "different folds of one split seed (`train --fold`: a cross-fit ensemble)."),
     out: Path = typer.Option(..., help="Ensemble folder to write (ensemble.json, metrics, report)."),
     data: Optional[Path] = typer.Option(None, help="Data folder (default: the one the runs were trained on)."),
-    threshold_policy: str = typer.Option(DEFAULT_POLICY, help="fixed:0.5 | youden | sensitivity:0.95 | sensitivity-lcb:0.95 (95% lower bound >= 0.95)."),
+    threshold_policy: str = POLICY_OPTION,
     tta: bool = typer.Option(False, help="Test-time augmentation for every member (re-scores them)."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
     quiet: bool = typer.Option(False),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,7 @@ from scipy.special import expit
 
 from . import runfiles as rf
 from .evaluate import EVAL_SPLITS, SplitScores, score_run, write_evaluation
-from .metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES
+from .metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES, check_policy
 from .predictor import ENSEMBLE_FILE, mean_probability_logit
 from .report import DISCLAIMER, metrics_table
 
@@ -289,7 +290,9 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
                     policy: str = DEFAULT_POLICY, tta: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
                     seed: int = 0, progress: bool = True, command: str = "") -> dict:
     """Writes ensemble.json and config.json into ``out`` and evaluates the ensemble (reusing the members'
-    predictions.csv when they match); returns metrics.json's content."""
+    predictions.csv when they match); returns metrics.json's content. If anything fails, no servable
+    ensemble is left behind: a folder this call created is removed, an existing one loses its operating point."""
+    check_policy(policy)
     members = [_require_member(Path(r)).resolve() for r in run_dirs]
     out = Path(out)
     if len(members) < 2:
@@ -299,6 +302,20 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
     if out.resolve() in members or (out / rf.MODEL).exists():
         raise rf.RunError(f"{out} is a run folder; choose a new folder for the ensemble")
     groups = fold_groups(members)
+    created = not out.exists()
+    try:
+        return _write_ensemble(members, groups, out, data, policy, tta, n_resamples, seed, progress, command)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for name in (rf.CALIBRATION, rf.METRICS):
+                (out / name).unlink(missing_ok=True)
+        raise
+
+
+def _write_ensemble(members: list[Path], groups: list[list[int]], out: Path, data, policy: str, tta: bool,
+                    n_resamples: int, seed: int, progress: bool, command: str) -> dict:
     layout = layout_of(groups)
     out.mkdir(parents=True, exist_ok=True)
     rf.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],

@@ -148,13 +148,26 @@ def write_evaluation(out: Path, scores: dict[str, SplitScores], policy: str, n_r
     metrics, probs = summarize(scores, policy, n_resamples, seed)
     metrics["tta"] = tta
     rf.atomic_write_json(out / rf.METRICS, metrics)
-    rf.atomic_write_json(out / rf.CALIBRATION, {
-        "model_id": model_id, "temperature": metrics["calibration"]["temperature"],
-        "threshold": metrics["threshold"]["value"], "policy": policy, "tta": tta,
-    })
+    operating_point = {"model_id": model_id, "temperature": metrics["calibration"]["temperature"],
+                       "threshold": metrics["threshold"]["value"], "policy": policy, "tta": tta}
+    rf.atomic_write_json(out / rf.CALIBRATION, operating_point)
+    _refresh_export(out, operating_point)
     write_predictions(out / rf.PREDICTIONS, scores, probs)
     write_figures(out, scores, probs, metrics, title)
     return metrics
+
+
+def _refresh_export(out: Path, operating_point: dict) -> None:
+    """An exported model's preprocess.json carries the operating point for other runtimes; keep it current."""
+    from .predictor import PREPROCESS_FILE
+
+    path = out / PREPROCESS_FILE
+    if path.exists():
+        spec = rf.read_json(path)
+        spec.update(model_id=operating_point["model_id"], threshold=float(operating_point["threshold"]),
+                    threshold_policy=operating_point["policy"], temperature=float(operating_point["temperature"]),
+                    tta=operating_point["tta"])
+        rf.atomic_write_json(path, spec)
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, policy: str = DEFAULT_POLICY,

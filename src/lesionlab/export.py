@@ -193,6 +193,7 @@ def preprocess_spec(config: dict, calibration: dict, size: int, opset: int = OPS
         "threshold": float(calibration["threshold"]),
         "threshold_policy": calibration.get("policy"),
         "temperature": float(calibration["temperature"]),
+        "tta": bool(calibration.get("tta", False)),  # threshold and temperature fitted on the mean logit of 8 views
         "opset": opset,
     }
 

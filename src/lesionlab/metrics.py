@@ -94,6 +94,28 @@ def _gap_midpoint(thr: np.ndarray, i: int) -> float:
     return float(thr[i]) if i + 1 >= len(thr) else float((thr[i] + thr[i + 1]) / 2)
 
 
+POLICY_HELP = "use fixed:0.5, youden, sensitivity:0.95 or sensitivity-lcb:0.95"
+
+
+def check_policy(policy: str) -> str:
+    """Raises ValueError for a policy ``choose_threshold`` would not accept, before any work is done."""
+    kind, sep, arg = policy.partition(":")
+    if kind == "youden" and not sep:
+        return policy
+    if kind not in ("fixed", "sensitivity", "sensitivity-lcb"):
+        raise ValueError(f"unknown threshold policy '{policy}'; {POLICY_HELP}")
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"threshold policy '{policy}' needs a number after '{kind}:'; {POLICY_HELP}") from None
+    # A fixed threshold of 0 or 1 labels every image the same; a sensitivity of 1 is reachable, its bound is not.
+    ok = 0 < value <= 1 if kind == "sensitivity" else 0 < value < 1
+    if not ok:
+        interval = "(0, 1]" if kind == "sensitivity" else "(0, 1)"
+        raise ValueError(f"threshold policy '{policy}': the value must lie in {interval}; {POLICY_HELP}")
+    return policy
+
+
 def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLICY) -> float:
     """``fixed:T`` | ``youden`` | ``sensitivity:S`` (the highest threshold whose sensitivity is >= S) |
     ``sensitivity-lcb:S`` (the highest threshold at which the one-sided 95% Clopper-Pearson lower bound of the
@@ -104,31 +126,29 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
     counts; the midpoint of that gap is returned, not its edge, so that a new image scoring just below
     the last validation positive kept is not lost to a threshold sitting exactly on that positive.
     """
+    check_policy(policy)
     kind, _, arg = policy.partition(":")
     if kind == "fixed":
-        return float(arg or 0.5)
+        return float(arg)
+    n_pos = int(np.sum(np.asarray(y) == 1))
+    if n_pos == 0 or n_pos == len(y):
+        raise ValueError(f"policy '{policy}' needs validation images of both classes, got {n_pos} positive of "
+                         f"{len(y)}; use fixed:0.5 or a larger validation split")
     fpr, tpr, thr = roc_curve(y, prob, drop_intermediate=False)
     thr = np.clip(thr, 0.0, 1.0)  # sklearn puts +inf first
     if kind == "youden":
         return _gap_midpoint(thr, int(np.argmax(tpr - fpr)))
     if kind == "sensitivity":
-        target = float(arg)
-        if not 0 < target <= 1:
-            raise ValueError(f"sensitivity target must be in (0, 1], got {arg}")
-        ok = np.flatnonzero(tpr >= target)
+        ok = np.flatnonzero(tpr >= float(arg))
         return _gap_midpoint(thr, int(ok[0]))
     if kind == "sensitivity-lcb":
         target = float(arg)
-        if not 0 < target < 1:
-            raise ValueError(f"sensitivity-lcb target must be in (0, 1), got {arg}")
-        n_pos = int(np.sum(np.asarray(y) == 1))
         ok = np.flatnonzero(sensitivity_lower_bound(np.round(tpr * n_pos), n_pos) >= target)
         if not len(ok):
             raise ValueError(f"with {n_pos} validation positives no threshold gives a 95% lower bound of the "
                              f"sensitivity >= {target}; use sensitivity:{target} or a larger validation set")
         return _gap_midpoint(thr, int(ok[0]))
-    raise ValueError(f"unknown threshold policy '{policy}'; use fixed:0.5, youden, sensitivity:0.95 or "
-                     "sensitivity-lcb:0.95")
+    raise AssertionError(policy)  # check_policy admits nothing else
 
 
 def sensitivity_lower_bound(hits: np.ndarray, n: int, confidence: float = 0.95) -> np.ndarray:

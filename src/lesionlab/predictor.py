@@ -24,6 +24,7 @@ ONNX_FILE = "model.onnx"
 PREPROCESS_FILE = "preprocess.json"
 ENSEMBLE_FILE = "ensemble.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+BACKENDS = ("auto", "onnx", "torch")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ModelInfo:
     threshold: float = 0.5
     threshold_policy: str = "fixed:0.5"
     temperature: float = 1.0
+    tta: bool = False  # the threshold and temperature were fitted on TTA logits: predict with TTA by default
     path: str = ""
     runtime: str = ""
     extra: dict = field(default_factory=dict)
@@ -99,12 +101,16 @@ class Predictor:
                for i in range(0, len(batch_hwc), self.batch_size)]
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
-    def predict_logits(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+    def use_tta(self, tta: bool | None) -> bool:
+        """None: as the operating point was fitted (its threshold belongs to those scores)."""
+        return self.info.tta if tta is None else bool(tta)
+
+    def predict_logits(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
         if not images:
             return np.zeros(0)
-        return self.logits_from_uint8(self.prepare(images), tta)
+        return self.logits_from_uint8(self.prepare(images), self.use_tta(tta))
 
-    def predict(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+    def predict(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
         """Calibrated P(malignant) = sigmoid(logit / temperature)."""
         return expit(self.predict_logits(images, tta) / self.info.temperature)
 
@@ -118,13 +124,13 @@ class Predictor:
         feats = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
         return logits, feats
 
-    def analyze(self, images: Sequence[Image.Image], tta: bool = False) -> list[Prediction]:
+    def analyze(self, images: Sequence[Image.Image], tta: bool | None = None) -> list[Prediction]:
         """Probabilities, labels and, when the model folder has a lesion detector, refusals."""
         if not images:
             return []
         batch = self.prepare(images)
         logits, feats = self.forward_uint8(batch)
-        if tta:
+        if self.use_tta(tta):
             logits = self.logits_from_uint8(batch, tta=True)
         probs = expit(logits / self.info.temperature)
         scores = self.detector.score(feats, batch) if self.detector is not None and feats is not None else None
@@ -142,8 +148,25 @@ class Predictor:
 
 
 def _read_operating_point(model_dir: Path) -> dict:
+    """calibration.json (written by evaluate), else the copy in preprocess.json (a folder holding only the
+    exported model); {} when neither exists (raw scoring during evaluation needs no operating point)."""
     path = model_dir / rf.CALIBRATION
-    return rf.read_json(path) if path.exists() else {}
+    if path.exists():
+        return rf.read_json(path)
+    pre = model_dir / PREPROCESS_FILE
+    if pre.exists():
+        spec = rf.read_json(pre)
+        if "threshold" in spec:
+            return {"model_id": spec.get("model_id"), "threshold": spec["threshold"], "tta": spec.get("tta", False),
+                    "policy": spec.get("threshold_policy"), "temperature": spec.get("temperature", 1.0)}
+    return {}
+
+
+def require_operating_point(model_dir: Path) -> None:
+    """A model without its validation-chosen threshold would silently label at 0.5: refuse to load it."""
+    if not _read_operating_point(model_dir):
+        raise rf.RunError(f"{model_dir} has no operating point ({rf.CALIBRATION}): it was trained with --no-eval "
+                          f"or its evaluation failed; run `lesionlab evaluate {model_dir}` first")
 
 
 def _info(model_dir: Path, runtime: str) -> ModelInfo:
@@ -158,8 +181,8 @@ def _info(model_dir: Path, runtime: str) -> ModelInfo:
     return ModelInfo(
         model_id=op.get("model_id") or model_dir.name, backbone=backbone, input_size=int(pre["input_size"]),
         mean=tuple(pre["mean"]), std=tuple(pre["std"]), threshold=float(op.get("threshold", 0.5)),
-        threshold_policy=op.get("policy", "fixed:0.5"), temperature=float(op.get("temperature", 1.0)),
-        path=str(model_dir), runtime=runtime,
+        threshold_policy=op.get("policy") or "fixed:0.5", temperature=float(op.get("temperature", 1.0)),
+        tta=bool(op.get("tta", False)), path=str(model_dir), runtime=runtime,
     )
 
 
@@ -216,12 +239,14 @@ class EnsemblePredictor(Predictor):
         self.info = ModelInfo(
             model_id=op.get("model_id") or model_dir.name, backbone="ensemble(" + ",".join(
                 m.info.backbone for m in self.members) + ")", input_size=first.input_size, mean=first.mean,
-            std=first.std, threshold=float(op.get("threshold", 0.5)), threshold_policy=op.get("policy", "fixed:0.5"),
-            temperature=float(op.get("temperature", 1.0)), path=str(model_dir), runtime="+".join(sorted({m.info.runtime for m in self.members})),
+            std=first.std, threshold=float(op.get("threshold", 0.5)), threshold_policy=op.get("policy") or "fixed:0.5",
+            temperature=float(op.get("temperature", 1.0)), tta=bool(op.get("tta", False)), path=str(model_dir),
+            runtime="+".join(sorted({m.info.runtime for m in self.members})),
         )
 
-    def predict_logits(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
-        """The logit of the mean of the members' calibrated probabilities."""
+    def predict_logits(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
+        """The logit of the mean of the members' calibrated probabilities (TTA as the ensemble was fitted)."""
+        tta = self.use_tta(tta)
         return mean_probability_logit([m.predict(images, tta) for m in self.members])
 
     def logits_from_uint8(self, batch_hwc: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -236,11 +261,12 @@ class EnsemblePredictor(Predictor):
         """``ood_score`` is the median member's distance / threshold, so the threshold is 1."""
         return 1.0 if self.refuses_non_lesions else None
 
-    def analyze(self, images: Sequence[Image.Image], tta: bool = False) -> list[Prediction]:
+    def analyze(self, images: Sequence[Image.Image], tta: bool | None = None) -> list[Prediction]:
         """Mean of member probabilities; refused when the median member's lesion detector refuses
         (``ood.ensemble_refusal_score``); ``ood_score`` is then that median of distance / threshold."""
         if not images:
             return []
+        tta = self.use_tta(tta)
         per_member = [m.analyze(images, tta) for m in self.members]
         logits = mean_probability_logit([[p.probability for p in preds] for preds in per_member])
         probs = expit(logits / self.info.temperature)
@@ -275,9 +301,12 @@ def _member_path(ensemble_dir: Path, member: str) -> Path:
 def load_predictor(model_dir: str | Path | None = None, backend: str = "auto",
                    num_threads: int | None = None) -> Predictor:
     """``auto`` prefers ONNX Runtime when the folder has model.onnx; ``None`` means the bundled default."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
     model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
     if not model_dir.is_dir():
         raise rf.RunError(f"model folder {model_dir} does not exist")
+    require_operating_point(model_dir)
     if (model_dir / ENSEMBLE_FILE).exists():
         return EnsemblePredictor(model_dir, backend, num_threads)
     has_onnx = (model_dir / ONNX_FILE).exists()
@@ -288,13 +317,3 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "auto",
     if not (model_dir / rf.MODEL).exists():
         raise rf.RunError(f"{model_dir} holds neither {rf.MODEL} nor {ONNX_FILE}; is it a lesionlab run folder?")
     return TorchPredictor(model_dir, num_threads)
-
-
-def describe(predictor: Predictor) -> dict:
-    i = predictor.info
-    return {"model_id": i.model_id, "backbone": i.backbone, "input_size": i.input_size, "threshold": i.threshold,
-            "threshold_policy": i.threshold_policy, "temperature": i.temperature, "runtime": i.runtime}
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2)
