@@ -199,12 +199,43 @@ def test_explain_is_501_without_the_module(client, lesion_jpeg, monkeypatch):
 def test_explain_returns_an_overlay(client, lesion_jpeg, monkeypatch):
     calls = []
     fake = types.ModuleType("lesionlab.explain")
-    fake.overlay_png = lambda model_dir, image: calls.append((Path(model_dir), image.size)) or png((8, 8))
+    fake.overlay_png = lambda model_dir, image, target: calls.append((Path(model_dir), target)) or png((8, 8))
     monkeypatch.setitem(sys.modules, "lesionlab.explain", fake)
     r = client.post("/v1/predict?explain=true", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
     assert r.status_code == 200
     assert base64.b64decode(r.json()["explanation_png"]).startswith(b"\x89PNG")
-    assert calls and calls[0][0] == client.app.state.service.model_dir
+    assert calls == [(client.app.state.service.model_dir, r.json()["label"])]  # the evidence for the label shown
+
+
+@pytest.fixture(scope="module")
+def twin_ensemble(tiny_run, tmp_path_factory) -> Path:
+    """Two copies of tiny_run as an ensemble (no training): its label differs from a member's only by threshold."""
+    root = tmp_path_factory.mktemp("twin-ensemble")
+    for name in ("a", "b"):
+        shutil.copytree(tiny_run, root / name)
+    (root / "ens").mkdir()
+    (root / "ens" / "ensemble.json").write_text(json.dumps({"members": ["../a", "../b"]}))
+    return root / "ens"
+
+
+def test_ensemble_explains_the_ensemble_label(twin_ensemble, lesion_jpeg, monkeypatch):
+    explain = pytest.importorskip("lesionlab.explain")
+    from lesionlab.data import open_image
+    from lesionlab.predictor import load_predictor
+
+    member = load_predictor(twin_ensemble.parent / "a").analyze([open_image(lesion_jpeg)])[0]
+    assert not member.refused
+    flipped = "benign" if member.label == "malignant" else "malignant"  # an ensemble threshold that disagrees
+    (twin_ensemble / "calibration.json").write_text(json.dumps({"threshold": 1.01 if flipped == "benign" else 0.0}))
+    targets = []
+    real = explain.gradcam
+    monkeypatch.setattr(explain, "gradcam", lambda model, x, target="predicted": targets.append(target) or
+                        real(model, x, target))
+    with TestClient(create_app(twin_ensemble)) as c:
+        wait_ready(c)
+        r = c.post("/v1/predict?explain=true", json={"image": b64(lesion_jpeg)})
+    assert r.status_code == 200, r.json()
+    assert r.json()["label"] == flipped and targets == [flipped] and r.json()["explanation_png"]
 
 
 def test_explain_with_the_real_grad_cam(client, lesion_jpeg):
@@ -224,6 +255,37 @@ def test_model_card(client):
     auc = card["metrics"]["test"]["auc"]
     assert set(auc) == {"value", "ci95"} and "at_threshold" in card["metrics"]["test"]
     assert card["licence"]["data"] and card["disclaimer"] == DISCLAIMER and "not a diagnosis" in card["intended_use"]
+
+
+def _version(model_dir: Path) -> str:
+    from lesionlab.serve.service import ModelService
+
+    service = ModelService(model_dir)
+    service.load()
+    assert service.error is None, service.error
+    return service.version
+
+
+def test_model_version_tracks_calibration_and_not_the_folder_path(onnx_run, tmp_path):
+    copy = tmp_path / "a" / "model"
+    shutil.copytree(onnx_run, copy)
+    before = _version(copy)
+    assert len(before) == 12 and set(before) <= set("0123456789abcdef")
+    shutil.copytree(copy, tmp_path / "b" / "model")
+    assert _version(tmp_path / "b" / "model") == before  # where the folder lives is not part of the model
+    cal = json.loads((copy / "calibration.json").read_text())
+    cal["threshold"] = 0.123 if cal.get("threshold") != 0.123 else 0.321
+    (copy / "calibration.json").write_text(json.dumps(cal))
+    assert _version(copy) != before  # a re-evaluation moved the threshold: the labels may change
+
+
+def test_ensemble_model_version_tracks_its_members(twin_ensemble):
+    before = _version(twin_ensemble)
+    member_cal = twin_ensemble.parent / "b" / "calibration.json"
+    cal = json.loads(member_cal.read_text())
+    cal["temperature"] = float(cal.get("temperature", 1.0)) * 2
+    member_cal.write_text(json.dumps(cal))
+    assert _version(twin_ensemble) != before
 
 
 def test_onnx_only_folder_like_the_bundled_model(onnx_only, lesion_jpeg, monkeypatch):
@@ -395,6 +457,63 @@ def test_request_timeout(onnx_run, lesion_jpeg, monkeypatch):
         assert c.app.state.service.admission.active == 0
 
 
+def test_timed_out_jobs_that_never_started_never_run():
+    import asyncio
+
+    from lesionlab.serve.admission import Admission
+    from lesionlab.serve.errors import ServiceError
+
+    admission = Admission(max_concurrency=8, timeout_s=0.2, threads=1)
+    calls: list[int] = []
+
+    def slow(i: int) -> int:
+        calls.append(i)
+        time.sleep(0.5)
+        return i
+
+    async def burst() -> list:
+        return await asyncio.gather(*(admission.run(slow, i) for i in range(4)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(burst())
+        assert all(isinstance(r, ServiceError) and r.code == "timeout" and r.headers["Retry-After"] for r in results)
+        deadline = time.monotonic() + 5
+        while admission.active and time.monotonic() < deadline:  # the running job frees its slot when it ends
+            time.sleep(0.02)
+        assert admission.active == 0
+        time.sleep(0.3)  # room for a wrongly queued job to start
+        assert calls == [0]  # only the job that had started ran; the other three were dropped
+    finally:
+        admission.shutdown()
+
+
+def test_late_failure_after_a_timeout_is_not_reported_as_unhandled(caplog):
+    import asyncio
+    import gc
+
+    from lesionlab.serve.admission import Admission
+    from lesionlab.serve.errors import ServiceError
+
+    admission = Admission(max_concurrency=2, timeout_s=0.05, threads=1)
+
+    def fails_late() -> None:
+        time.sleep(0.2)
+        raise RuntimeError("late failure")
+
+    async def call() -> None:
+        with pytest.raises(ServiceError, match="did not finish"):
+            await admission.run(fails_late)
+        await asyncio.sleep(0.4)  # the job fails while the loop still runs
+
+    try:
+        asyncio.run(call())
+        gc.collect()
+        assert admission.active == 0
+        assert "never retrieved" not in caplog.text
+    finally:
+        admission.shutdown()
+
+
 # ------------------------------------------------------------------ auth
 
 
@@ -426,6 +545,46 @@ def test_tokens_from_env_and_file(tmp_path):
     assert ServeSettings.from_env(ServeSettings(load_before_accepting=True).to_env()).load_before_accepting
     with pytest.raises(ValueError, match="LESIONLAB_SERVE_LOAD_BEFORE_ACCEPTING='maybe' is not a valid true/false"):
         ServeSettings.from_env({"LESIONLAB_SERVE_LOAD_BEFORE_ACCEPTING": "maybe"})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timeout_s": 0}, r"--timeout \(LESIONLAB_SERVE_TIMEOUT_S\) must be a number of seconds > 0, got 0"),
+    ({"inference_threads": 0}, r"--inference-threads .* must be a whole number >= 1, got 0"),
+    ({"max_concurrency": 0}, r"--max-concurrency .* >= 1, got 0"),
+    ({"num_threads": -1}, r"--threads .* >= 1, got -1"),
+    ({"max_batch": 0}, r"LESIONLAB_SERVE_MAX_BATCH must be a whole number >= 1, got 0"),
+    ({"backend": "onxx"}, r"--backend .* must be one of auto, onnx, torch, got 'onxx'"),
+])
+def test_bad_settings_are_refused_with_the_option_named(kwargs, message):
+    from lesionlab.serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match=message):
+        ServeSettings(**kwargs)
+
+
+def test_bad_backend_from_the_environment_is_refused():
+    from lesionlab.serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="got 'onxx'"):
+        ServeSettings.from_env({"LESIONLAB_SERVE_BACKEND": "onxx"})
+    assert ServeSettings.from_env({"LESIONLAB_SERVE_BACKEND": "torch"}).backend == "torch"
+
+
+@pytest.mark.parametrize("args", [["--timeout", "0"], ["--backend", "onxx"]])
+def test_cli_serve_refuses_bad_options_before_uvicorn(onnx_run, monkeypatch, args):
+    import os
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from lesionlab.cli import app
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append(a))
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    result = CliRunner().invoke(app, ["serve", "--model", str(onnx_run), *args])
+    assert result.exit_code == 2 and not calls, result.output
+    assert args[0] in result.output and "Traceback" not in result.output
 
 
 # ------------------------------------------------------------------ no 500, nothing on disk or in logs
@@ -620,3 +779,22 @@ def test_cli_serve_starts_uvicorn_with_the_settings(onnx_run, monkeypatch):
     assert s.model_dir == str(onnx_run.resolve()) and s.max_body_bytes == 5_000_000 and s.timeout_s == 3.0
     assert s.load_before_accepting  # several workers: each loads before it takes connections
     assert CliRunner().invoke(app, ["serve", "--model", str(onnx_run / "nope")]).exit_code == 2
+
+
+def test_tta_follows_the_operating_point_unless_the_request_says(onnx_only, lesion_jpeg, tmp_path, monkeypatch):
+    """A threshold fitted on TTA scores belongs to TTA scores: such a model uses TTA unless asked not to."""
+    folder = tmp_path / "tta-model"
+    shutil.copytree(onnx_only, folder)
+    cal = json.loads((folder / "calibration.json").read_text())
+    (folder / "calibration.json").write_text(json.dumps(cal | {"tta": True}))
+    with TestClient(create_app(folder)) as c:
+        wait_ready(c)
+        predictor = c.app.state.service.predictor
+        seen, analyze = [], predictor.analyze
+        monkeypatch.setattr(predictor, "analyze", lambda images, tta=None: seen.append(tta) or analyze(images, tta))
+        assert c.get("/v1/model").json()["tta"] is True
+        assert c.post("/v1/predict", json={"image": b64(lesion_jpeg)}).json()["tta"] is True
+        assert c.post("/v1/predict?tta=false", json={"image": b64(lesion_jpeg)}).json()["tta"] is False
+        assert c.post("/v1/predict/batch", json={"images": [b64(lesion_jpeg)]}).json()["tta"] is True
+        assert c.post("/predict", json={"image": b64(lesion_jpeg)}).status_code == 200
+        assert seen == [True, False, True, None]  # the study's route: the predictor's own setting

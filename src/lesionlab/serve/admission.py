@@ -1,14 +1,15 @@
 """Admission control: at most N requests own an inference slot, each bounded by a timeout.
 
 A slot is freed when the work really ends, not when the client gave up waiting, so a timed-out
-request cannot let more work pile onto the CPU than the cap allows.
+request cannot let more work pile onto the CPU than the cap allows; a timed-out job that has not started
+yet is dropped, so its slot frees at once and no thread spends time on an answer nobody waits for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 from .errors import ServiceError
@@ -38,26 +39,50 @@ class Admission:
             self._active += 1
             return True
 
-    def _release(self, future: "asyncio.Future") -> None:
+    def _release(self, job: Future) -> None:
+        """Done-callback of the job: it finished, or was cancelled before it started."""
         with self._lock:
             self._active -= 1
-        if not future.cancelled():
-            future.exception()  # retrieved, so a late failure after a timeout is not reported as unhandled
+
+    @staticmethod
+    def _retrieve(waiter: "asyncio.Future") -> None:
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved, so a late failure after a timeout is not reported as unhandled
+
+    def _submit(self, fn: Callable[..., T], *args) -> Future:
+        try:
+            job = self.executor.submit(fn, *args)
+        except RuntimeError:  # shutting down: the slot was never given to a job
+            with self._lock:
+                self._active -= 1
+            raise ServiceError(503, "shutting_down", "the server is shutting down; retry on another instance",
+                               {"Retry-After": str(RETRY_AFTER_S)}) from None
+        job.add_done_callback(self._release)
+        return job
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        """Runs ``fn`` on the inference threads; 503 + Retry-After when full or too slow."""
+        """Runs ``fn`` on the inference threads; 503 + Retry-After when full or too slow.
+
+        A request that times out (or whose client goes away) cancels its job, so a job that has not started
+        never runs: under overload the threads work only for clients still waiting. A job already running
+        cannot be stopped; it keeps its slot until it ends."""
         if not self._acquire():
             raise ServiceError(503, "busy", f"server busy: {self.max_concurrency} requests are already being "
                                             f"processed; retry in {RETRY_AFTER_S} s",
                                {"Retry-After": str(RETRY_AFTER_S)})
-        future = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        future.add_done_callback(self._release)
+        job = self._submit(fn, *args)
+        waiter = asyncio.wrap_future(job)
+        waiter.add_done_callback(self._retrieve)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(waiter), self.timeout_s)
         except asyncio.TimeoutError:
+            job.cancel()
             raise ServiceError(503, "timeout", f"the request did not finish within {self.timeout_s:g} s; retry "
                                                "later or send a smaller image",
                                {"Retry-After": str(RETRY_AFTER_S)}) from None
+        except asyncio.CancelledError:  # the client went away: nobody wants the answer
+            job.cancel()
+            raise
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -55,7 +55,8 @@ ERROR_TEXT = {400: "Bad request (bad base64, JSON or multipart; bad query value)
               413: "Body, image pixels or batch too large", 415: "Not an image, or an unsupported format",
               422: "Image smaller than 32x32, or refused as not a lesion (then with label/probability)",
               501: "Explanation not available for this model", 503: "Busy, timed out or model not ready (Retry-After)"}
-TTA_QUERY = Query(False, description="Test-time augmentation: mean over the 8 flips/rotations (8x the compute)")
+TTA_QUERY = Query(None, description="Test-time augmentation: mean over the 8 flips/rotations (8x the compute). "
+                                    "Default: as the model's threshold was fitted (`tta` in GET /v1/model)")
 
 
 def _errors(path: str, *codes: int) -> dict:
@@ -118,7 +119,7 @@ def v1_router(service: ModelService, max_batch: int) -> APIRouter:
 
     @router.post("/predict", response_model=PredictionOut, openapi_extra=V1_BODY,
                  responses=_errors("/v1/predict", 400, 401, 413, 415, 422, 501, 503))
-    async def predict(request: Request, tta: bool = TTA_QUERY,
+    async def predict(request: Request, tta: bool | None = TTA_QUERY,
                       explain: bool = Query(False, description="Add a Grad-CAM overlay (needs model.pt)")):
         """One image (multipart `file` or JSON base64): label, P(malignant), threshold, model id/version, timing."""
         images = codec.request_images(await request.body(), request.headers.get("content-type", ""), batch=False)
@@ -126,6 +127,7 @@ def v1_router(service: ModelService, max_batch: int) -> APIRouter:
             raise ServiceError(400, "one_image", f"got {len(images)} files; send one, or use /v1/predict/batch")
         if explain:
             service.require_explainer()
+        tta = service.require_ready().use_tta(tta)  # None: the model's own setting; the response says which
         outcomes, ms = await service.classify(images, tta)
         o = outcomes[0]
         if o.error:
@@ -137,18 +139,20 @@ def v1_router(service: ModelService, max_batch: int) -> APIRouter:
                             ood_score=p.ood_score, model_id=info.model_id, model_version=service.version,
                             inference_ms=round(ms, 3), tta=tta, disclaimer=DISCLAIMER)
         if explain:
-            out.explanation_png = base64.b64encode(await service.explain(images[0])).decode("ascii")
+            png = await service.explain(images[0], p.label)  # type: ignore[union-attr]  # the label shown
+            out.explanation_png = base64.b64encode(png).decode("ascii")
         return out
 
     @router.post("/predict/batch", response_model=BatchOut, openapi_extra=BATCH_BODY,
                  responses=_errors("/v1/predict/batch", 400, 401, 413, 415, 503))
-    async def predict_batch(request: Request, tta: bool = TTA_QUERY) -> BatchOut:
+    async def predict_batch(request: Request, tta: bool | None = TTA_QUERY) -> BatchOut:
         """Up to 32 images (multipart `files` or JSON `{"images": [...]}`); unreadable ones get a per-item error."""
         images = codec.request_images(await request.body(), request.headers.get("content-type", ""), batch=True)
         if not images:
             raise ServiceError(400, "no_images", "the batch is empty; send 1 to 32 images")
         if len(images) > max_batch:
             raise ServiceError(413, "batch_too_large", f"{len(images)} images; send at most {max_batch} per request")
+        tta = service.require_ready().use_tta(tta)  # None: the model's own setting; the response says which
         outcomes, ms = await service.classify(images, tta)
         info = service.predictor.info  # type: ignore[union-attr]
         return BatchOut(results=[_batch_item(i, o) for i, o in enumerate(outcomes)], threshold=info.threshold,

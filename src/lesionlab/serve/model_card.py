@@ -70,6 +70,7 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
         "threshold": {"value": info.threshold, "policy": info.threshold_policy,
                       "chosen_on": metrics.get("threshold", {}).get("chosen_on", "val")},
         "temperature": info.temperature,
+        "tta": info.tta,  # threshold and temperature fitted on TTA scores; requests use TTA unless they say not
         "lesion_detector": predictor.refuses_non_lesions,
         "lesion_detector_threshold": predictor.refusal_threshold,  # ood_score above it: refused
         "training_data": training_data(config),

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .. import runfiles as rf
 from ..data import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from ..ood import OOD_FILE, OOD_META
 from ..predictor import DEFAULT_MODEL_DIR, ENSEMBLE_FILE, ONNX_FILE, Prediction, Predictor, load_predictor
 from .admission import Admission
 from .errors import ServiceError, from_bad_image
@@ -61,15 +62,39 @@ def limit_blas_threads() -> None:
     threadpool_limits(1, user_api="blas")
 
 
-def artifact_version(model_dir: Path, runtime: str) -> str:
-    """First 12 hex digits of the served weights file's sha256: changes whenever the model does."""
-    name = ENSEMBLE_FILE if (model_dir / ENSEMBLE_FILE).exists() else (
-        ONNX_FILE if runtime == "onnxruntime" else rf.MODEL)
+#: Besides the weights, the files that decide a label: threshold and temperature, and the lesion detector.
+LABEL_FILES = (rf.CALIBRATION, OOD_META, OOD_FILE)
+
+
+def artifact_files(predictor: Predictor) -> list[Path]:
+    """The files that decide the served labels, in a fixed order: the weights file actually loaded (or
+    ensemble.json) and the LABEL_FILES present; for an ensemble, then the same for each member in turn."""
+    folder = Path(predictor.info.path)
+    members: list[Predictor] = getattr(predictor, "members", [])
+    if (folder / ENSEMBLE_FILE).exists():
+        head = ENSEMBLE_FILE
+    else:
+        head = ONNX_FILE if predictor.info.runtime == "onnxruntime" else rf.MODEL
+    files = [folder / head] + [folder / name for name in LABEL_FILES if (folder / name).exists()]
+    return files + [f for m in members for f in artifact_files(m)]
+
+
+def artifact_version(predictor: Predictor) -> str:
+    """First 12 hex digits of a sha256 over everything in ``artifact_files``: a retrained, re-calibrated or
+    re-fitted model (or ensemble member) gets a new version, while moving the folder keeps it."""
     h = hashlib.sha256()
-    with open(model_dir / name, "rb") as f:
+    for i, path in enumerate(artifact_files(predictor)):
+        h.update(f"{i}:{path.name}:".encode())  # position and name, never the absolute path
+        h.update(_file_digest(path))
+    return h.hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:12]
+    return h.digest()
 
 
 class ModelService:
@@ -106,7 +131,7 @@ class ModelService:
                 predictor = load_predictor(self.model_dir, self.backend, self.num_threads)
                 size = predictor.info.input_size
                 predictor.analyze([Image.new("RGB", (size, size), (180, 120, 100))])
-                self.version = artifact_version(self.model_dir, predictor.info.runtime)
+                self.version = artifact_version(predictor)
                 self.predictor = predictor
                 log.info("model %s (%s, %s) ready", predictor.info.model_id, predictor.info.runtime, self.version)
             except Exception as e:  # noqa: BLE001 - any load failure must show on /health/ready, not kill the app
@@ -140,7 +165,7 @@ class ModelService:
             raise ServiceError(415, "unsupported_image", f"{label}: could not be decoded ({type(e).__name__}); "
                                                          "send a JPEG or PNG file") from None
 
-    def classify_blocking(self, images: list[bytes], tta: bool) -> tuple[list[Outcome], float]:
+    def classify_blocking(self, images: list[bytes], tta: bool | None) -> tuple[list[Outcome], float]:
         predictor = self.require_ready()
         outcomes: list[Outcome] = []
         decoded: list[Image.Image] = []
@@ -158,8 +183,8 @@ class ModelService:
                 o.prediction = next(predictions)
         return outcomes, elapsed_ms
 
-    def _explain(self, data: bytes) -> bytes:
-        return self.require_explainer().overlay_png(self.model_dir, self._decode(data, "image"))
+    def _explain(self, data: bytes, target: str) -> bytes:
+        return self.require_explainer().overlay_png(self.model_dir, self._decode(data, "image"), target)
 
     def require_explainer(self):
         """lesionlab.explain, or 501 unless a Grad-CAM can be drawn (it needs a PyTorch checkpoint, model.pt)."""
@@ -182,10 +207,13 @@ class ModelService:
 
     # ------------------------------------------------------------ async entry points
 
-    async def classify(self, images: list[bytes], tta: bool = False) -> tuple[list[Outcome], float]:
+    async def classify(self, images: list[bytes], tta: bool | None = None) -> tuple[list[Outcome], float]:
+        """``tta`` None: as the model's operating point was fitted."""
         self.require_ready()
         return await self.admission.run(self.classify_blocking, images, tta)
 
-    async def explain(self, data: bytes) -> bytes:
+    async def explain(self, data: bytes, target: str) -> bytes:
+        """Grad-CAM of the evidence for ``target`` (benign or malignant): the label served, which for an
+        ensemble or with TTA can differ from the explained model's own answer."""
         self.require_explainer()
-        return await self.admission.run(self._explain, data)
+        return await self.admission.run(self._explain, data, target)

@@ -11,9 +11,14 @@ from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from ..data import DEFAULT_MAX_PIXELS
+from ..predictor import BACKENDS
 
 PREFIX = "LESIONLAB_SERVE_"
 MODEL_ENV = "LESIONLAB_MODEL"
+#: ``lesionlab serve`` option of each setting that has one, for error messages
+CLI_OPTIONS = {"max_body_bytes": "--max-body-bytes", "max_concurrency": "--max-concurrency", "timeout_s": "--timeout",
+               "backend": "--backend", "num_threads": "--threads", "inference_threads": "--inference-threads"}
+POSITIVE = ("max_body_bytes", "max_concurrency", "num_threads", "inference_threads", "max_pixels", "max_batch")
 
 
 def default_threads(workers: int = 1, inference_threads: int = 2) -> int:
@@ -32,6 +37,12 @@ def _flag(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def _option(name: str) -> str:
+    """How a user sets ``name``: the serve option and/or the environment variable."""
+    env = PREFIX + name.upper()
+    return f"{CLI_OPTIONS[name]} ({env})" if name in CLI_OPTIONS else env
+
+
 @dataclass
 class ServeSettings:
     model_dir: str | None = None
@@ -47,6 +58,18 @@ class ServeSettings:
     # one ready worker says nothing about the others sharing the socket
     load_before_accepting: bool = False
     tokens: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        """Bad values fail here, before uvicorn starts, and not as a traceback in each worker (or, for a
+        misspelt backend, not at all: load_predictor would quietly run PyTorch)."""
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{_option(name)} must be a whole number >= 1, got {value}")
+        if not self.timeout_s > 0:  # also refuses NaN
+            raise ValueError(f"{_option('timeout_s')} must be a number of seconds > 0, got {self.timeout_s:g}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{_option('backend')} must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def to_env(self) -> dict[str, str]:
         """Everything but tokens (those stay in LESIONLAB_API_TOKENS / _FILE, never in our own variables)."""
