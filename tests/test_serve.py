@@ -570,7 +570,7 @@ def test_bad_backend_from_the_environment_is_refused():
     assert ServeSettings.from_env({"LESIONLAB_SERVE_BACKEND": "torch"}).backend == "torch"
 
 
-@pytest.mark.parametrize("args", [["--timeout", "0"], ["--backend", "onxx"]])
+@pytest.mark.parametrize("args", [["--timeout", "0"], ["--backend", "onxx"], ["--workers", "0"], ["--threads", "0"]])
 def test_cli_serve_refuses_bad_options_before_uvicorn(onnx_run, monkeypatch, args):
     import os
 
@@ -798,3 +798,19 @@ def test_tta_follows_the_operating_point_unless_the_request_says(onnx_only, lesi
         assert c.post("/v1/predict/batch", json={"images": [b64(lesion_jpeg)]}).json()["tta"] is True
         assert c.post("/predict", json={"image": b64(lesion_jpeg)}).status_code == 200
         assert seen == [True, False, True, None]  # the study's route: the predictor's own setting
+
+
+def test_cli_serve_refuses_a_model_without_an_operating_point(onnx_run, tmp_path, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from lesionlab.cli import app
+
+    folder = tmp_path / "unevaluated"
+    shutil.copytree(onnx_run, folder)
+    (folder / "calibration.json").unlink()
+    (folder / "preprocess.json").unlink()
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append(a))
+    result = CliRunner().invoke(app, ["serve", "--model", str(folder)])
+    assert result.exit_code == 2 and not calls and "lesionlab evaluate" in result.output

@@ -282,14 +282,15 @@ def serve(
                                          help="Run or ensemble folder (default: the bundled model)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8000),
-    workers: int = typer.Option(1, help="uvicorn worker processes."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads per request (default: cores / (workers x "
+    workers: int = typer.Option(1, min=1, help="uvicorn worker processes."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads per request (default: cores / (workers x "
                                                      "inference threads), at least 1)."),
     inference_threads: int = typer.Option(2, help="Requests decoded and inferred at once per worker."),
     max_body_bytes: int = typer.Option(10_000_000, help="Request body cap (413 above it)."),
     max_concurrency: int = typer.Option(32, help="Requests admitted at once per worker (503 + Retry-After above)."),
     timeout: float = typer.Option(15.0, help="Per-request processing timeout in seconds (503 after it)."),
-    backend: str = typer.Option("auto", help="auto (ONNX Runtime when model.onnx exists) | onnx | torch"),
+    backend: str = typer.Option("auto", envvar="LESIONLAB_SERVE_BACKEND",
+                                help="auto (ONNX Runtime when model.onnx exists) | onnx | torch"),
     access_log: bool = typer.Option(True, help="uvicorn access log (method, path, status; never bodies)."),
 ) -> None:
     """Serve the model over HTTP: /predict (study contract), /v1/predict, /v1/model, health probes, a web page at /.
@@ -299,11 +300,13 @@ def serve(
 
     import uvicorn
 
+    from .predictor import require_operating_point
     from .serve.service import resolve_model_dir
     from .serve.settings import ServeSettings, default_threads
 
     try:
         model_dir = resolve_model_dir(model).resolve()
+        require_operating_point(model_dir)  # here, not as a 503 from every worker
         settings = ServeSettings(str(model_dir), max_body_bytes, max_concurrency, timeout, backend,
                                  threads or default_threads(workers, inference_threads), inference_threads,
                                  load_before_accepting=workers > 1)
