@@ -140,3 +140,65 @@ def test_default_folders_next_to_the_repository_are_found_from_anywhere(shared_d
     monkeypatch.chdir(tmp_path)  # nothing at tmp/../shared
     assert default_data_dir() == shared_data.resolve()
     assert default_weights_dir() == shared_weights.resolve()
+
+
+def _resize_then_crop(img, size):
+    """The straightforward reference: the whole image resized (shorter side to ``size``), then centre-cropped."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("w,h", [(300, 224), (224, 500), (1000, 333), (33, 90), (640, 480), (300, 1000),
+                                 (500, 500), (224, 224)])
+def test_resize_to_input_matches_resize_then_crop(shared_data, w, h):
+    """Resampling only the crop's source region gives the old pixels on photos, within two grey levels."""
+    for path in sorted((shared_data / "test" / "malignant").iterdir())[:3]:
+        img = Image.open(path).convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+        got, want = resize_to_input(img, 224).astype(int), _resize_then_crop(img, 224).astype(int)
+        assert got.shape == (224, 224, 3)
+        diff = np.abs(got - want)
+        if w == h or 224 in (w, h):
+            assert diff.max() == 0  # a plain resize, or a plain crop
+        assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+@pytest.mark.parametrize("w,h", [(100_000, 32), (32, 100_000)])
+def test_elongated_image_is_not_upsampled_whole(w, h):
+    """A 100000x32 strip used to become ~700000x224 (~600 MB) before the crop."""
+    import time
+
+    img = Image.new("RGB", (w, h), (200, 100, 50))
+    start = time.perf_counter()
+    arr = resize_to_input(img, 224)
+    assert time.perf_counter() - start < 0.5
+    assert arr.shape == (224, 224, 3) and arr.dtype == np.uint8
+    assert (arr == (200, 100, 50)).all()
+
+
+def test_16_bit_greyscale_is_rescaled_not_clipped_to_white():
+    import io
+
+    gradient = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (64, 1))
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, "PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I;16")
+    arr = np.asarray(open_image(buf.getvalue()))
+    assert arr.shape == (64, 256, 3)
+    assert arr.min() == 0 and arr.max() == 255 and abs(arr.mean() - 127.5) < 1
+    assert (np.diff(arr[0, :, 0].astype(int)) >= 0).all()  # tracks the gradient
+
+
+@pytest.mark.parametrize("values,mode", [(np.linspace(0, 65535, 256), "I"), (np.linspace(0, 255, 256), "I"),
+                                         (np.linspace(0, 1, 256), "F"), (np.linspace(0, 255, 256), "F")])
+def test_32_bit_and_float_greyscale_are_rescaled(values, mode):
+    from lesionlab.data import to_rgb
+
+    arr = np.tile(values, (4, 1)).astype(np.int32 if mode == "I" else np.float32)
+    rgb = np.asarray(to_rgb(Image.fromarray(arr, mode)))
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, -1].tolist() == [255, 255, 255]
+    assert abs(rgb.mean() - 127.5) < 1

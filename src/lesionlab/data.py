@@ -231,18 +231,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img = _to_8bit(img)
     return img.convert("RGB")
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Rescales 16-bit, 32-bit and float greyscale to "L": ``convert`` would clip them, mostly to white.
+
+    I;16*: /257. I: clipped to 0..65535, then /257 unless it already fits 0..255. F: [0,1] x 255 when its
+    maximum is at most 1, else clipped to 0..255 (NaN counts as 0).
+    """
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        a = np.clip(a, 0, 1) * 255 if a.max(initial=0) <= 1 else np.clip(a, 0, 255)
+    else:
+        a = np.clip(a, 0, 65535)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257
+    return Image.fromarray(np.round(a).astype(np.uint8), "L")
+
+
 def resize_to_input(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to ``size``, then a centre crop: uint8 HxWx3. Square images are simply resized."""
+    """Shorter side to ``size``, then a centre crop: uint8 HxWx3. Square images are simply resized.
+
+    Only the source region under the crop is resampled (Pillow's ``box``), so a 200000x32 strip costs what a
+    square does instead of gigabytes; on photos this matches resizing the whole image and cropping to within
+    two grey levels (Pillow rounds between its two passes, and may order them differently).
+    """
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
     left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if (nw, nh) == (w, h):
+        return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
     return np.asarray(img, dtype=np.uint8)
 
 
