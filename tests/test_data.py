@@ -51,6 +51,13 @@ def test_folds_partition_train_and_fold_zero_is_the_default_split(shared_data):
                 assert {r for r, gg in ds.groups.items() if gg == g and r.startswith("train/")} == members
     with pytest.raises(DataError, match=r"fold must be in 0..4"):
         ds.splits(seed=0, fold=5)
+    pair = ds.splits(seed=0, fold=1, also_fold=3)  # nested cross-fit: validate on two folds
+    assert sorted(s.relpath for s in pair["val"]) == sorted(vals[1] + vals[3])
+    assert {s.relpath for s in pair["train"]} == set().union(*map(set, vals)) - set(vals[1]) - set(vals[3])
+    with pytest.raises(DataError, match="must differ"):
+        ds.splits(seed=0, fold=2, also_fold=2)
+    with pytest.raises(DataError, match="also-val-fold must be in 0..4"):
+        ds.splits(seed=0, fold=2, also_fold=7)
 
 
 def test_split_without_groups_still_stratified():

@@ -132,6 +132,10 @@ def test_options_added_later_stay_out_of_the_config_while_off():
     with pytest.raises(ValueError, match=r"fold must be in 0..4"):
         TrainConfig(fold=5)
     assert TrainConfig(val_fraction=0.5, fold=1).fold == 1  # 0.5 makes two folds
+    assert "also_val_fold" not in train_mod.train_settings(TrainConfig(fold=2))  # older runs keep their identity
+    assert train_mod.train_settings(TrainConfig(fold=2, also_val_fold=4))["also_val_fold"] == 4
+    with pytest.raises(ValueError, match="must differ"):
+        TrainConfig(fold=2, also_val_fold=2)
 
 
 def test_other_settings_in_the_same_folder_are_refused(few_images, tmp_path):

@@ -78,6 +78,9 @@ def train(
     split_seed: int = typer.Option(0, help="Seed of the train/validation split."),
     fold: int = typer.Option(0, help="Which of the 5 group-aware folds is validation (0 = the default split; train "
                              "all five for a cross-fitted ensemble)."),
+    also_val_fold: Optional[int] = typer.Option(None, help="Validate on this fold too, training on the other three: "
+                                                "the inner runs that estimate a cross-fit ensemble out of fold "
+                                                "(bench/nested_threshold.py)."),
     optimizer: str = typer.Option("adam", help="adam (study) or adamw."),
     weight_decay: float = typer.Option(0.0),
     schedule: str = typer.Option("constant", help="constant or cosine (with --warmup-epochs)."),
@@ -103,13 +106,15 @@ def train(
 
     try:
         cfg = TrainConfig(backbone=backbone, mode=mode, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
-                          split_seed=split_seed, fold=fold, optimizer=optimizer, weight_decay=weight_decay,
+                          split_seed=split_seed, fold=fold,
+                          also_val_fold=-1 if also_val_fold is None else also_val_fold, optimizer=optimizer, weight_decay=weight_decay,
                           schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight,
                           augment=augment, precision=precision, ema_decay=ema_decay)
         out = out or Path("runs") / f"{backbone}-{mode}-lr{lr:g}-e{epochs}-s{seed}"
         data = resolve_data(data)
         command = _command_line("train", data=data, backbone=backbone, lr=lr, epochs=epochs, mode=mode,
                                 batch_size=batch_size, seed=seed, split_seed=split_seed, fold=fold,
+                                also_val_fold=also_val_fold,
                                 optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight, augment=augment,
                                 precision=cfg.precision, ema_decay=ema_decay, weights=weights, weights_dir=weights_dir, allow_random_init=allow_random_init,

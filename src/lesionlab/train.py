@@ -44,6 +44,7 @@ class TrainConfig:
     split_seed: int = 0
     val_fraction: float = 0.2
     fold: int = 0  # which of the round(1 / val_fraction) group-aware folds is validation (0 = the default split)
+    also_val_fold: int = -1  # >= 0: a second validation fold (the inner runs of a nested cross-fit)
     optimizer: str = "adam"  # the study's Keras default; "adamw" for the fine-tuning recipe
     weight_decay: float = 0.0
     schedule: str = "constant"  # or "cosine" (with linear warm-up)
@@ -66,9 +67,13 @@ class TrainConfig:
             raise ValueError("lr must be > 0, epochs >= 1 and batch size >= 1")
         if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
             raise ValueError("optimizer must be adam|adamw and schedule constant|cosine")
-        check_fold(self.fold, self.val_fraction)  # DataError is a ValueError
+        check_fold(self.fold, self.val_fraction, self.second_fold)  # DataError is a ValueError
         if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
             raise ValueError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
+
+    @property
+    def second_fold(self) -> int | None:
+        return None if self.also_val_fold < 0 else self.also_val_fold
 
     @property
     def augmentation(self) -> str:
@@ -336,7 +341,7 @@ def train_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
 
 
-LATER_OPTIONS = {"ema_decay": 0.0, "fold": 0}
+LATER_OPTIONS = {"ema_decay": 0.0, "fold": 0, "also_val_fold": -1}
 
 
 def _train_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict:
@@ -383,7 +388,7 @@ def run_config(cfg: TrainConfig, resolved: ResolvedWeights, data: str | Path, cl
         "preprocessing": preprocessing(resolved),
         "data": {"root": str(Path(data).resolve()), "classes": list(classes), "positive_class": classes[1],
                  "file_list_sha256": file_hash, "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
-                 "fold": cfg.fold,
+                 "fold": cfg.fold, **({"also_val_fold": cfg.also_val_fold} if cfg.second_fold is not None else {}),
                  "skipped_files": n_skipped, **{f"n_{k}": len(v) for k, v in splits.items()}},
         "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
         "versions": rf.package_versions(),
@@ -445,7 +450,7 @@ def train(
     t_start = time.perf_counter()
     table, decoded, bad = training_inputs(dataset, resolved, cfg.mode, cfg.seed, skip_bad, progress)
     dataset = dataset.without({p for p, _ in bad})
-    splits = dataset.splits(cfg.split_seed, cfg.val_fraction, cfg.fold)
+    splits = dataset.splits(cfg.split_seed, cfg.val_fraction, cfg.fold, cfg.second_fold)
 
     out.mkdir(parents=True, exist_ok=True)
     if bad:
