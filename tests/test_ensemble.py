@@ -248,3 +248,18 @@ def test_a_failed_ensemble_leaves_nothing_servable(tiny_run, second_run, tmp_pat
     with pytest.raises(ValueError, match="must lie in"):  # found early: nothing is written
         create_ensemble([tiny_run, second_run], out, policy="fixed:1.5", progress=False)
     assert not out.exists()
+
+
+def test_nested_threshold_bench_scores_folds_with_the_inner_runs(tiny_run, fold1_run, small_data, tmp_path_factory,
+                                                                 tmp_path):
+    inner = _tiny_variant(small_data, tmp_path_factory, "tiny-nest-f01", fold=0, also_val_fold=1)
+    out = tmp_path / "xfit"
+    create_ensemble([tiny_run, fold1_run], out, n_resamples=50, progress=False)
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "nested_threshold.py"))
+    nested, counts = bench["nested_out_of_fold"]([inner])
+    a, b = _predictions(tiny_run), _predictions(fold1_run)
+    assert set(nested.relpaths) == {k[1] for k in list(a) + list(b) if k[0] == "val"} and set(counts) == {1}
+    table = bench["compare"](out, [inner])
+    assert table.count("\n") == 3 and "nested" in table
+    with pytest.raises(SystemExit, match="unscored"):
+        bench["compare"](out, [tiny_run])  # fold 0 alone leaves fold 1 unscored
