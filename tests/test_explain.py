@@ -63,13 +63,34 @@ def test_overlay_png_decodes(tiny_run, lesion):
     assert _predictor(tiny_run) is _predictor(tiny_run)  # loaded once per folder
 
 
+def _operating_point(folder, threshold: float = 0.5) -> None:
+    (folder / "calibration.json").write_text(json.dumps({"threshold": threshold, "temperature": 1.0,
+                                                         "policy": f"fixed:{threshold}", "tta": False}))
+
+
 def test_ensembles_are_explained_by_their_first_member(tiny_run, tmp_path):
     (tmp_path / "ensemble.json").write_text(json.dumps({"members": [str(tiny_run), "elsewhere"]}))
+    with pytest.raises(RunError, match="no operating point"):  # "predicted" needs the validation threshold
+        explainable_dir(tmp_path)
+    _operating_point(tmp_path)
     assert explainable_dir(tmp_path) == tiny_run
     onnx_only = tmp_path / "onnx-only"
     onnx_only.mkdir()
+    _operating_point(onnx_only)
     with pytest.raises(RunError, match="PyTorch checkpoint"):
         explainable_dir(onnx_only)
+
+
+def test_an_ensemble_is_explained_for_its_own_answer(tiny_run, lesion, tmp_path):
+    """The first member's network is drawn, for the label the ensemble gives, not the one the member gives."""
+    member = explain_image(tiny_run, lesion)
+    p = member.prediction.probability
+    (tmp_path / "ensemble.json").write_text(json.dumps({"members": [str(tiny_run), str(tiny_run)]}))
+    flipped = (1 + p) / 2 if member.target == "malignant" else p / 2  # the twin ensemble says the opposite
+    _operating_point(tmp_path, flipped)
+    e = explain_image(tmp_path, lesion)
+    assert e.prediction.probability == pytest.approx(p, abs=1e-6) and e.model_dir == tiny_run
+    assert e.target == ("malignant" if p >= flipped else "benign") != member.target  # the ensemble's label
 
 
 def test_explain_command_writes_a_png(tiny_run, small_data, tmp_path):

@@ -354,8 +354,9 @@ def ensemble(
 def explain(
     image: Path = typer.Argument(..., help="Image file."),
     out: Path = typer.Option(..., help="PNG file to write: the image at model size with a Grad-CAM heatmap."),
-    model: Optional[Path] = typer.Option(None, help="Run folder (default: the bundled model); an ensemble "
-                                                    "folder is explained through its first member."),
+    model: Optional[Path] = typer.Option(None, help="Run folder (default: the bundled model); for an ensemble "
+                                                    "folder, its first member's network is drawn for the "
+                                                    "ensemble's answer."),
     target: str = typer.Option("predicted", help="predicted | malignant | benign: whose evidence to show."),
 ) -> None:
     """Grad-CAM heatmap over IMAGE: where the evidence for the model's answer lies (a visual aid, not a diagnosis)."""

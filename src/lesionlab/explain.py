@@ -22,7 +22,8 @@ from PIL import Image
 from . import runfiles as rf
 from .data import normalize, resize_to_input
 from .model import LesionClassifier
-from .predictor import DEFAULT_MODEL_DIR, ENSEMBLE_FILE, Prediction, TorchPredictor
+from .predictor import (DEFAULT_MODEL_DIR, ENSEMBLE_FILE, Prediction, TorchPredictor, load_predictor,
+                        require_operating_point)
 
 TARGETS = ("predicted", "malignant", "benign")
 ALPHA = 0.45
@@ -76,6 +77,7 @@ def blend(image: np.ndarray, heatmap: np.ndarray, alpha: float = ALPHA, cmap: st
 def explainable_dir(model_dir: str | Path | None) -> Path:
     """The run folder whose PyTorch model is explained: the folder itself, or an ensemble's first member."""
     model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    require_operating_point(model_dir)  # "predicted" means the label at the validation-chosen threshold
     if (model_dir / ENSEMBLE_FILE).exists():
         from .ensemble import member_dirs
 
@@ -107,7 +109,7 @@ def _predictor(run_dir: Path) -> TorchPredictor:
 class Explanation:
     heatmap: np.ndarray  # H x W in [0, 1], at the model's input size
     image: np.ndarray  # the model's input, uint8 H x W x 3
-    prediction: Prediction  # of the explained model (for an ensemble: its first member)
+    prediction: Prediction  # the model's answer (for an ensemble, the ensemble's, not its first member's)
     target: str  # malignant or benign: whose evidence the heatmap shows
     model_dir: Path
 
@@ -121,9 +123,12 @@ def explain_image(model_dir: str | Path | None, image: Image.Image, target: str 
     info = predictor.info
     arr = resize_to_input(image.convert("RGB"), info.input_size)
     x = torch.from_numpy(normalize(arr[None], info.mean, info.std))
-    prediction = predictor.analyze([image])[0]
+    answering = predictor
+    if model_dir is not None and (Path(model_dir) / ENSEMBLE_FILE).exists():
+        answering = load_predictor(model_dir, "torch")  # the ensemble answers; its first member is drawn
+    prediction = answering.analyze([image])[0]
     if target == "predicted":  # the label at the operating threshold, which need not be the logit's sign
-        target = predictor.label(prediction.probability)
+        target = answering.label(prediction.probability)
     heatmap = gradcam(predictor.model, x, target)[0]
     return Explanation(heatmap, arr, prediction, target, run_dir)
 
