@@ -14,13 +14,14 @@ It uses test labels to report, and changes nothing in the folders.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from scipy.special import expit, logit
+from scipy.special import expit
 
 from lesionlab import runfiles as rf
-from lesionlab.ensemble import combine, fold_groups, member_dirs, member_scores, out_of_fold
+from lesionlab.ensemble import combine, fold_groups, member_dirs, member_scores, nested_out_of_fold, out_of_fold
 from lesionlab.evaluate import SplitScores
 from lesionlab.metrics import choose_threshold, expected_calibration_error, fit_temperature, point_metrics
 
@@ -33,21 +34,12 @@ def _scored(run: Path) -> tuple[dict, float, bool]:
     return member_scores(run, None, tta, reuse=True, progress=False), float(cal.get("temperature", 1.0)), tta
 
 
-def nested_out_of_fold(inner: list[Path]) -> tuple[SplitScores, np.ndarray]:
-    """Each inner run's validation images, scored by the mean calibrated probability of every inner run that
-    held them out; also how many runs scored each image."""
-    probs: dict[str, list[float]] = {}
-    labels: dict[str, float] = {}
-    for run in inner:
-        scores, t, _ = _scored(run)
-        val = scores["val"]
-        for r, y, z in zip(val.relpaths, val.y, val.logits):
-            probs.setdefault(r, []).append(float(expit(z / t)))
-            labels[r] = float(y)
-    rel = sorted(probs)
-    p = np.clip([np.mean(probs[r]) for r in rel], 1e-7, 1 - 1e-7)
-    return SplitScores(rel, np.array([labels[r] for r in rel], np.float32), logit(p)), np.array(
-        [len(probs[r]) for r in rel])
+def nested(inner: list[Path]) -> tuple[SplitScores, np.ndarray]:
+    """The nested estimate (lesionlab.ensemble.nested_out_of_fold) and how many inner runs scored each image."""
+    scored = [_scored(r) for r in inner]
+    est = nested_out_of_fold([s[0] for s in scored], [s[1] for s in scored])
+    seen = Counter(r for s in scored for r in s[0]["val"].relpaths)
+    return est, np.array([seen[r] for r in est.relpaths])
 
 
 def compare(ensemble: Path, inner: list[Path]) -> str:
@@ -61,14 +53,14 @@ def compare(ensemble: Path, inner: list[Path]) -> str:
     per_member, temps = [s[0] for s in scored], [s[1] for s in scored]
     oof = out_of_fold(per_member, temps, groups)
     test = combine(per_member, temps, ["test"])["test"]
-    nested, counts = nested_out_of_fold(inner)
-    if set(nested.relpaths) != set(oof.relpaths):
-        missing = len(set(oof.relpaths) - set(nested.relpaths))
+    nest, counts = nested(inner)
+    if set(nest.relpaths) != set(oof.relpaths):
+        missing = len(set(oof.relpaths) - set(nest.relpaths))
         raise SystemExit(f"the inner runs leave {missing} training images unscored; give one run per pair of folds")
     rows = ["| estimate | n runs per image | AUC there | threshold's test sensitivity / specificity | "
             "temperature | test ECE after |", "|---|---|---|---|---|---|"]
     for name, est, n in (("out of fold (one fold's members)", oof, "1"),
-                         ("nested (inner runs that held the fold out)", nested, f"{counts.min()}-{counts.max()}")):
+                         ("nested (inner runs that held the fold out)", nest, f"{counts.min()}-{counts.max()}")):
         threshold = choose_threshold(est.y, expit(est.logits), POLICY)
         m = point_metrics(test.y, expit(test.logits), threshold)
         temperature = fit_temperature(est.y, est.logits)

@@ -19,7 +19,8 @@ from lesionlab.report import fmt
 
 def training_minutes(folder: Path) -> float:
     total = 0.0
-    for m in member_dirs(folder) if (folder / ENSEMBLE_FILE).exists() else [folder]:
+    runs = member_dirs(folder) + member_dirs(folder, "inner") if (folder / ENSEMBLE_FILE).exists() else [folder]
+    for m in runs:  # an ensemble's inner runs (nested calibration) are part of its training
         timing = json.loads((m / "config.json").read_text()).get("timing", {})
         total += float(timing.get("epoch_seconds_total", float("nan")))
     return total / 60

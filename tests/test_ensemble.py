@@ -250,16 +250,46 @@ def test_a_failed_ensemble_leaves_nothing_servable(tiny_run, second_run, tmp_pat
     assert not out.exists()
 
 
-def test_nested_threshold_bench_scores_folds_with_the_inner_runs(tiny_run, fold1_run, small_data, tmp_path_factory,
-                                                                 tmp_path):
-    inner = _tiny_variant(small_data, tmp_path_factory, "tiny-nest-f01", fold=0, also_val_fold=1)
+@pytest.fixture(scope="module")
+def inner_run(small_data, tmp_path_factory):
+    """The inner run of a nested cross-fit over folds 0 and 1: trained on folds 2-4, validated on 0 and 1."""
+    return _tiny_variant(small_data, tmp_path_factory, "tiny-nest-f01", fold=0, also_val_fold=1)
+
+
+def test_nested_threshold_bench_scores_folds_with_the_inner_runs(tiny_run, fold1_run, inner_run, tmp_path):
     out = tmp_path / "xfit"
     create_ensemble([tiny_run, fold1_run], out, n_resamples=50, progress=False)
     bench = runpy.run_path(str(Path(__file__).parents[1] / "bench" / "nested_threshold.py"))
-    nested, counts = bench["nested_out_of_fold"]([inner])
+    est, counts = bench["nested"]([inner_run])
     a, b = _predictions(tiny_run), _predictions(fold1_run)
-    assert set(nested.relpaths) == {k[1] for k in list(a) + list(b) if k[0] == "val"} and set(counts) == {1}
-    table = bench["compare"](out, [inner])
+    assert set(est.relpaths) == {k[1] for k in list(a) + list(b) if k[0] == "val"} and set(counts) == {1}
+    table = bench["compare"](out, [inner_run])
     assert table.count("\n") == 3 and "nested" in table
     with pytest.raises(SystemExit, match="unscored"):
         bench["compare"](out, [tiny_run])  # fold 0 alone leaves fold 1 unscored
+
+
+def test_a_cross_fit_ensemble_calibrated_on_inner_runs(tiny_run, fold1_run, second_run, inner_run, tmp_path):
+    out = tmp_path / "nested"
+    res = runner.invoke(app, ["ensemble", str(tiny_run), str(fold1_run), "--inner", str(inner_run), "--out", str(out),
+                              "--resamples", "50", "--quiet"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["threshold"]["chosen_on"].startswith("val (nested out of fold")
+    inner = _predictions(inner_run)
+    e = _predictions(out)
+    for key in [k for k in e if k[0] == "val"][:5]:  # validation = the inner run's score, not the member's
+        assert float(e[key]["logit"]) == pytest.approx(
+            mean_probability_logit([[float(inner[key]["probability"])]])[0], abs=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["inner"][0]["val_folds"] == [0, 1] and "--inner" in config["command"]
+    assert json.loads((out / "ensemble.json").read_text())["inner"]
+    assert "nested out-of-fold estimate" in (out / "report.md").read_text()
+    again = evaluate_ensemble(out, n_resamples=50, progress=False)  # re-evaluation keeps the inner runs
+    assert again["threshold"]["chosen_on"] == m["threshold"]["chosen_on"]
+    assert again["threshold"]["value"] == pytest.approx(m["threshold"]["value"], abs=1e-6)  # re-scored images
+    with pytest.raises(RunError, match="share one split"):
+        create_ensemble([tiny_run, second_run], tmp_path / "shared", inner=[inner_run], progress=False)
+    with pytest.raises(RunError, match="differ from the members' folds"):
+        create_ensemble([tiny_run, fold1_run], tmp_path / "gap", inner=[tiny_run], progress=False)
+    assert not (tmp_path / "gap").exists()

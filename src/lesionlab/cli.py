@@ -334,16 +334,21 @@ def ensemble(
     threshold_policy: str = POLICY_OPTION,
     tta: bool = typer.Option(False, help="Test-time augmentation for every member (re-scores them)."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
+    inner: Optional[List[Path]] = typer.Option(None, help="Cross-fit only, repeatable: an inner run (`train --fold K "
+                                               "--also-val-fold L`, one per pair of folds); the threshold and "
+                                               "temperature are then fitted on the nested out-of-fold estimate."),
     quiet: bool = typer.Option(False),
 ) -> None:
     """Combine runs into one model (mean of calibrated probabilities) and evaluate it; predict and serve accept OUT."""
     from .ensemble import create_ensemble
 
-    command = _command_line("ensemble", out=out, data=data, threshold_policy=threshold_policy, tta=tta,
-                            resamples=resamples) + " " + " ".join(shlex.quote(str(d)) for d in run_dirs)
+    inner = inner or []
+    command = (_command_line("ensemble", out=out, data=data, threshold_policy=threshold_policy, tta=tta,
+                             resamples=resamples) + "".join(f" --inner {shlex.quote(str(r))}" for r in inner)
+               + " " + " ".join(shlex.quote(str(d)) for d in run_dirs))
     try:
         metrics = create_ensemble(run_dirs, out, data, threshold_policy, tta, resamples, progress=not quiet,
-                                  command=command)
+                                  command=command, inner=inner)
     except USER_ERRORS as e:
         fail(str(e))
     _print_summary(metrics)

@@ -17,6 +17,12 @@ trained on. Two layouts of members allow that:
   temperature and threshold are fitted on up to the whole training pool (2637 images instead of 528), which
   makes the operating threshold far less noisy. Test images are scored by every member. Give every fold group
   the same recipes, so that out-of-fold scores come from the same kind of model throughout.
+
+An out-of-fold score still comes from one fold's members while a test image gets the mean of all of them.
+**Inner runs** (``train --fold K --also-val-fold L``, one per pair of folds, the members' recipe) remove that
+mismatch: with ``inner`` the temperature and threshold are fitted on a *nested* out-of-fold estimate, each
+training image scored by the mean of the inner runs that held its fold out, an ensemble none of whose runs
+saw it (docs/results.md 3g).
 """
 
 from __future__ import annotations
@@ -43,11 +49,12 @@ COMBINE = "mean of the members' calibrated probabilities"
 # ------------------------------------------------------------------ members
 
 
-def member_dirs(ensemble_dir: Path) -> list[Path]:
-    """Members as listed in ensemble.json; relative paths are relative to the ensemble folder."""
+def member_dirs(ensemble_dir: Path, key: str = "members") -> list[Path]:
+    """Members (or, with key="inner", inner runs) as listed in ensemble.json; relative paths are relative to
+    the ensemble folder."""
     spec = rf.read_json(Path(ensemble_dir) / ENSEMBLE_FILE)
     out = []
-    for m in spec.get("members", []):
+    for m in spec.get(key, []):
         p = Path(m)
         out.append(p if p.is_absolute() else (Path(ensemble_dir) / p).resolve())
     return out
@@ -86,6 +93,8 @@ def check_same_split(members: Sequence[Path]) -> None:
 
 
 SHARED, CROSS_FIT = "shared", "cross-fit"
+NESTED_NOTE = ("val (nested out of fold: every training image, scored by the mean of the inner runs that held its "
+               "fold out)")
 
 
 def fold_groups(members: Sequence[Path]) -> list[list[int]]:
@@ -195,13 +204,37 @@ def out_of_fold(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequ
                        np.concatenate([p.logits for p in parts])[order])
 
 
+def nested_out_of_fold(per_inner: Sequence[dict[str, SplitScores]], temperatures: Sequence[float]) -> SplitScores:
+    """Every inner run's validation images, each scored by the mean calibrated probability of all the inner
+    runs that held it out."""
+    probs: dict[str, list[float]] = {}
+    labels: dict[str, float] = {}
+    for scores, t in zip(per_inner, temperatures):
+        val = scores["val"]
+        for r, y, z in zip(val.relpaths, val.y, val.logits):
+            probs.setdefault(r, []).append(float(expit(z / t)))
+            if labels.setdefault(r, float(y)) != float(y):
+                raise rf.RunError(f"inner runs disagree on the label of {r}; were they trained on the same data?")
+    rel = sorted(probs)
+    mean = np.array([np.mean(probs[r]) for r in rel])
+    return SplitScores(rel, np.array([labels[r] for r in rel], np.float32), mean_probability_logit([mean]))
+
+
 def ensemble_scores(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
-                    groups: Sequence[Sequence[int]]) -> dict[str, SplitScores]:
-    """Validation (shared or out of fold) and test scores of the ensemble."""
+                    groups: Sequence[Sequence[int]], nested: SplitScores | None = None) -> dict[str, SplitScores]:
+    """Validation (shared, out of fold, or the nested estimate when given) and test scores of the ensemble."""
     if len(groups) == 1:
         return combine(per_member, temperatures)
     scores = combine(per_member, temperatures, [s for s in EVAL_SPLITS if s != "val"])
-    return {"val": out_of_fold(per_member, temperatures, groups), **scores}
+    val = out_of_fold(per_member, temperatures, groups)
+    if nested is not None:
+        if set(nested.relpaths) != set(val.relpaths):
+            gap = len(set(val.relpaths) ^ set(nested.relpaths))
+            raise rf.RunError(f"the inner runs' validation images differ from the members' folds ({gap} images); "
+                              "give one inner run per pair of the members' folds (`train --fold K "
+                              "--also-val-fold L`, same --split-seed and data)")
+        val = nested
+    return {"val": val, **scores}
 
 
 # ------------------------------------------------------------------ the folder
@@ -239,7 +272,10 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
     from .refusal import report_section
 
     thr, cal = metrics["threshold"], metrics["calibration"]
-    if metrics.get("layout") == CROSS_FIT:
+    if metrics["threshold"].get("chosen_on") == NESTED_NOTE:
+        fitted_on = (f"a nested out-of-fold estimate on {metrics['val']['n']} training images, each scored by the "
+                     "mean of the inner runs that held its fold out (cross-fit, nested)")
+    elif metrics.get("layout") == CROSS_FIT:
         fitted_on = (f"out-of-fold predictions on {metrics['val']['n']} training images, each scored by the "
                      "members that did not train on it (cross-fit)")
     else:
@@ -265,19 +301,23 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
 
 
 def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], data, policy: str, tta: bool,
-              n_resamples: int, seed: int, progress: bool, reuse: bool) -> dict:
+              n_resamples: int, seed: int, progress: bool, reuse: bool, inner: Sequence[Path] = ()) -> dict:
     from .refusal import combine_refusal, summary
 
     layout = layout_of(groups)
     per_member = [member_scores(m, data, tta, reuse, progress) for m in members]
-    scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups)
+    nested = None
+    if inner:
+        per_inner = [member_scores(r, data, tta, reuse, progress) for r in inner]
+        nested = nested_out_of_fold(per_inner, [_temperature(r) for r in inner])
+    scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups, nested)
     names = ", ".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members)
     metrics = write_evaluation(ensemble_dir, scores, policy, n_resamples, seed, f"ensemble ({names})",
                                f"ensemble-{len(members)}-{ensemble_dir.name}", tta)
     metrics["layout"] = layout
     if layout == CROSS_FIT:
-        metrics["threshold"]["chosen_on"] = ("val (out of fold: every training image, scored by the members that "
-                                             "held it out)")
+        metrics["threshold"]["chosen_on"] = NESTED_NOTE if inner else (
+            "val (out of fold: every training image, scored by the members that held it out)")
     refusal = combine_refusal(members, ensemble_dir)
     if refusal is not None:
         metrics["refusal"] = summary(refusal)
@@ -288,12 +328,15 @@ def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], 
 
 def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str | Path | None = None,
                     policy: str = DEFAULT_POLICY, tta: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = 0, progress: bool = True, command: str = "") -> dict:
+                    seed: int = 0, progress: bool = True, command: str = "",
+                    inner: Sequence[str | Path] = ()) -> dict:
     """Writes ensemble.json and config.json into ``out`` and evaluates the ensemble (reusing the members'
-    predictions.csv when they match); returns metrics.json's content. If anything fails, no servable
-    ensemble is left behind: a folder this call created is removed, an existing one loses its operating point."""
+    predictions.csv when they match); returns metrics.json's content. ``inner``: runs that fit the operating
+    point on a nested estimate (module docstring). If anything fails, no servable ensemble is left behind: a
+    folder this call created is removed, an existing one loses its operating point."""
     check_policy(policy)
     members = [_require_member(Path(r)).resolve() for r in run_dirs]
+    inner_runs = [_require_member(Path(r)).resolve() for r in inner]
     out = Path(out)
     if len(members) < 2:
         raise rf.RunError("an ensemble needs at least two run folders")
@@ -302,9 +345,13 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
     if out.resolve() in members or (out / rf.MODEL).exists():
         raise rf.RunError(f"{out} is a run folder; choose a new folder for the ensemble")
     groups = fold_groups(members)
+    if inner_runs and len(groups) < 2:
+        raise rf.RunError("inner runs calibrate a cross-fit ensemble, but these members share one split; train "
+                          "them on different folds (`train --fold K`)")
     created = not out.exists()
     try:
-        return _write_ensemble(members, groups, out, data, policy, tta, n_resamples, seed, progress, command)
+        return _write_ensemble(members, groups, out, data, policy, tta, n_resamples, seed, progress, command,
+                               inner_runs)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -315,11 +362,12 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
 
 
 def _write_ensemble(members: list[Path], groups: list[list[int]], out: Path, data, policy: str, tta: bool,
-                    n_resamples: int, seed: int, progress: bool, command: str) -> dict:
+                    n_resamples: int, seed: int, progress: bool, command: str, inner: list[Path]) -> dict:
     layout = layout_of(groups)
     out.mkdir(parents=True, exist_ok=True)
     rf.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],
-                                               "combine": COMBINE})
+                                               "combine": COMBINE}
+                         | ({"inner": [_member_ref(r, out) for r in inner]} if inner else {}))
     first = rf.read_json(members[0] / rf.CONFIG)
     rf.atomic_write_json(out / rf.CONFIG, {
         "kind": KIND, "mode": "ensemble",
@@ -328,13 +376,20 @@ def _write_ensemble(members: list[Path], groups: list[list[int]], out: Path, dat
         "data": {k: first["data"].get(k) for k in ("root", "classes", "positive_class", "split_seed", "n_train",
                                                      "n_val", "n_test", "n_test_dedup")}
                 | ({} if layout == SHARED else _cross_fit_data(members, groups)),
+        **({"inner": [_describe_member(r, out) | {"val_folds": _val_folds(r)} for r in inner],
+            "calibrated_on": NESTED_NOTE} if inner else {}),
         "versions": rf.package_versions(), "command": command,
     })
     if layout == SHARED:
         rf.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
     else:
         rf.atomic_write_text(out / "splits.csv", _cross_fit_splits(members, groups))
-    return _evaluate(out, members, groups, data, policy, tta, n_resamples, seed, progress, reuse=True)
+    return _evaluate(out, members, groups, data, policy, tta, n_resamples, seed, progress, reuse=True, inner=inner)
+
+
+def _val_folds(run_dir: Path) -> list[int]:
+    d = rf.read_json(run_dir / rf.CONFIG)["data"]
+    return sorted({d.get("fold", 0)} | ({d["also_val_fold"]} if "also_val_fold" in d else set()))
 
 
 def _cross_fit_data(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> dict:
@@ -365,5 +420,6 @@ def evaluate_ensemble(run_dir: str | Path, data: str | Path | None = None, polic
     members = [_require_member(m) for m in member_dirs(run_dir)]
     if not members:
         raise rf.RunError(f"{run_dir / ENSEMBLE_FILE} lists no members")
+    inner = [_require_member(r) for r in member_dirs(run_dir, "inner")]
     return _evaluate(run_dir, members, fold_groups(members), data, policy, tta, n_resamples, seed, progress,
-                     reuse=False)
+                     reuse=False, inner=inner)
