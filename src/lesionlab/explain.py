@@ -125,7 +125,7 @@ def explain_image(model_dir: str | Path | None, image: Image.Image, target: str 
     x = torch.from_numpy(normalize(arr[None], info.mean, info.std))
     answering = predictor
     if model_dir is not None and (Path(model_dir) / ENSEMBLE_FILE).exists():
-        answering = load_predictor(model_dir, "torch")  # the ensemble answers; its first member is drawn
+        answering = load_predictor(model_dir)  # the ensemble answers; its first member is drawn
     prediction = answering.analyze([image])[0]
     if target == "predicted":  # the label at the operating threshold, which need not be the logit's sign
         target = answering.label(prediction.probability)
