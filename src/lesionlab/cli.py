@@ -106,8 +106,8 @@ def train(
 
     try:
         cfg = TrainConfig(backbone=backbone, mode=mode, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
-                          split_seed=split_seed, fold=fold,
-                          also_val_fold=-1 if also_val_fold is None else also_val_fold, optimizer=optimizer, weight_decay=weight_decay,
+                          split_seed=split_seed, fold=fold, also_val_fold=-1 if also_val_fold is None else also_val_fold,
+                          optimizer=optimizer, weight_decay=weight_decay,
                           schedule=schedule, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, class_weight=class_weight,
                           augment=augment, precision=precision, ema_decay=ema_decay)
         out = out or Path("runs") / f"{backbone}-{mode}-lr{lr:g}-e{epochs}-s{seed}"

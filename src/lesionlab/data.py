@@ -99,7 +99,8 @@ def default_data_dir() -> Path | None:
     env = os.environ.get("LESIONLAB_DATA")
     if env:
         return Path(env)
-    candidates = [Path.cwd() / SHARED_DATA, Path(__file__).resolve().parents[2] / SHARED_DATA]  # parents[2]: the repository
+    repo = Path(__file__).resolve().parents[2]  # src/lesionlab/data.py -> the repository
+    candidates = [Path.cwd() / SHARED_DATA, repo / SHARED_DATA]
     for c in candidates:
         if (c / "train").is_dir():
             return c.resolve()
