@@ -36,7 +36,10 @@ def _scored(run: Path) -> tuple[dict, float, bool]:
 
 def nested(inner: list[Path]) -> tuple[SplitScores, np.ndarray]:
     """The nested estimate (lesionlab.ensemble.nested_out_of_fold) and how many inner runs scored each image."""
-    scored = [_scored(r) for r in inner]
+    return _nested([_scored(r) for r in inner])
+
+
+def _nested(scored: list[tuple[dict, float, bool]]) -> tuple[SplitScores, np.ndarray]:
     est = nested_out_of_fold([s[0] for s in scored], [s[1] for s in scored])
     seen = Counter(r for s in scored for r in s[0]["val"].relpaths)
     return est, np.array([seen[r] for r in est.relpaths])
@@ -47,13 +50,13 @@ def compare(ensemble: Path, inner: list[Path]) -> str:
     groups = fold_groups(members)
     if len(groups) < 2:
         raise SystemExit(f"{ensemble} is not a cross-fit ensemble")
-    scored = [_scored(m) for m in members]
-    if len({s[2] for s in scored} | {_scored(r)[2] for r in inner}) > 1:
+    scored, scored_inner = [_scored(m) for m in members], [_scored(r) for r in inner]  # each read once
+    if len({s[2] for s in scored + scored_inner}) > 1:
         raise SystemExit("members and inner runs must all be evaluated with the same --tta setting")
     per_member, temps = [s[0] for s in scored], [s[1] for s in scored]
     oof = out_of_fold(per_member, temps, groups)
     test = combine(per_member, temps, ["test"])["test"]
-    nest, counts = nested(inner)
+    nest, counts = _nested(scored_inner)
     if set(nest.relpaths) != set(oof.relpaths):
         missing = len(set(oof.relpaths) - set(nest.relpaths))
         raise SystemExit(f"the inner runs leave {missing} training images unscored; give one run per pair of folds")
