@@ -19,10 +19,11 @@ from pathlib import Path
 
 from sklearn.metrics import roc_auc_score
 
-from lesionlab import ensemble
-from lesionlab import runfiles as rf
-from lesionlab.report import fmt
-from lesionlab.sweep_report import STUDY_TABLE1
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.ensemble import build as ensemble
+from lesionlab.evaluation.report import fmt
+from lesionlab.sweep.report import STUDY_TABLE1
 
 COLUMNS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
@@ -33,7 +34,7 @@ def members(model_dir: Path) -> list[Path]:
 
 def training_minutes(model_dir: Path) -> float:
     """Sum of the members' measured epoch seconds (what training cost; evaluation not included)."""
-    return sum(float(rf.read_json(m / "config.json")["timing"]["epoch_seconds_total"]) for m in members(model_dir)) / 60
+    return sum(float(files.read_json(m / "config.json")["timing"]["epoch_seconds_total"]) for m in members(model_dir)) / 60
 
 
 def study_rows() -> list[str]:
@@ -46,7 +47,7 @@ def study_rows() -> list[str]:
 
 
 def model_rows(label: str, model_dir: Path) -> list[str]:
-    m = rf.read_json(model_dir / "metrics.json")
+    m = files.read_json(model_dir / "metrics.json")
     minutes = training_minutes(model_dir)
     thr = m["threshold"]["value"]
     out = []
@@ -67,7 +68,7 @@ def table(models: list[tuple[str, Path]]) -> str:
 
 def _val_scores(run: Path) -> dict:
     """The run's logits as its evaluation left them (TTA or not, as calibrated); refuses stale files."""
-    tta = bool(rf.read_json(run / rf.CALIBRATION).get("tta", False))
+    tta = bool(files.read_json(run / rf.CALIBRATION).get("tta", False))
     scores = ensemble.scores_from_predictions(run, tta)
     if scores is None:
         raise SystemExit(f"{run}: predictions.csv is missing or stale; run `lesionlab evaluate {run}` again")
@@ -79,7 +80,7 @@ def rank_candidates(runs: list[Path]) -> str:
     exactly as ``lesionlab ensemble`` does (``ensemble.combine``)."""
     ensemble.check_same_split(runs)
     scores = {r: _val_scores(r) for r in runs}
-    temps = {r: float(rf.read_json(r / rf.CALIBRATION).get("temperature", 1.0)) for r in runs}
+    temps = {r: float(files.read_json(r / rf.CALIBRATION).get("temperature", 1.0)) for r in runs}
     rows = []
     for n in range(1, len(runs) + 1):
         for combo in itertools.combinations(runs, n):

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from lesionlab.report import fmt
-from lesionlab.sweep_report import STUDY_TABLE1
+from lesionlab.evaluation.report import fmt
+from lesionlab.sweep.report import STUDY_TABLE1
 
 COLS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 

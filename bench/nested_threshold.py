@@ -20,16 +20,29 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from lesionlab import runfiles as rf
-from lesionlab.ensemble import combine, fold_groups, member_dirs, member_scores, nested_out_of_fold, out_of_fold
-from lesionlab.evaluate import SplitScores
-from lesionlab.metrics import choose_threshold, expected_calibration_error, fit_temperature, point_metrics
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.ensemble.build import (
+    combine,
+    fold_groups,
+    member_dirs,
+    member_scores,
+    nested_out_of_fold,
+    out_of_fold,
+)
+from lesionlab.evaluation.evaluate import SplitScores
+from lesionlab.evaluation.metrics import (
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    point_metrics,
+)
 
 POLICY = "sensitivity:0.95"
 
 
 def _scored(run: Path) -> tuple[dict, float, bool]:
-    cal = rf.read_json(run / rf.CALIBRATION)
+    cal = files.read_json(run / rf.CALIBRATION)
     tta = bool(cal.get("tta"))
     return member_scores(run, None, tta, reuse=True, progress=False), float(cal.get("temperature", 1.0)), tta
 

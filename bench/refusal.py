@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lesionlab import refusal
-from lesionlab.ood import LesionDetector
+from lesionlab.models.detector import LesionDetector
+from lesionlab.refusal import measure as refusal
 
 SWEEP = [(k, True) for k in (64, 128, 256, 384, 512, 640, 768)] + [(k, False) for k in (128, 512)]
 

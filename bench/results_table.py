@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from lesionlab.report import fmt
+from lesionlab.evaluation.report import fmt
 
 COLUMNS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 

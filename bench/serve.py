@@ -48,8 +48,8 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
                    pause_s: float = PAUSE_S) -> dict:
     import torch
 
-    from lesionlab.data import normalize, open_image, resize_to_input
-    from lesionlab.predictor import OnnxPredictor, TorchPredictor
+    from lesionlab.data.images import normalize, open_image, resize_to_input
+    from lesionlab.inference.predictor import OnnxPredictor, TorchPredictor
     from lesionlab.serve.service import limit_blas_threads
 
     limit_blas_threads()  # as the server does (the lesion detector's matrix product)
@@ -325,7 +325,7 @@ def main() -> None:
 
 
 def _default_image() -> Path:
-    from lesionlab.data import default_data_dir
+    from lesionlab.data.dataset import default_data_dir
 
     root = default_data_dir()
     if root is None:

@@ -53,10 +53,10 @@ RANDOM_INIT = ("resnet50v2", "vgg16")
 
 def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int, batch_size: int = 32) -> dict:
     """Seconds of one naive training epoch (frozen backbone run on every batch), from a measured sample."""
-    from lesionlab.backbones import build_backbone, num_features, resolve_weights
-    from lesionlab.data import normalize, open_image, resize_to_input
-    from lesionlab.model import Head
-    from lesionlab.train import TrainConfig, make_loss, make_optimizer
+    from lesionlab.data.images import normalize, open_image, resize_to_input
+    from lesionlab.models.backbones import build_backbone, num_features, resolve_weights
+    from lesionlab.models.classifier import Head
+    from lesionlab.training.loop import TrainConfig, make_loss, make_optimizer
 
     weights = resolve_weights(backbone_name, None, weights_dir, allow_random_init=True)
     splits = dataset.splits()
@@ -104,7 +104,7 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
 
 def time_sweep(backbones, args, cache: Path, out: Path) -> dict:
     """One cold end-to-end sweep (empty feature cache) in this process."""
-    from lesionlab.sweep import SweepGrid, run_sweep
+    from lesionlab.sweep.sweep import SweepGrid, run_sweep
 
     os.environ["LESIONLAB_CACHE_DIR"] = str(cache)  # read by features.cache_dir() at call time
     grid = SweepGrid(backbones=tuple(backbones), lrs=tuple(args.lrs), epochs=tuple(args.epochs))
@@ -134,7 +134,7 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["A", "B", "naive"], help="parts to skip")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    from lesionlab.data import load_dataset
+    from lesionlab.data.dataset import load_dataset
     from lesionlab.runtime import keep_freed_memory
 
     keep_freed_memory()  # what run_sweep does: naive is measured under the same allocator settings

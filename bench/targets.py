@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from lesionlab.ensemble import member_dirs
-from lesionlab.predictor import ENSEMBLE_FILE
-from lesionlab.report import fmt
+from lesionlab.ensemble.build import member_dirs
+from lesionlab.evaluation.report import fmt
+from lesionlab.inference.predictor import ENSEMBLE_FILE
 
 
 def training_minutes(folder: Path) -> float:

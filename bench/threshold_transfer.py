@@ -18,10 +18,17 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from lesionlab.ensemble import combine, fold_groups, member_dirs, member_scores, out_of_fold
-from lesionlab.metrics import choose_threshold
-from lesionlab import runfiles as rf
-from lesionlab.predictor import ENSEMBLE_FILE
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.ensemble.build import (
+    combine,
+    fold_groups,
+    member_dirs,
+    member_scores,
+    out_of_fold,
+)
+from lesionlab.evaluation.metrics import choose_threshold
+from lesionlab.inference.predictor import ENSEMBLE_FILE
 
 
 def sens_spec(y: np.ndarray, prob: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -36,7 +43,7 @@ def row(folder: Path) -> str:
     groups = fold_groups(members)
     if len(groups) < 2:
         raise SystemExit(f"{folder} is not a cross-fit ensemble (its members share one split)")
-    cals = [rf.read_json(m / rf.CALIBRATION) for m in members]  # each member as it was evaluated (TTA or not)
+    cals = [files.read_json(m / rf.CALIBRATION) for m in members]  # each member as it was evaluated (TTA or not)
     scores = [member_scores(m, None, bool(c.get("tta")), reuse=True, progress=False) for m, c in zip(members, cals)]
     temps = [float(c.get("temperature", 1.0)) for c in cals]
     oof = out_of_fold(scores, temps, groups)

@@ -66,8 +66,8 @@ def small_data(shared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(small_data, tmp_path_factory) -> Path:
     """A trained and evaluated frozen efficientnet_lite0 run on the small subset (real ImageNet weights)."""
-    from lesionlab.evaluate import evaluate_run
-    from lesionlab.train import TrainConfig, train
+    from lesionlab.evaluation.evaluate import evaluate_run
+    from lesionlab.training.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(epochs=3, lr=1e-3), small_data, out, progress=False)
@@ -80,7 +80,7 @@ def onnx_run(tiny_run, tmp_path_factory) -> Path:
     """A copy of tiny_run exported to ONNX (never modified by the tests that share it)."""
     import shutil
 
-    from lesionlab import export
+    from lesionlab.inference import export
 
     out = tmp_path_factory.getbasetemp() / "onnx-run"
     if not (out / "model.onnx").exists():

@@ -3,9 +3,16 @@ import json
 import pytest
 import torch
 
-from lesionlab import backbones
-from lesionlab.backbones import (REGISTRY, WeightsError, build_backbone, file_sha256, get_spec, lukemelas_to_timm,
-                                 resolve_weights)
+from lesionlab.models import backbones
+from lesionlab.models.backbones import (
+    REGISTRY,
+    WeightsError,
+    build_backbone,
+    file_sha256,
+    get_spec,
+    lukemelas_to_timm,
+    resolve_weights,
+)
 
 
 def test_registry_maps_study_names_to_timm():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 from test_serve_http import start_server, stop_server  # noqa: E402
 

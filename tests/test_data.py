@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesionlab.data import (BadImageError, DataError, decode_samples, load_dataset, open_image, resize_to_input,
-                            split_train_val)
+from lesionlab.data.dataset import load_dataset
+from lesionlab.data.images import (
+    BadImageError,
+    decode_samples,
+    open_image,
+    resize_to_input,
+)
+from lesionlab.data.splits import split_train_val
+from lesionlab.errors import DataError
 
 
 def test_shared_dataset_layout(shared_data):
@@ -61,7 +68,7 @@ def test_folds_partition_train_and_fold_zero_is_the_default_split(shared_data):
 
 
 def test_split_without_groups_still_stratified():
-    from lesionlab.data import Sample
+    from lesionlab.data.dataset import Sample
 
     samples = [Sample(f"train/x/{i}.jpg", Path("."), int(i % 3 == 0)) for i in range(100)]
     tr, va = split_train_val(samples, {}, seed=3)
@@ -125,7 +132,7 @@ def test_bytes_input_and_decode_collects_bad(image_files, tmp_path):
     assert open_image(image_files["good"].read_bytes()).size == (200, 300)
     with pytest.raises(BadImageError, match="empty"):
         open_image(b"")
-    from lesionlab.data import Sample
+    from lesionlab.data.dataset import Sample
 
     samples = [Sample("good", image_files["good"], 0), Sample("text", image_files["text"], 1)]
     decoded = decode_samples(samples, 64, progress=False)
@@ -136,8 +143,8 @@ def test_bytes_input_and_decode_collects_bad(image_files, tmp_path):
 def test_default_folders_next_to_the_repository_are_found_from_anywhere(shared_data, shared_weights, tmp_path,
                                                                       monkeypatch):
     """README: without --data, ../shared/data/isic-kaggle next to the working directory or the repository."""
-    from lesionlab.backbones import default_weights_dir
-    from lesionlab.data import default_data_dir
+    from lesionlab.data.dataset import default_data_dir
+    from lesionlab.models.backbones import default_weights_dir
 
     repo = Path(__file__).resolve().parents[1]
     if shared_data.resolve() != (repo.parent / "shared" / "data" / "isic-kaggle").resolve():
@@ -203,7 +210,7 @@ def test_16_bit_greyscale_is_rescaled_not_clipped_to_white():
 @pytest.mark.parametrize("values,mode", [(np.linspace(0, 65535, 256), "I"), (np.linspace(0, 255, 256), "I"),
                                          (np.linspace(0, 1, 256), "F"), (np.linspace(0, 255, 256), "F")])
 def test_32_bit_and_float_greyscale_are_rescaled(values, mode):
-    from lesionlab.data import to_rgb
+    from lesionlab.data.images import to_rgb
 
     arr = np.tile(values, (4, 1)).astype(np.int32 if mode == "I" else np.float32)
     rgb = np.asarray(to_rgb(Image.fromarray(arr, mode)))

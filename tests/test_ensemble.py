@@ -12,17 +12,25 @@ from scipy.special import expit
 from typer.testing import CliRunner
 
 from lesionlab.cli import app
-from lesionlab.ensemble import create_ensemble, evaluate_ensemble, scores_from_predictions
-from lesionlab.predictor import EnsemblePredictor, load_predictor, mean_probability_logit
-from lesionlab.runfiles import RunError
+from lesionlab.ensemble.build import (
+    create_ensemble,
+    evaluate_ensemble,
+    scores_from_predictions,
+)
+from lesionlab.inference.predictor import (
+    EnsemblePredictor,
+    load_predictor,
+    mean_probability_logit,
+)
+from lesionlab.runs import RunError
 
 runner = CliRunner()
 
 
 def _tiny_variant(small_data, tmp_path_factory, name: str, **settings):
     """tiny_run's recipe with other settings, trained and evaluated (frozen features from the session cache)."""
-    from lesionlab.evaluate import evaluate_run
-    from lesionlab.train import TrainConfig, train
+    from lesionlab.evaluation.evaluate import evaluate_run
+    from lesionlab.training.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / name
     train(TrainConfig(epochs=3, lr=1e-3, **settings), small_data, out, progress=False)
@@ -71,7 +79,7 @@ def test_ensemble_logit_is_the_mean_of_member_probabilities(ens, tiny_run, secon
 
 
 def test_served_ensemble_gives_the_evaluated_probabilities(ens, small_data):
-    from lesionlab.data import open_image
+    from lesionlab.data.images import open_image
 
     predictor = load_predictor(ens)
     assert isinstance(predictor, EnsemblePredictor) and len(predictor.members) == 2
@@ -151,8 +159,8 @@ def test_members_exported_to_onnx_give_the_same_answers(ens, tiny_run, second_ru
     """Exporting an ensemble = exporting its members; an ONNX member answers like its PyTorch self."""
     from PIL import Image
 
-    from lesionlab.data import open_image
-    from lesionlab.export import export_run
+    from lesionlab.data.images import open_image
+    from lesionlab.inference.export import export_run
 
     exported = tmp_path / "onnx-member"
     shutil.copytree(tiny_run, exported)

@@ -10,9 +10,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lesionlab.cli import app
-from lesionlab.data import normalize, open_image, resize_to_input
-from lesionlab.explain import _predictor, explain_image, explainable_dir, gradcam, overlay_png
-from lesionlab.runfiles import RunError
+from lesionlab.data.images import normalize, open_image, resize_to_input
+from lesionlab.inference.explain import (
+    _predictor,
+    explain_image,
+    explainable_dir,
+    gradcam,
+    overlay_png,
+)
+from lesionlab.runs import RunError
 
 
 @pytest.fixture(scope="module")

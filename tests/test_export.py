@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lesionlab import export as ex
-from lesionlab import runfiles as rf
+from lesionlab import files
+from lesionlab import runs as rf
 from lesionlab.cli import app
-from lesionlab.data import open_image
-from lesionlab.predictor import load_predictor
+from lesionlab.data.images import open_image
+from lesionlab.inference import export as ex
+from lesionlab.inference.predictor import load_predictor
 
 
 def _quiet(_: str) -> None:
@@ -32,8 +33,8 @@ def run_copy(onnx_run, tmp_path) -> Path:
 def test_export_writes_model_and_preprocess(onnx_run):
     import onnxruntime as ort
 
-    spec = rf.read_json(onnx_run / "preprocess.json")
-    cal = rf.read_json(onnx_run / rf.CALIBRATION)
+    spec = files.read_json(onnx_run / "preprocess.json")
+    cal = files.read_json(onnx_run / rf.CALIBRATION)
     assert spec["threshold"] == cal["threshold"] and spec["temperature"] == cal["temperature"]
     assert spec["input_size"] == 224 and spec["mean"] == [0.5] * 3 and spec["std"] == [0.5] * 3
     assert spec["output_names"] == ["logit", "features"] and spec["opset"] >= 17
@@ -53,13 +54,13 @@ def test_onnx_predictor_matches_torch(onnx_run, small_data):
 
 
 def test_parity_uses_validation_images(onnx_run):
-    config = rf.read_json(onnx_run / rf.CONFIG)
+    config = files.read_json(onnx_run / rf.CONFIG)
     images, source = ex.parity_batch(onnx_run, config, 224, None)
     assert source == "validation" and images.shape[1:] == (224, 224, 3) and len(images) >= 1
 
 
 def test_parity_falls_back_to_generated_images(onnx_run, tmp_path):
-    config = rf.read_json(onnx_run / rf.CONFIG)
+    config = files.read_json(onnx_run / rf.CONFIG)
     images, source = ex.parity_batch(onnx_run, config, 224, tmp_path / "no-such-data")
     assert source == "generated" and images.shape == (32, 224, 224, 3)
 
@@ -116,12 +117,12 @@ def test_a_folder_with_only_the_exported_model_keeps_its_operating_point(onnx_ru
 
 
 def test_re_evaluating_refreshes_the_exported_operating_point(run_copy):
-    from lesionlab.evaluate import evaluate_run
+    from lesionlab.evaluation.evaluate import evaluate_run
 
     evaluate_run(run_copy, policy="fixed:0.42", n_resamples=20, progress=False)
-    spec = rf.read_json(run_copy / "preprocess.json")
+    spec = files.read_json(run_copy / "preprocess.json")
     assert spec["threshold"] == 0.42 and spec["threshold_policy"] == "fixed:0.42" and spec["tta"] is False
-    assert spec["temperature"] == rf.read_json(run_copy / rf.CALIBRATION)["temperature"]
+    assert spec["temperature"] == files.read_json(run_copy / rf.CALIBRATION)["temperature"]
 
 
 def test_a_model_without_an_operating_point_is_not_loaded(run_copy):
@@ -136,8 +137,8 @@ def test_a_model_without_an_operating_point_is_not_loaded(run_copy):
 
 
 def test_predictions_use_tta_as_the_threshold_was_fitted(run_copy, small_data, monkeypatch):
-    cal = rf.read_json(run_copy / rf.CALIBRATION)
-    rf.atomic_write_json(run_copy / rf.CALIBRATION, cal | {"tta": True})
+    cal = files.read_json(run_copy / rf.CALIBRATION)
+    files.atomic_write_json(run_copy / rf.CALIBRATION, cal | {"tta": True})
     predictor = load_predictor(run_copy, "onnx")
     calls = []
     real = predictor.logits_from_uint8

@@ -2,9 +2,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
-from lesionlab.metrics import (_rank_auc, bootstrap_ci, brier, check_policy, choose_threshold, confusion,
-                               expected_calibration_error, fit_temperature, metrics_with_ci, point_metrics,
-                               sensitivity_lower_bound)
+from lesionlab.evaluation.metrics import (
+    _rank_auc,
+    bootstrap_ci,
+    brier,
+    check_policy,
+    choose_threshold,
+    confusion,
+    expected_calibration_error,
+    fit_temperature,
+    metrics_with_ci,
+    point_metrics,
+    sensitivity_lower_bound,
+)
 
 
 @pytest.fixture

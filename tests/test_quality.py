@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from lesionlab.evaluate import SplitScores, summarize
-from lesionlab.metrics import expected_calibration_error, point_metrics
-from lesionlab.predictor import ModelInfo, Predictor, tta_views
+from lesionlab.evaluation.evaluate import SplitScores, summarize
+from lesionlab.evaluation.metrics import expected_calibration_error, point_metrics
+from lesionlab.inference.predictor import ModelInfo, Predictor, tta_views
 
 
 def _split(rng, n, scale):
@@ -97,8 +97,8 @@ def test_analyze_applies_tta_and_temperature():
 
 
 def test_evaluate_with_tta_records_it(tiny_run, tmp_path, monkeypatch):
-    from lesionlab import predictor
-    from lesionlab.evaluate import evaluate_run
+    from lesionlab.evaluation.evaluate import evaluate_run
+    from lesionlab.inference import predictor
 
     monkeypatch.setattr(predictor, "tta_views", lambda b: tta_views(b)[:2])  # 2 of the 8 views: the wiring, fast
     run = tmp_path / "run"

@@ -8,10 +8,10 @@ from PIL import Image
 from scipy.stats import beta
 from typer.testing import CliRunner
 
-from lesionlab import refusal
 from lesionlab.cli import app
-from lesionlab.ood import LesionDetector
-from lesionlab.predictor import TorchPredictor
+from lesionlab.inference.predictor import TorchPredictor
+from lesionlab.models.detector import LesionDetector
+from lesionlab.refusal import measure as refusal
 
 
 def test_evaluation_fits_and_measures_the_detector(tiny_run):
@@ -49,7 +49,7 @@ def test_conservative_threshold_bounds_the_validation_refusal_rate(n):
 def test_served_predictor_refuses_noise_and_accepts_validation_lesions(tiny_run, small_data):
     import csv
 
-    from lesionlab.data import open_image
+    from lesionlab.data.images import open_image
 
     predictor = TorchPredictor(tiny_run)
     assert predictor.detector is not None and predictor.detector.normalize
@@ -114,8 +114,8 @@ def test_detector_also_scores_input_pixels(tiny_run):
 
 def test_pixel_statistics_put_flat_colours_and_gradients_far_from_lesions(small_data):
     """The model-free distance: what fine-tuned features miss (flat colour, smooth gradients)."""
-    from lesionlab.data import load_dataset
-    from lesionlab.ood import PixelDistance, image_statistics
+    from lesionlab.data.dataset import load_dataset
+    from lesionlab.models.detector import PixelDistance, image_statistics
 
     stats = refusal.pixel_statistics(load_dataset(small_data), 224, progress=False)
     lesions = np.stack(list(stats.values()))
@@ -132,8 +132,8 @@ def test_ensemble_refusal_is_a_majority_not_a_union(tmp_path):
     """Each member's detector refuses ~1% of real lesions; 'any member refuses' would add those up."""
     import json
 
-    from lesionlab.ood import ensemble_refusal_score
-    from lesionlab.refusal import combine_refusal
+    from lesionlab.models.detector import ensemble_refusal_score
+    from lesionlab.refusal.measure import combine_refusal
 
     assert ensemble_refusal_score([[2.0, 0.5], [0.1, 0.6], [0.2, 3.0]]).tolist() == [0.2, 0.6]
     assert ensemble_refusal_score([[1.5], [0.7]]).tolist() == [1.1]  # two members: their mean

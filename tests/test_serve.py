@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lesionlab.predictor import Prediction
-from lesionlab.report import DISCLAIMER
+from lesionlab.evaluation.report import DISCLAIMER
+from lesionlab.inference.predictor import Prediction
 from lesionlab.serve import aws_lambda, create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,16 +191,16 @@ def test_v1_batch(client, lesion_jpeg, image_files):
 
 
 def test_explain_is_501_without_the_module(client, lesion_jpeg, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lesionlab.explain", None)  # import fails as if the module were absent
+    monkeypatch.setitem(sys.modules, "lesionlab.inference.explain", None)  # import fails as if the module were absent
     r = client.post("/v1/predict?explain=true", json={"image": b64(lesion_jpeg)})
     assert r.status_code == 501 and "explain" in r.json()["message"]
 
 
 def test_explain_returns_an_overlay(client, lesion_jpeg, monkeypatch):
     calls = []
-    fake = types.ModuleType("lesionlab.explain")
+    fake = types.ModuleType("lesionlab.inference.explain")
     fake.overlay_png = lambda model_dir, image, target: calls.append((Path(model_dir), target)) or png((8, 8))
-    monkeypatch.setitem(sys.modules, "lesionlab.explain", fake)
+    monkeypatch.setitem(sys.modules, "lesionlab.inference.explain", fake)
     r = client.post("/v1/predict?explain=true", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
     assert r.status_code == 200
     assert base64.b64decode(r.json()["explanation_png"]).startswith(b"\x89PNG")
@@ -219,9 +219,9 @@ def twin_ensemble(tiny_run, tmp_path_factory) -> Path:
 
 
 def test_ensemble_explains_the_ensemble_label(twin_ensemble, lesion_jpeg, monkeypatch):
-    explain = pytest.importorskip("lesionlab.explain")
-    from lesionlab.data import open_image
-    from lesionlab.predictor import load_predictor
+    explain = pytest.importorskip("lesionlab.inference.explain")
+    from lesionlab.data.images import open_image
+    from lesionlab.inference.predictor import load_predictor
 
     member = load_predictor(twin_ensemble.parent / "a").analyze([open_image(lesion_jpeg)])[0]
     assert not member.refused
@@ -239,7 +239,7 @@ def test_ensemble_explains_the_ensemble_label(twin_ensemble, lesion_jpeg, monkey
 
 
 def test_explain_with_the_real_grad_cam(client, lesion_jpeg):
-    pytest.importorskip("lesionlab.explain")
+    pytest.importorskip("lesionlab.inference.explain")
     r = client.post("/v1/predict?explain=true", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
     assert r.status_code in (200, 422), r.json()
     if r.status_code == 200:
@@ -289,7 +289,7 @@ def test_ensemble_model_version_tracks_its_members(twin_ensemble):
 
 
 def test_onnx_only_folder_like_the_bundled_model(onnx_only, lesion_jpeg, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lesionlab.explain", types.ModuleType("lesionlab.explain"))
+    monkeypatch.setitem(sys.modules, "lesionlab.inference.explain", types.ModuleType("lesionlab.inference.explain"))
     with TestClient(create_app(onnx_only)) as c:
         wait_ready(c)
         assert c.post("/predict", json={"image": b64(lesion_jpeg)}).status_code == 200
@@ -300,7 +300,7 @@ def test_onnx_only_folder_like_the_bundled_model(onnx_only, lesion_jpeg, monkeyp
 
 
 def test_bundled_default_model(lesion_jpeg):
-    from lesionlab.predictor import DEFAULT_MODEL_DIR
+    from lesionlab.inference.predictor import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "model.onnx").exists():
         pytest.skip("no bundled default model in this checkout")
@@ -640,8 +640,12 @@ def test_schemathesis_finds_no_5xx_or_schema_violation(onnx_run):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
-                                                   response_schema_conformance, status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     app = create_app(onnx_run)
     app.state.service.load()

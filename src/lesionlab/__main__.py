@@ -1,3 +1,3 @@
-from .cli import main
+from lesionlab.cli import main
 
 main()

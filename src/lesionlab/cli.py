@@ -9,10 +9,12 @@ from typing import List, Optional
 
 import typer
 
-from .backbones import DEFAULT_BACKBONE, REGISTRY, WeightsError
-from .data import BadImageError, DataError, default_data_dir
-from .metrics import DEFAULT_POLICY, check_policy
-from .runfiles import METRICS, MODEL, STATE, RunError
+from lesionlab.data.dataset import default_data_dir
+from lesionlab.data.images import BadImageError
+from lesionlab.errors import DataError
+from lesionlab.evaluation.metrics import DEFAULT_POLICY, check_policy
+from lesionlab.models.backbones import DEFAULT_BACKBONE, REGISTRY, WeightsError
+from lesionlab.runs import METRICS, MODEL, STATE, RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, evaluate and serve skin-lesion classifiers (benign vs malignant). "
@@ -101,8 +103,9 @@ def train(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Train one model (resumes when the same command is run again) and evaluate it."""
-    from .evaluate import evaluate_run
-    from .train import TrainConfig, train as run_train
+    from lesionlab.evaluation.evaluate import evaluate_run
+    from lesionlab.training.loop import TrainConfig
+    from lesionlab.training.loop import train as run_train
 
     try:
         cfg = TrainConfig(backbone=backbone, mode=mode, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
@@ -151,11 +154,11 @@ def evaluate(
     quiet: bool = typer.Option(False),
 ) -> None:
     """Write metrics.json (with 95% bootstrap CIs), figures and report.md into RUN_DIR."""
-    from .evaluate import evaluate_run
+    from lesionlab.evaluation.evaluate import evaluate_run
 
     try:
         if (run_dir / "ensemble.json").exists():
-            from .ensemble import evaluate_ensemble
+            from lesionlab.ensemble.build import evaluate_ensemble
 
             metrics = evaluate_ensemble(run_dir, data, threshold_policy, tta, resamples, progress=not quiet)
         else:
@@ -176,8 +179,8 @@ def predict(
     backend: str = typer.Option("auto", help="auto | onnx | torch"),
 ) -> None:
     """Probability of malignant and the label at the model's operating threshold, per image."""
-    from .data import open_image
-    from .predictor import load_predictor
+    from lesionlab.data.images import open_image
+    from lesionlab.inference.predictor import load_predictor
 
     try:
         predictor = load_predictor(model, backend)
@@ -231,7 +234,7 @@ def sweep(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """The study's grid search: select per backbone on validation, evaluate on test; writes Table 1 and Figures 1-3."""
-    from .sweep import SweepError, SweepGrid, parse_list, run_sweep
+    from lesionlab.sweep.sweep import SweepError, SweepGrid, parse_list, run_sweep
 
     try:
         if seeds < 1:
@@ -266,7 +269,7 @@ def export(
     opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
 ) -> None:
     """Write model.onnx and preprocess.json into RUN_DIR, checked against PyTorch on 32 images."""
-    from .export import ExportError, export_run, quantize_run
+    from lesionlab.inference.export import ExportError, export_run, quantize_run
 
     if quantize not in (None, "int8"):
         fail(f"--quantize accepts only int8, got '{quantize}'")
@@ -305,9 +308,9 @@ def serve(
 
     import uvicorn
 
-    from .predictor import require_operating_point
-    from .serve.service import resolve_model_dir
-    from .serve.settings import ServeSettings, default_threads
+    from lesionlab.inference.predictor import require_operating_point
+    from lesionlab.serve.service import resolve_model_dir
+    from lesionlab.serve.settings import ServeSettings, default_threads
 
     try:
         model_dir = resolve_model_dir(model).resolve()
@@ -340,7 +343,7 @@ def ensemble(
     quiet: bool = typer.Option(False),
 ) -> None:
     """Combine runs into one model (mean of calibrated probabilities) and evaluate it; predict and serve accept OUT."""
-    from .ensemble import create_ensemble
+    from lesionlab.ensemble.build import create_ensemble
 
     inner = inner or []
     command = (_command_line("ensemble", out=out, data=data, threshold_policy=threshold_policy, tta=tta,
@@ -365,9 +368,9 @@ def explain(
     target: str = typer.Option("predicted", help="predicted | malignant | benign: whose evidence to show."),
 ) -> None:
     """Grad-CAM heatmap over IMAGE: where the evidence for the model's answer lies (a visual aid, not a diagnosis)."""
-    from .data import open_image
-    from .explain import explain_image
-    from .runfiles import atomic_path
+    from lesionlab.data.images import open_image
+    from lesionlab.files import atomic_path
+    from lesionlab.inference.explain import explain_image
 
     try:
         result = explain_image(model, open_image(image, str(image)), target)
@@ -383,7 +386,7 @@ def explain(
 
 
 def main() -> None:
-    from .runtime import keep_freed_memory
+    from lesionlab.runtime import keep_freed_memory
 
     keep_freed_memory()
     app()

@@ -1,5 +1,5 @@
 """HTTP and AWS Lambda front ends for a lesionlab model. Screening aid, not a diagnosis."""
 
-from .app import app_from_env, create_app
+from lesionlab.serve.app import app_from_env, create_app
 
 __all__ = ["create_app", "app_from_env"]

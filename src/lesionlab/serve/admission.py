@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from .errors import ServiceError
+from lesionlab.serve.errors import ServiceError
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1

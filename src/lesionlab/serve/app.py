@@ -20,17 +20,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..data import DEFAULT_MAX_PIXELS
-from ..report import DISCLAIMER
-from . import codec
-from .errors import ServiceError
-from .middleware import BearerAuth, BodyLimit
-from .model_card import model_card
-from .responses import (STUDY_PATH, BatchItem, BatchOut, PredictionOut, RefusalOut, StudyEnvelope, StudyRequest,
-                        error_response, error_schema, study_success)
-from .service import ModelService, Outcome, limit_blas_threads
-from .settings import ServeSettings
+from lesionlab import __version__
+from lesionlab.data.images import DEFAULT_MAX_PIXELS
+from lesionlab.evaluation.report import DISCLAIMER
+from lesionlab.serve import codec
+from lesionlab.serve.errors import ServiceError
+from lesionlab.serve.middleware import BearerAuth, BodyLimit
+from lesionlab.serve.model_card import model_card
+from lesionlab.serve.responses import (
+    STUDY_PATH,
+    BatchItem,
+    BatchOut,
+    PredictionOut,
+    RefusalOut,
+    StudyEnvelope,
+    StudyRequest,
+    error_response,
+    error_schema,
+    study_success,
+)
+from lesionlab.serve.service import ModelService, Outcome, limit_blas_threads
+from lesionlab.serve.settings import ServeSettings
 
 log = logging.getLogger("lesionlab.serve")
 

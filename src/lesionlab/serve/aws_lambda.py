@@ -11,11 +11,11 @@ import json
 import os
 from typing import Any
 
-from .codec import decode_base64, study_image
-from .errors import ServiceError
-from .responses import STUDY_PATH, error_payload, study_success
-from .service import ModelService, limit_blas_threads
-from .settings import ServeSettings
+from lesionlab.serve.codec import decode_base64, study_image
+from lesionlab.serve.errors import ServiceError
+from lesionlab.serve.responses import STUDY_PATH, error_payload, study_success
+from lesionlab.serve.service import ModelService, limit_blas_threads
+from lesionlab.serve.settings import ServeSettings
 
 _loaded: tuple[ModelService, ServeSettings] | None = None
 

@@ -12,7 +12,7 @@ import binascii
 import json
 import re
 
-from .errors import ServiceError
+from lesionlab.serve.errors import ServiceError
 
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")

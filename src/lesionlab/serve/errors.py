@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data import BadImageError
+from lesionlab.data.images import BadImageError
 
 #: ``BadImageError.status`` -> (status, code). Statuses not listed (404 for a missing file) cannot come from bytes.
 IMAGE_ERRORS = {400: "empty_image", 413: "image_too_large", 415: "unsupported_image", 422: "image_too_small"}

@@ -10,8 +10,8 @@ from typing import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError
-from .responses import error_response
+from lesionlab.serve.errors import ServiceError
+from lesionlab.serve.responses import error_response
 
 PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
 

@@ -6,10 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .. import runfiles as rf
-from ..metrics import METRICS
-from ..predictor import Predictor
-from ..report import DISCLAIMER
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.evaluation.metrics import METRICS
+from lesionlab.evaluation.report import DISCLAIMER
+from lesionlab.inference.predictor import Predictor
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
 LICENCE_NOTES = {
@@ -46,7 +47,7 @@ def _split_metrics(block: dict) -> dict:
 
 
 def _read(path: Path) -> dict:
-    return rf.read_json(path) if path.exists() else {}
+    return files.read_json(path) if path.exists() else {}
 
 
 def training_data(config: dict) -> dict:

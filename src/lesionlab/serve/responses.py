@@ -11,9 +11,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
-from ..predictor import ModelInfo, Prediction
-from ..report import DISCLAIMER
-from .errors import ServiceError
+from lesionlab.evaluation.report import DISCLAIMER
+from lesionlab.inference.predictor import ModelInfo, Prediction
+from lesionlab.serve.errors import ServiceError
 
 STUDY_PATH = "/predict"
 JSON_HEADERS = {"Content-Type": "application/json"}

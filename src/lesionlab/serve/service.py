@@ -18,12 +18,19 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import runfiles as rf
-from ..data import DEFAULT_MAX_PIXELS, BadImageError, open_image
-from ..ood import OOD_FILE, OOD_META
-from ..predictor import DEFAULT_MODEL_DIR, ENSEMBLE_FILE, ONNX_FILE, Prediction, Predictor, load_predictor
-from .admission import Admission
-from .errors import ServiceError, from_bad_image
+from lesionlab import runs as rf
+from lesionlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+from lesionlab.inference.predictor import (
+    DEFAULT_MODEL_DIR,
+    ENSEMBLE_FILE,
+    ONNX_FILE,
+    Prediction,
+    Predictor,
+    load_predictor,
+)
+from lesionlab.models.detector import OOD_FILE, OOD_META
+from lesionlab.serve.admission import Admission
+from lesionlab.serve.errors import ServiceError, from_bad_image
 
 log = logging.getLogger("lesionlab.serve")
 
@@ -187,10 +194,10 @@ class ModelService:
         return self.require_explainer().overlay_png(self.model_dir, self._decode(data, "image"), target)
 
     def require_explainer(self):
-        """lesionlab.explain, or 501 unless a Grad-CAM can be drawn (it needs a PyTorch checkpoint, model.pt)."""
+        """lesionlab.inference.explain, or 501 unless a Grad-CAM can be drawn (it needs a PyTorch checkpoint, model.pt)."""
         try:
             # import_module asks sys.modules, as the import inside _explain would: one answer for both
-            explain = importlib.import_module("lesionlab.explain")
+            explain = importlib.import_module("lesionlab.inference.explain")
         except ImportError as e:
             raise ServiceError(501, "explain_unavailable", f"explanations are not available in this build ({e}); "
                                                            "ask without explain=true") from None

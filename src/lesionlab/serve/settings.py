@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
-from ..data import DEFAULT_MAX_PIXELS
-from ..predictor import BACKENDS
+from lesionlab.data.images import DEFAULT_MAX_PIXELS
+from lesionlab.inference.predictor import BACKENDS
 
 PREFIX = "LESIONLAB_SERVE_"
 MODEL_ENV = "LESIONLAB_MODEL"
@@ -82,7 +82,7 @@ class ServeSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "ServeSettings":
-        from .middleware import read_tokens
+        from lesionlab.serve.middleware import read_tokens
 
         kwargs: dict = {"model_dir": env.get(MODEL_ENV) or None, "tokens": read_tokens(dict(env))}
         for f in fields(cls):

@@ -13,12 +13,22 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from . import plots
-from . import runfiles as rf
-from .data import Dataset, Sample, decode_samples, load_dataset
-from .metrics import (DEFAULT_POLICY, DEFAULT_RESAMPLES, brier, choose_threshold, expected_calibration_error,
-                      fit_temperature, metrics_with_ci, reliability_bins)
-from .report import run_report
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.data.dataset import Dataset, Sample, load_dataset
+from lesionlab.data.images import decode_samples
+from lesionlab.evaluation import plots
+from lesionlab.evaluation.metrics import (
+    DEFAULT_POLICY,
+    DEFAULT_RESAMPLES,
+    brier,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    metrics_with_ci,
+    reliability_bins,
+)
+from lesionlab.evaluation.report import run_report
 
 EVAL_SPLITS = ("val", "test", "test_dedup")
 
@@ -48,9 +58,9 @@ def _frozen_scores(run_dir: Path, config: dict, dataset: Dataset, splits, progre
     """The head on cached backbone features: identical to a full forward pass, without re-running the backbone."""
     import torch
 
-    from .backbones import ResolvedWeights
-    from .features import load_or_compute
-    from .model import load_model
+    from lesionlab.models.backbones import ResolvedWeights
+    from lesionlab.models.classifier import load_model
+    from lesionlab.training.features import load_or_compute
 
     model, _ = load_model(run_dir / rf.MODEL)
     w = config["weights"]
@@ -85,10 +95,10 @@ def _image_scores(predictor, splits, progress: bool, tta: bool) -> dict[str, Spl
 def score_run(run_dir: str | Path, data: str | Path | None = None, tta: bool = False,
               progress: bool = True) -> dict[str, SplitScores]:
     """Uncalibrated logits of one run on val, test and test_dedup."""
-    from .predictor import TorchPredictor
+    from lesionlab.inference.predictor import TorchPredictor
 
     run_dir = rf.require_run(run_dir)
-    config = rf.read_json(run_dir / rf.CONFIG)
+    config = files.read_json(run_dir / rf.CONFIG)
     dataset = load_dataset(data or config["data"]["root"], tuple(config["data"]["classes"]))
     splits = run_splits(run_dir, dataset)
     if config["mode"] == "frozen" and not tta:
@@ -126,7 +136,7 @@ def write_predictions(path: Path, scores: dict[str, SplitScores], probs: dict[st
         s = scores[name]
         for r, y, z, p in zip(s.relpaths, s.y, s.logits, probs[name]):
             buf.write(f"{name},{r},{int(y)},{z:.6f},{p:.6f}\n")
-    rf.atomic_write_text(path, buf.getvalue())
+    files.atomic_write_text(path, buf.getvalue())
 
 
 def write_figures(out: Path, scores: dict[str, SplitScores], probs: dict[str, np.ndarray], metrics: dict,
@@ -147,10 +157,10 @@ def write_evaluation(out: Path, scores: dict[str, SplitScores], policy: str, n_r
     """Everything evaluation leaves in a model folder; shared by single runs and ensembles."""
     metrics, probs = summarize(scores, policy, n_resamples, seed)
     metrics["tta"] = tta
-    rf.atomic_write_json(out / rf.METRICS, metrics)
+    files.atomic_write_json(out / rf.METRICS, metrics)
     operating_point = {"model_id": model_id, "temperature": metrics["calibration"]["temperature"],
                        "threshold": metrics["threshold"]["value"], "policy": policy, "tta": tta}
-    rf.atomic_write_json(out / rf.CALIBRATION, operating_point)
+    files.atomic_write_json(out / rf.CALIBRATION, operating_point)
     _refresh_export(out, operating_point)
     write_predictions(out / rf.PREDICTIONS, scores, probs)
     write_figures(out, scores, probs, metrics, title)
@@ -159,15 +169,15 @@ def write_evaluation(out: Path, scores: dict[str, SplitScores], policy: str, n_r
 
 def _refresh_export(out: Path, operating_point: dict) -> None:
     """An exported model's preprocess.json carries the operating point for other runtimes; keep it current."""
-    from .predictor import PREPROCESS_FILE
+    from lesionlab.inference.predictor import PREPROCESS_FILE
 
     path = out / PREPROCESS_FILE
     if path.exists():
-        spec = rf.read_json(path)
+        spec = files.read_json(path)
         spec.update(model_id=operating_point["model_id"], threshold=float(operating_point["threshold"]),
                     threshold_policy=operating_point["policy"], temperature=float(operating_point["temperature"]),
                     tta=operating_point["tta"])
-        rf.atomic_write_json(path, spec)
+        files.atomic_write_json(path, spec)
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, policy: str = DEFAULT_POLICY,
@@ -175,7 +185,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, policy: st
                  progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     scores = score_run(run_dir, data, tta, progress)
-    config = rf.read_json(run_dir / rf.CONFIG)
+    config = files.read_json(run_dir / rf.CONFIG)
     model_id = f"{config['backbone']}-{config['mode']}-{config['weights']['sha256'][:8]}-{run_dir.name}"
     metrics = write_evaluation(run_dir, scores, policy, n_resamples, seed,
                                f"{config['backbone']} ({config['mode']})", model_id, tta)
@@ -184,9 +194,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, policy: st
         with open(history_path, newline="") as f:
             plots.training_curves(list(csv.DictReader(f)), run_dir / rf.FIGURES / "training_curves.png",
                                   f"{config['backbone']} ({config['mode']})")
-    from .refusal import measure_refusal, report_section, summary
+    from lesionlab.refusal.measure import measure_refusal, report_section, summary
 
     refusal = measure_refusal(run_dir, data, progress, refit=True)  # fits ood.npz, adds metrics["refusal"]
     metrics["refusal"] = summary(refusal)
-    rf.atomic_write_text(run_dir / rf.REPORT, run_report(config, metrics) + "\n" + report_section(refusal))
+    files.atomic_write_text(run_dir / rf.REPORT, run_report(config, metrics) + "\n" + report_section(refusal))
     return metrics

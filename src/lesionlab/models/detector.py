@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runfiles import atomic_path, atomic_write_json, read_json
+from lesionlab.files import atomic_path, atomic_write_json, read_json
 
 OOD_FILE = "ood.npz"
 OOD_META = "ood.json"

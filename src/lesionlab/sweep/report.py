@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from . import runfiles as rf
+from lesionlab import files
+from lesionlab import runs as rf
 
 if TYPE_CHECKING:
-    from .sweep import Choice, SweepGrid
+    from lesionlab.sweep.sweep import Choice, SweepGrid
 
 #: Lin & Ghanta 2024, Table 1 (test) and the selected hyper-parameters stated in their Results.
 STUDY_TABLE1 = {
@@ -136,17 +137,17 @@ def _test_scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 def write_reports(out: Path, grid: SweepGrid, rows: list[dict], choices: dict[str, Choice],
                   selected: dict[str, Path]) -> None:
     """table1.md, table1.csv and the study's Figures 1 (tuning), 2 (confusion, test, 0.5) and 3 (ROC, test)."""
-    from . import plots  # matplotlib and sklearn: not imported by Ray workers, which only run trials
+    from lesionlab.evaluation import plots
 
-    metrics = {bb: rf.read_json(p / rf.METRICS) for bb, p in selected.items()}
-    configs = {bb: rf.read_json(p / rf.CONFIG) for bb, p in selected.items()}
-    rf.atomic_write_text(out / "table1.md", table1_markdown(grid, choices, metrics, configs))
+    metrics = {bb: files.read_json(p / rf.METRICS) for bb, p in selected.items()}
+    configs = {bb: files.read_json(p / rf.CONFIG) for bb, p in selected.items()}
+    files.atomic_write_text(out / "table1.md", table1_markdown(grid, choices, metrics, configs))
     table = table1_rows(choices, metrics, configs)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in table for k in r)), lineterminator="\n")
     w.writeheader()
     w.writerows(table)
-    rf.atomic_write_text(out / "table1.csv", buf.getvalue())
+    files.atomic_write_text(out / "table1.csv", buf.getvalue())
     labels = {bb: _model_label(bb, ch, configs[bb]) for bb, ch in choices.items()}
     panels = {f"{bb}{'' if configs[bb]['pretrained'] else ' (RANDOM init)'}": curves
               for bb, curves in tuning_curves(rows).items()}

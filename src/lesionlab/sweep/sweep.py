@@ -29,13 +29,28 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import runfiles as rf
-from .backbones import ResolvedWeights, WeightsError, build_backbone, get_spec, resolve_weights
-from .data import Dataset, Sample, load_dataset
-from .model import Head, LesionClassifier, build_model
-from .runtime import keep_freed_memory
-from .sweep_report import SELECTION_RULE, write_reports
-from .train import MODES, TrainConfig, fit_head, fit_network, train_settings, training_inputs, write_run
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.data.dataset import Dataset, Sample, load_dataset
+from lesionlab.models.backbones import (
+    ResolvedWeights,
+    WeightsError,
+    build_backbone,
+    get_spec,
+    resolve_weights,
+)
+from lesionlab.models.classifier import Head, LesionClassifier, build_model
+from lesionlab.runtime import keep_freed_memory
+from lesionlab.sweep.report import SELECTION_RULE, write_reports
+from lesionlab.training.loop import (
+    MODES,
+    TrainConfig,
+    fit_head,
+    fit_network,
+    train_settings,
+    training_inputs,
+    write_run,
+)
 
 STUDY_BACKBONES = ("mobilenetv2", "resnet50v2", "efficientnetv2b0", "vgg16")
 STUDY_LRS = (1e-5, 5e-4, 1e-4, 5e-3, 1e-3)
@@ -174,16 +189,16 @@ class TrialStore:
         path = self._path(trial, "json")
         if not path.exists() or not self._path(trial, "pt").exists():
             return None
-        rec = rf.read_json(path)
+        rec = files.read_json(path)
         if rec.get("identity") != identity or not set(record) <= set(rec.get("recorded_epochs", [])):
             return None
         return rec
 
     def save(self, result: TrialResult, identity: dict) -> dict:
-        rf.atomic_save_torch({"states": result.states}, self._path(result.trial, "pt"))
+        files.atomic_save_torch({"states": result.states}, self._path(result.trial, "pt"))
         rec = {"trial": asdict(result.trial), "identity": identity, "recorded_epochs": sorted(result.states),
                "history": result.history}
-        rf.atomic_write_json(self._path(result.trial, "json"), rec)
+        files.atomic_write_json(self._path(result.trial, "json"), rec)
         return rec
 
     def state(self, trial: Trial, epoch: int) -> dict[str, torch.Tensor]:
@@ -265,7 +280,7 @@ def write_results(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({**r, "lr": f"{r['lr']:g}", "train_seconds": f"{r['train_seconds']:.3f}"})
-    rf.atomic_write_text(path, buf.getvalue())
+    files.atomic_write_text(path, buf.getvalue())
 
 
 @dataclass(frozen=True)
@@ -304,14 +319,14 @@ def write_selected(out: Path, choice: Choice, grid: SweepGrid, prep: Prepared, s
 
     Skipped when the folder already holds this choice, evaluated (report.md is evaluation's last file).
     """
-    from .evaluate import evaluate_run
+    from lesionlab.evaluation.evaluate import evaluate_run
 
     trial = Trial(choice.backbone, choice.lr, choice.seed)
     cfg = grid.config(trial, choice.epochs)
     selection = {"rule": SELECTION_RULE, **asdict(choice)}
     cfg_path = out / rf.CONFIG
     if cfg_path.exists() and (out / rf.REPORT).exists():
-        old = rf.read_json(cfg_path)
+        old = files.read_json(cfg_path)
         if (old.get("train") == train_settings(cfg) and old.get("weights_sha256") == prep.weights.sha256
                 and old.get("file_list_sha256") == file_hash and old.get("sweep_selection") == selection):
             return out
@@ -397,7 +412,7 @@ def run_sweep(
     file_hash = dataset.file_list_hash()
     weights = resolve_all(grid, weights_dir, allow_random_init)
     out.mkdir(parents=True, exist_ok=True)
-    rf.atomic_write_json(out / "sweep.json", {"grid": asdict(grid), "backend": backend, "command": command,
+    files.atomic_write_json(out / "sweep.json", {"grid": asdict(grid), "backend": backend, "command": command,
                                               "data": str(data_root.resolve()), "versions": rf.package_versions()})
     prepared, seconds = {}, {}
     for (bb, seed), w in weights.items():
@@ -453,7 +468,7 @@ def _backend(name: str, ray_address: str | None, workers: int | None = None) -> 
     if name == "local":
         return local_backend(workers)
     if name == "ray":
-        from .sweep_ray import ray_backend
+        from lesionlab.sweep.ray_backend import ray_backend
 
         return ray_backend(ray_address)
     raise SweepError(f"backend must be local or ray, got '{name}'")

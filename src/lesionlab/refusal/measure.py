@@ -21,9 +21,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import runfiles as rf
-from .data import Dataset, load_dataset, to_rgb
-from .ood import ENSEMBLE_RULE, LesionDetector, PixelDistance, ensemble_refusal_score, image_statistics
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.data.dataset import Dataset, load_dataset
+from lesionlab.data.images import to_rgb
+from lesionlab.models.detector import (
+    ENSEMBLE_RULE,
+    LesionDetector,
+    PixelDistance,
+    ensemble_refusal_score,
+    image_statistics,
+)
 
 REFUSAL_FILE = "refusal.json"
 SCORES_FILE = "refusal_scores.csv"
@@ -44,7 +52,7 @@ SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "cat", "checkerboard", "clock"
 
 def _run_weights(run_dir: Path, config: dict):
     """Frozen runs share the ImageNet feature cache; a fine-tuned run gets cache entries keyed by its model.pt."""
-    from .backbones import ResolvedWeights, file_sha256
+    from lesionlab.models.backbones import ResolvedWeights, file_sha256
 
     w = config["weights"]
     if config["mode"] == "frozen":
@@ -64,8 +72,8 @@ class SplitFeatures:
 
 def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -> dict[str, np.ndarray]:
     """relpath -> image statistics of every readable file, as the model sees it; cached like features."""
-    from .data import decode_samples
-    from .features import cache_dir
+    from lesionlab.data.images import decode_samples
+    from lesionlab.training.features import cache_dir
 
     blob = json.dumps({"v": PIXEL_STATS_VERSION, "size": input_size, "files": dataset.file_list_hash()},
                       sort_keys=True)
@@ -82,7 +90,7 @@ def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -
         relpaths += [s.relpath for s in decoded.samples]
         stats.append(image_statistics(decoded.images))
     table = np.concatenate(stats) if stats else np.zeros((0, 12))
-    with rf.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, relpaths=np.array(relpaths), stats=table)
     return dict(zip(relpaths, table))
@@ -91,12 +99,12 @@ def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -
 def run_features(run_dir: str | Path, data: str | Path | None = None,
                  progress: bool = True) -> dict[str, SplitFeatures]:
     """Backbone features of the run's train, val, test and test_dedup images, as the run's own model sees them."""
-    from .evaluate import run_splits
-    from .features import load_or_compute
-    from .model import load_model
+    from lesionlab.evaluation.evaluate import run_splits
+    from lesionlab.models.classifier import load_model
+    from lesionlab.training.features import load_or_compute
 
     run_dir = rf.require_run(run_dir)
-    config = rf.read_json(run_dir / rf.CONFIG)
+    config = files.read_json(run_dir / rf.CONFIG)
     dataset: Dataset = load_dataset(data or config["data"]["root"], tuple(config["data"]["classes"]))
     model, _ = load_model(run_dir / rf.MODEL)
     table = load_or_compute(dataset, _run_weights(run_dir, config), skip_bad=True, progress=progress,
@@ -294,11 +302,11 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
     Cached beside the feature cache, keyed by the backbone's weights and the set: every frozen run of
     a backbone shares one entry, a fine-tuned run gets its own.
     """
-    from .features import cache_dir, preprocessing
-    from .predictor import TorchPredictor
+    from lesionlab.inference.predictor import TorchPredictor
+    from lesionlab.training.features import cache_dir, preprocessing
 
     run_dir = Path(run_dir)
-    weights = _run_weights(run_dir, rf.read_json(run_dir / rf.CONFIG))
+    weights = _run_weights(run_dir, files.read_json(run_dir / rf.CONFIG))
     blob = json.dumps({"v": NON_LESION_VERSION, "sha": weights.sha256, "pre": preprocessing(weights),
                        "names": [f"{it.kind}/{it.name}" for it in items]}, sort_keys=True)
     path = cache_dir() / "non_lesion" / f"{weights.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npy"
@@ -306,7 +314,7 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
         return np.load(path)
     predictor = TorchPredictor(run_dir)
     feats = predictor.forward_uint8(predictor.prepare([it.image for it in items]))[1]
-    with rf.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, feats)
     return feats
@@ -314,9 +322,9 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
 
 def non_lesion_pixels(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
     """Image statistics of the non-lesion set, resized and cropped as the predictor does."""
-    from .data import resize_to_input
+    from lesionlab.data.images import resize_to_input
 
-    size = int(rf.read_json(Path(run_dir) / rf.CONFIG)["weights"]["input_size"])
+    size = int(files.read_json(Path(run_dir) / rf.CONFIG)["weights"]["input_size"])
     return image_statistics(np.stack([resize_to_input(it.image, size) for it in items]))
 
 
@@ -330,7 +338,7 @@ def _write_scores(path: Path, rows: list[tuple[str, str, float, bool]]) -> None:
     buf.write("set,name,score,refused\n")
     for s, name, score, refused in rows:
         buf.write(f"{s},{name},{score:.4f},{int(refused)}\n")
-    rf.atomic_write_text(path, buf.getvalue())
+    files.atomic_write_text(path, buf.getvalue())
 
 
 def measure_refusal(run_dir: str | Path, data: str | Path | None = None, progress: bool = True,
@@ -372,12 +380,12 @@ def measure_refusal(run_dir: str | Path, data: str | Path | None = None, progres
     rows += [("test", r, float(v), bool(v > detector.threshold)) for r, v in zip(feats["test"].relpaths,
                                                                                      scores["test"])]
     _write_scores(run_dir / SCORES_FILE, rows)
-    rf.atomic_write_json(run_dir / REFUSAL_FILE, result)
+    files.atomic_write_json(run_dir / REFUSAL_FILE, result)
     metrics_path = run_dir / rf.METRICS
     if metrics_path.exists():
-        metrics = rf.read_json(metrics_path)
+        metrics = files.read_json(metrics_path)
         metrics["refusal"] = summary(result)
-        rf.atomic_write_json(metrics_path, metrics)
+        files.atomic_write_json(metrics_path, metrics)
     return result
 
 
@@ -414,7 +422,7 @@ def _read_scores(run_dir: Path) -> dict[tuple[str, str], float] | None:
     path, meta = run_dir / SCORES_FILE, run_dir / REFUSAL_FILE
     if not path.exists() or not meta.exists():
         return None
-    threshold = float(rf.read_json(meta)["threshold"])
+    threshold = float(files.read_json(meta)["threshold"])
     with open(path, newline="") as f:
         return {(r["set"], r["name"]): float(r["score"]) / threshold for r in csv.DictReader(f)}
 
@@ -444,5 +452,5 @@ def combine_refusal(member_dirs: list[Path], out: Path | None = None) -> dict | 
                                    for c in sorted({kind(k) for k, _ in other})}},
     }
     if out is not None:
-        rf.atomic_write_json(Path(out) / REFUSAL_FILE, result)
+        files.atomic_write_json(Path(out) / REFUSAL_FILE, result)
     return result

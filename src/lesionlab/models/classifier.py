@@ -7,7 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import ResolvedWeights, build_backbone, get_spec, num_features
+from lesionlab.models.backbones import (
+    ResolvedWeights,
+    build_backbone,
+    get_spec,
+    num_features,
+)
 
 HIDDEN_UNITS = 100
 
@@ -46,7 +51,7 @@ def build_model(weights: ResolvedWeights, seed: int = 0, hidden: int = HIDDEN_UN
 
 def save_model(model: LesionClassifier, path: Path, meta: dict) -> None:
     """A self-contained checkpoint: tensors plus the few facts needed to rebuild the module."""
-    from .runfiles import atomic_save_torch
+    from lesionlab.files import atomic_save_torch
 
     atomic_save_torch({"state_dict": model.state_dict(), "meta": meta}, path)
 

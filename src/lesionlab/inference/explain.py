@@ -19,11 +19,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import runfiles as rf
-from .data import normalize, resize_to_input
-from .model import LesionClassifier
-from .predictor import (DEFAULT_MODEL_DIR, ENSEMBLE_FILE, Prediction, TorchPredictor, load_predictor,
-                        require_operating_point)
+from lesionlab import runs as rf
+from lesionlab.data.images import normalize, resize_to_input
+from lesionlab.inference.predictor import (
+    DEFAULT_MODEL_DIR,
+    ENSEMBLE_FILE,
+    Prediction,
+    TorchPredictor,
+    load_predictor,
+    require_operating_point,
+)
+from lesionlab.models.classifier import LesionClassifier
 
 TARGETS = ("predicted", "malignant", "benign")
 ALPHA = 0.45
@@ -79,7 +85,7 @@ def explainable_dir(model_dir: str | Path | None) -> Path:
     model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
     require_operating_point(model_dir)  # "predicted" means the label at the validation-chosen threshold
     if (model_dir / ENSEMBLE_FILE).exists():
-        from .ensemble import member_dirs
+        from lesionlab.ensemble.build import member_dirs
 
         members = member_dirs(model_dir)
         if not members:

@@ -1,26 +1,13 @@
-"""Run folders and the atomic writes that keep them whole: write a temp file beside the target, then rename."""
+"""Atomic writes that keep files whole (write a temp file beside the target, then rename), and JSON reading."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
-
-CONFIG = "config.json"
-HISTORY = "history.csv"
-MODEL = "model.pt"
-METRICS = "metrics.json"
-REPORT = "report.md"
-PREDICTIONS = "predictions.csv"
-CALIBRATION = "calibration.json"
-FIGURES = "figures"
-STATE = "train_state.pt"  # resume state; removed when training finishes
-SKIPPED = "skipped_files.txt"
 
 
 @contextmanager
@@ -82,25 +69,3 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, (set, frozenset, tuple)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("lesionlab", "torch", "torchvision", "timm", "numpy", "scikit-learn", "pillow", "onnxruntime"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-class RunError(ValueError):
-    """A run folder is missing or incomplete."""
-
-
-def require_run(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).exists() or not (run_dir / MODEL).exists():
-        raise RunError(f"{run_dir} is not a finished lesionlab run (needs {CONFIG} and {MODEL}); "
-                       "create one with `lesionlab train --out DIR`")
-    return run_dir

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from .runfiles import atomic_path  # noqa: E402
+from lesionlab.files import atomic_path
 
 
 def _save(fig, path: Path) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .sweep import Backend, Job, SweepError, TrialResult, run_trial
+from lesionlab.sweep.sweep import Backend, Job, SweepError, TrialResult, run_trial
 
 
 def _import_ray():

@@ -36,11 +36,17 @@ from typing import Sequence
 import numpy as np
 from scipy.special import expit
 
-from . import runfiles as rf
-from .evaluate import EVAL_SPLITS, SplitScores, score_run, write_evaluation
-from .metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES, check_policy
-from .predictor import ENSEMBLE_FILE, mean_probability_logit
-from .report import DISCLAIMER, metrics_table
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.evaluation.evaluate import (
+    EVAL_SPLITS,
+    SplitScores,
+    score_run,
+    write_evaluation,
+)
+from lesionlab.evaluation.metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES, check_policy
+from lesionlab.evaluation.report import DISCLAIMER, metrics_table
+from lesionlab.inference.predictor import ENSEMBLE_FILE, mean_probability_logit
 
 KIND = "lesionlab-ensemble"
 COMBINE = "mean of the members' calibrated probabilities"
@@ -52,7 +58,7 @@ COMBINE = "mean of the members' calibrated probabilities"
 def member_dirs(ensemble_dir: Path, key: str = "members") -> list[Path]:
     """Members (or, with key="inner", inner runs) as listed in ensemble.json; relative paths are relative to
     the ensemble folder."""
-    spec = rf.read_json(Path(ensemble_dir) / ENSEMBLE_FILE)
+    spec = files.read_json(Path(ensemble_dir) / ENSEMBLE_FILE)
     out = []
     for m in spec.get(key, []):
         p = Path(m)
@@ -132,7 +138,7 @@ def layout_of(groups: Sequence[Sequence[int]]) -> str:
 
 
 def _temperature(run_dir: Path) -> float:
-    return float(rf.read_json(run_dir / rf.CALIBRATION).get("temperature", 1.0))
+    return float(files.read_json(run_dir / rf.CALIBRATION).get("temperature", 1.0))
 
 
 # ------------------------------------------------------------------ scores
@@ -144,7 +150,7 @@ def scores_from_predictions(run_dir: Path, tta: bool = False) -> dict[str, Split
     path = run_dir / rf.PREDICTIONS
     if not path.exists():
         return None
-    cal = rf.read_json(run_dir / rf.CALIBRATION)
+    cal = files.read_json(run_dir / rf.CALIBRATION)
     if bool(cal.get("tta", False)) != tta:
         return None
     rows: dict[str, list[tuple[str, float, float, float]]] = {s: [] for s in EVAL_SPLITS}
@@ -241,8 +247,8 @@ def ensemble_scores(per_member: Sequence[dict[str, SplitScores]], temperatures: 
 
 
 def _describe_member(run_dir: Path, ensemble_dir: Path) -> dict:
-    cfg = rf.read_json(run_dir / rf.CONFIG)
-    cal = rf.read_json(run_dir / rf.CALIBRATION)
+    cfg = files.read_json(run_dir / rf.CONFIG)
+    cal = files.read_json(run_dir / rf.CALIBRATION)
     return {"path": _member_ref(run_dir, ensemble_dir), "model_id": cal.get("model_id"),
             "backbone": cfg["backbone"], "mode": cfg["mode"], "input_size": cfg["preprocessing"]["input_size"],
             "temperature": cal.get("temperature"), "threshold": cal.get("threshold")}
@@ -259,8 +265,8 @@ def _member_ref(run_dir: Path, ensemble_dir: Path) -> str:
 def _member_table(members: Sequence[Path], ensemble_dir: Path) -> str:
     lines = ["| member | backbone | mode | test AUC | test accuracy |", "|---|---|---|---|---|"]
     for m in members:
-        cfg = rf.read_json(m / rf.CONFIG)
-        metrics = rf.read_json(m / rf.METRICS) if (m / rf.METRICS).exists() else {}
+        cfg = files.read_json(m / rf.CONFIG)
+        metrics = files.read_json(m / rf.METRICS) if (m / rf.METRICS).exists() else {}
         test = metrics.get("test", {})
         auc = f"{test['auc']['value']:.3f}" if "auc" in test else "n/a"
         acc = f"{test['accuracy']['value']:.3f}" if "accuracy" in test else "n/a"
@@ -269,7 +275,7 @@ def _member_table(members: Sequence[Path], ensemble_dir: Path) -> str:
 
 
 def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, refusal: dict | None) -> str:
-    from .refusal import report_section
+    from lesionlab.refusal.measure import report_section
 
     thr, cal = metrics["threshold"], metrics["calibration"]
     if metrics["threshold"].get("chosen_on") == NESTED_NOTE:
@@ -302,7 +308,7 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
 
 def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], data, policy: str, tta: bool,
               n_resamples: int, seed: int, progress: bool, reuse: bool, inner: Sequence[Path] = ()) -> dict:
-    from .refusal import combine_refusal, summary
+    from lesionlab.refusal.measure import combine_refusal, summary
 
     layout = layout_of(groups)
     per_member = [member_scores(m, data, tta, reuse, progress) for m in members]
@@ -311,7 +317,7 @@ def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], 
         per_inner = [member_scores(r, data, tta, reuse, progress) for r in inner]
         nested = nested_out_of_fold(per_inner, [_temperature(r) for r in inner])
     scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups, nested)
-    names = ", ".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members)
+    names = ", ".join(files.read_json(m / rf.CONFIG)["backbone"] for m in members)
     metrics = write_evaluation(ensemble_dir, scores, policy, n_resamples, seed, f"ensemble ({names})",
                                f"ensemble-{len(members)}-{ensemble_dir.name}", tta)
     metrics["layout"] = layout
@@ -321,8 +327,8 @@ def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], 
     refusal = combine_refusal(members, ensemble_dir)
     if refusal is not None:
         metrics["refusal"] = summary(refusal)
-    rf.atomic_write_json(ensemble_dir / rf.METRICS, metrics)
-    rf.atomic_write_text(ensemble_dir / rf.REPORT, ensemble_report(members, ensemble_dir, metrics, refusal))
+    files.atomic_write_json(ensemble_dir / rf.METRICS, metrics)
+    files.atomic_write_text(ensemble_dir / rf.REPORT, ensemble_report(members, ensemble_dir, metrics, refusal))
     return metrics
 
 
@@ -365,13 +371,13 @@ def _write_ensemble(members: list[Path], groups: list[list[int]], out: Path, dat
                     n_resamples: int, seed: int, progress: bool, command: str, inner: list[Path]) -> dict:
     layout = layout_of(groups)
     out.mkdir(parents=True, exist_ok=True)
-    rf.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],
+    files.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],
                                                "combine": COMBINE}
                          | ({"inner": [_member_ref(r, out) for r in inner]} if inner else {}))
-    first = rf.read_json(members[0] / rf.CONFIG)
-    rf.atomic_write_json(out / rf.CONFIG, {
+    first = files.read_json(members[0] / rf.CONFIG)
+    files.atomic_write_json(out / rf.CONFIG, {
         "kind": KIND, "mode": "ensemble",
-        "backbone": "ensemble(" + ",".join(rf.read_json(m / rf.CONFIG)["backbone"] for m in members) + ")",
+        "backbone": "ensemble(" + ",".join(files.read_json(m / rf.CONFIG)["backbone"] for m in members) + ")",
         "combine": COMBINE, "layout": layout, "members": [_describe_member(m, out) for m in members],
         "data": {k: first["data"].get(k) for k in ("root", "classes", "positive_class", "split_seed", "n_train",
                                                      "n_val", "n_test", "n_test_dedup")}
@@ -381,20 +387,20 @@ def _write_ensemble(members: list[Path], groups: list[list[int]], out: Path, dat
         "versions": rf.package_versions(), "command": command,
     })
     if layout == SHARED:
-        rf.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
+        files.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
     else:
-        rf.atomic_write_text(out / "splits.csv", _cross_fit_splits(members, groups))
+        files.atomic_write_text(out / "splits.csv", _cross_fit_splits(members, groups))
     return _evaluate(out, members, groups, data, policy, tta, n_resamples, seed, progress, reuse=True, inner=inner)
 
 
 def _val_folds(run_dir: Path) -> list[int]:
-    d = rf.read_json(run_dir / rf.CONFIG)["data"]
+    d = files.read_json(run_dir / rf.CONFIG)["data"]
     return sorted({d.get("fold", 0)} | ({d["also_val_fold"]} if "also_val_fold" in d else set()))
 
 
 def _cross_fit_data(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> dict:
     """config.json's data block of a cross-fit ensemble: one validation fold per fold group, not per member."""
-    first_of_group = [rf.read_json(members[g[0]] / rf.CONFIG)["data"] for g in groups]
+    first_of_group = [files.read_json(members[g[0]] / rf.CONFIG)["data"] for g in groups]
     return {"n_val": sum(d.get("n_val", 0) for d in first_of_group),
             "n_val_note": "out of fold: each fold scored by the members that held it out",
             "folds": [d.get("fold", 0) for d in first_of_group]}

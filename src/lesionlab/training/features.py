@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import ResolvedWeights, build_backbone
-from .data import BadImageError, DataError, Dataset, Sample, decode_samples, describe_bad, normalize
+from lesionlab.data.dataset import Dataset, Sample
+from lesionlab.data.images import BadImageError, decode_samples, describe_bad, normalize
+from lesionlab.errors import DataError
+from lesionlab.models.backbones import ResolvedWeights, build_backbone
 
 CACHE_VERSION = 1
 
@@ -85,7 +87,7 @@ def load_or_compute(dataset: Dataset, weights: ResolvedWeights, seed: int = 0, s
     Two processes may compute the same entry at once: each writes a temp file and renames it, and
     both hold the same numbers, so the loser of the race only wastes time.
     """
-    from .runfiles import atomic_save_torch
+    from lesionlab.files import atomic_save_torch
 
     path = (cache or cache_dir()) / "features" / f"{weights.backbone}-{cache_key(weights, dataset)}.pt"
     if path.exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .metrics import METRICS
+from lesionlab.evaluation.metrics import METRICS
 
 DISCLAIMER = ("lesionlab is a research tool that screens images; it does not diagnose. A result is not a "
               "medical opinion: any lesion that worries you needs a clinician.")

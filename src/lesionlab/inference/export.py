@@ -18,9 +18,11 @@ from typing import Callable, Iterator
 import numpy as np
 from scipy.special import expit
 
-from . import runfiles as rf
-from .data import Sample, decode_samples, load_dataset, normalize
-from .predictor import ENSEMBLE_FILE, ONNX_FILE, PREPROCESS_FILE
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.data.dataset import Sample, load_dataset
+from lesionlab.data.images import decode_samples, normalize
+from lesionlab.inference.predictor import ENSEMBLE_FILE, ONNX_FILE, PREPROCESS_FILE
 
 INT8_FILE = "model.int8.onnx"
 QUANT_REPORT = "quantization.json"
@@ -73,13 +75,13 @@ def _run_context(run_dir: Path) -> tuple[dict, dict, int]:
     if not (run_dir / rf.CALIBRATION).exists():
         raise rf.RunError(f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first so the "
                           "exported model carries its temperature and threshold")
-    config = rf.read_json(run_dir / rf.CONFIG)
-    return config, rf.read_json(run_dir / rf.CALIBRATION), int(config["preprocessing"]["input_size"])
+    config = files.read_json(run_dir / rf.CONFIG)
+    return config, files.read_json(run_dir / rf.CALIBRATION), int(config["preprocessing"]["input_size"])
 
 
 def _splits(run_dir: Path, config: dict, data: Path | None) -> dict[str, list[Sample]] | None:
     """The run's own validation and test samples, or None when its data folder is not here."""
-    from .evaluate import run_splits
+    from lesionlab.evaluation.evaluate import run_splits
 
     root = Path(data) if data else Path(config["data"]["root"])
     if not (root / "train").is_dir():
@@ -201,7 +203,7 @@ def preprocess_spec(config: dict, calibration: dict, size: int, opset: int = OPS
 def export_run(run_dir: str | Path, data: str | Path | None = None, opset: int = OPSET,
                log: Callable[[str], None] = print) -> ExportResult:
     """Writes model.onnx and preprocess.json; raises ExportError (writing nothing) when parity fails."""
-    from .model import load_model
+    from lesionlab.models.classifier import load_model
 
     run_dir = Path(run_dir)
     config, calibration, size = _run_context(run_dir)
@@ -209,7 +211,7 @@ def export_run(run_dir: str | Path, data: str | Path | None = None, opset: int =
     images, source = parity_batch(run_dir, config, size, Path(data) if data else None)
     x = normalize(images, config["preprocessing"]["mean"], config["preprocessing"]["std"])
     target = run_dir / ONNX_FILE
-    with rf.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         _torch_to_onnx(_export_module(model), size, tmp, opset)
         max_dp = check_parity(model, _onnx_session(tmp), x, float(calibration["temperature"]))
         log(f"parity on {len(x)} {source} images: max |dP(malignant)| = {max_dp:.2e} (limit {PARITY_TOLERANCE:.0e})")
@@ -217,7 +219,7 @@ def export_run(run_dir: str | Path, data: str | Path | None = None, opset: int =
             raise ExportError(f"ONNX model disagrees with PyTorch: max |dP| {max_dp:.2e} > {PARITY_TOLERANCE:.0e} "
                               f"on {len(x)} {source} images; nothing was written. Check the opset and the "
                               "onnxruntime version, or report the backbone as not exportable.")
-    rf.atomic_write_json(run_dir / PREPROCESS_FILE, preprocess_spec(config, calibration, size, opset))
+    files.atomic_write_json(run_dir / PREPROCESS_FILE, preprocess_spec(config, calibration, size, opset))
     return ExportResult(target, run_dir / PREPROCESS_FILE, max_dp, len(x), source)
 
 
@@ -268,7 +270,7 @@ def quantize_run(run_dir: str | Path, data: str | Path | None = None, n_calibrat
         else:
             target.unlink(missing_ok=True)  # a stale int8 file from an earlier export must not survive
     result = QuantizeResult(kept, auc_float, auc_int8, len(y), target if kept else None)
-    rf.atomic_write_json(run_dir / QUANT_REPORT, {
+    files.atomic_write_json(run_dir / QUANT_REPORT, {
         "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax "
                   "calibration on validation images",
         "calibration_images": len(calib), "auc_float": auc_float, "auc_int8": auc_int8, "n_test": len(y),
@@ -283,7 +285,12 @@ def _quantize(src: Path, dst: Path, calib: np.ndarray) -> None:
     import logging
 
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)

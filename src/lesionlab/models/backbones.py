@@ -202,7 +202,7 @@ def default_weights_dir() -> Path | None:
     env = os.environ.get("LESIONLAB_WEIGHTS_DIR")
     if env:
         return Path(env)
-    for c in (Path.cwd() / "../shared/weights", Path(__file__).resolve().parents[2] / "../shared/weights"):
+    for c in (Path.cwd() / "../shared/weights", Path(__file__).resolve().parents[3] / "../shared/weights"):
         if c.is_dir():
             return c.resolve()
     return None

@@ -6,7 +6,6 @@ read from the model folder, so every caller gets the same numbers for the same i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -15,15 +14,16 @@ import numpy as np
 from PIL import Image
 from scipy.special import expit
 
-from . import runfiles as rf
-from .data import normalize, resize_to_input
-from .ood import LesionDetector, ensemble_refusal_score
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.data.images import normalize, resize_to_input
+from lesionlab.models.detector import LesionDetector, ensemble_refusal_score
 
 LABELS = ("benign", "malignant")
 ONNX_FILE = "model.onnx"
 PREPROCESS_FILE = "preprocess.json"
 ENSEMBLE_FILE = "ensemble.json"
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 BACKENDS = ("auto", "onnx", "torch")
 
 
@@ -152,10 +152,10 @@ def _read_operating_point(model_dir: Path) -> dict:
     exported model); {} when neither exists (raw scoring during evaluation needs no operating point)."""
     path = model_dir / rf.CALIBRATION
     if path.exists():
-        return rf.read_json(path)
+        return files.read_json(path)
     pre = model_dir / PREPROCESS_FILE
     if pre.exists():
-        spec = rf.read_json(pre)
+        spec = files.read_json(pre)
         if "threshold" in spec:
             return {"model_id": spec.get("model_id"), "threshold": spec["threshold"], "tta": spec.get("tta", False),
                     "policy": spec.get("threshold_policy"), "temperature": spec.get("temperature", 1.0)}
@@ -172,10 +172,10 @@ def require_operating_point(model_dir: Path) -> None:
 def _info(model_dir: Path, runtime: str) -> ModelInfo:
     pre_path = model_dir / PREPROCESS_FILE
     if (model_dir / rf.CONFIG).exists():
-        cfg = rf.read_json(model_dir / rf.CONFIG)
+        cfg = files.read_json(model_dir / rf.CONFIG)
         pre, backbone = cfg["preprocessing"], cfg["backbone"]
     else:
-        pre = rf.read_json(pre_path)
+        pre = files.read_json(pre_path)
         backbone = pre.get("backbone", "unknown")
     op = _read_operating_point(model_dir)
     return ModelInfo(
@@ -190,7 +190,7 @@ class TorchPredictor(Predictor):
     def __init__(self, model_dir: str | Path, num_threads: int | None = None):
         import torch
 
-        from .model import load_model
+        from lesionlab.models.classifier import load_model
 
         model_dir = Path(model_dir)
         if num_threads:
@@ -232,7 +232,7 @@ class EnsemblePredictor(Predictor):
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", num_threads: int | None = None):
         model_dir = Path(model_dir)
-        spec = rf.read_json(model_dir / ENSEMBLE_FILE)
+        spec = files.read_json(model_dir / ENSEMBLE_FILE)
         self.members = [load_predictor(_member_path(model_dir, m), backend, num_threads) for m in spec["members"]]
         op = _read_operating_point(model_dir)
         first = self.members[0].info

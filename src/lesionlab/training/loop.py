@@ -23,11 +23,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import runfiles as rf
-from .backbones import ResolvedWeights, build_backbone, resolve_weights
-from .data import Dataset, DecodedSet, Sample, check_fold, decode_samples, load_dataset, normalize
-from .features import BadDataError, FeatureTable, load_or_compute, preprocessing
-from .model import Head, LesionClassifier, build_model, save_model
+from lesionlab import files
+from lesionlab import runs as rf
+from lesionlab.data.dataset import Dataset, Sample, load_dataset
+from lesionlab.data.images import DecodedSet, decode_samples, normalize
+from lesionlab.data.splits import check_fold
+from lesionlab.models.backbones import ResolvedWeights, build_backbone, resolve_weights
+from lesionlab.models.classifier import Head, LesionClassifier, build_model, save_model
+from lesionlab.training.features import (
+    BadDataError,
+    FeatureTable,
+    load_or_compute,
+    preprocessing,
+)
 
 MODES = ("frozen", "finetune")
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "lr", "seconds"]
@@ -354,20 +362,20 @@ def write_history(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    rf.atomic_write_text(path, buf.getvalue())
+    files.atomic_write_text(path, buf.getvalue())
 
 
 def write_splits(path: Path, splits: dict[str, list[Sample]]) -> None:
     lines = ["relpath,label,split"] + [f"{s.relpath},{s.label},{name}" for name in ("train", "val", "test")
                                        for s in splits[name]]
-    rf.atomic_write_text(path, "\n".join(lines) + "\n")
+    files.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _check_existing(out: Path, identity: dict) -> None:
     cfg_path = out / rf.CONFIG
     if not cfg_path.exists():
         return
-    old = rf.read_json(cfg_path)
+    old = files.read_json(cfg_path)
     old_identity = {k: old.get(k) for k in identity}
     if old_identity != identity:
         diff = [k for k in identity["train"] if old.get("train", {}).get(k) != identity["train"][k]]
@@ -407,7 +415,7 @@ def write_run(out: str | Path, cfg: TrainConfig, resolved: ResolvedWeights, data
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if bad:
-        rf.atomic_write_text(out / rf.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in bad))
+        files.atomic_write_text(out / rf.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in bad))
     write_splits(out / "splits.csv", splits)
     write_history(out / rf.HISTORY, history)
     meta = {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode, "epoch": cfg.epochs}
@@ -415,7 +423,7 @@ def write_run(out: str | Path, cfg: TrainConfig, resolved: ResolvedWeights, data
     (out / rf.STATE).unlink(missing_ok=True)
     config = {**run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command),
               "best_epoch": cfg.epochs, **(extra or {})}
-    rf.atomic_write_json(out / rf.CONFIG, config)
+    files.atomic_write_json(out / rf.CONFIG, config)
     return out
 
 
@@ -454,9 +462,9 @@ def train(
 
     out.mkdir(parents=True, exist_ok=True)
     if bad:
-        rf.atomic_write_text(out / rf.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in bad))
+        files.atomic_write_text(out / rf.SKIPPED, "".join(f"{p}\t{r}\n" for p, r in bad))
     config = run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command)
-    rf.atomic_write_json(out / rf.CONFIG, config)
+    files.atomic_write_json(out / rf.CONFIG, config)
     write_splits(out / "splits.csv", splits)
     data_seconds = time.perf_counter() - t_start  # decoding, and backbone features unless cached
 
@@ -485,7 +493,7 @@ def train(
             best.update(val_accuracy=result.val_accuracy, val_loss=result.val_loss, epoch=result.epoch)
             save_model(full_model(module if ema is None else ema), out / rf.MODEL, {**meta, "epoch": result.epoch})
         write_history(out / rf.HISTORY, history)
-        rf.atomic_save_torch({"model": module.state_dict(), "optimizer": opt.state_dict(),
+        files.atomic_save_torch({"model": module.state_dict(), "optimizer": opt.state_dict(),
                               "ema": None if ema is None else ema.state_dict(),
                               "scheduler": sched.state_dict(), "epoch": result.epoch, "history": history,
                               "best": best, "wall_seconds": earlier_seconds + time.perf_counter() - t_start},
@@ -510,12 +518,12 @@ def train(
         "note": "wall_seconds sums every session of a resumed run; data_seconds is decoding plus backbone "
                 "features (near zero when the feature cache already held them)",
     }
-    rf.atomic_write_json(out / rf.CONFIG, config)
+    files.atomic_write_json(out / rf.CONFIG, config)
     state_path.unlink(missing_ok=True)
     return out
 
 
 def config_from_run(run_dir: Path) -> TrainConfig:
-    raw = rf.read_json(Path(run_dir) / rf.CONFIG)["train"]
+    raw = files.read_json(Path(run_dir) / rf.CONFIG)["train"]
     raw.setdefault("precision", "fp32")  # runs written before bf16 training existed trained in fp32
     return TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})

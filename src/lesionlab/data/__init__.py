@@ -1,0 +1,1 @@
+"""Data: datasets and their splits, and safe image decoding."""

@@ -1,0 +1,153 @@
+"""Safe image decoding: a file or bytes in, an upright RGB image (or a clear reason why not) out; resizing
+to the network's input and normalisation."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lesionlab.data.sample import Sample
+
+MIN_SIDE = 32
+#: 64 megapixels: a 48 MP phone photo passes, a decompression bomb does not.
+DEFAULT_MAX_PIXELS = 64_000_000
+#: Formats we decode; anything else is refused rather than handed to an exotic Pillow plugin.
+SAFE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")  # JPEG also opens MPO phone photos
+
+
+class BadImageError(ValueError):
+    """One image cannot be used; ``reason`` says why and ``status`` maps it to HTTP."""
+
+    def __init__(self, path: str, reason: str, status: int = 415):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.status = status
+
+
+def open_image(source: str | Path | bytes, name: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
+    """Decodes a file or bytes into an upright RGB image, or raises ``BadImageError`` saying why."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<image>")
+    if isinstance(source, bytes):
+        if not source:
+            raise BadImageError(label, "empty (0 bytes)", 400)
+        fp: object = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BadImageError(label, "file not found", 404)
+        if path.stat().st_size == 0:
+            raise BadImageError(label, "empty file (0 bytes)", 415)
+        fp = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp, formats=SAFE_FORMATS)  # type: ignore[arg-type]
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError(label, f"{w}x{h} pixels exceeds the cap of {max_pixels:,} pixels", 413)
+            img.load()
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        if isinstance(e, UnidentifiedImageError):
+            raise BadImageError(label, f"not an image in a supported format ({', '.join(SAFE_FORMATS)})") from None
+        raise BadImageError(label, f"image exceeds the cap of {max_pixels:,} pixels (decompression-bomb guard: "
+                                   f"{e})", 413) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(label, f"corrupt or truncated image ({e})") from None
+    if min(img.size) < min_side:
+        raise BadImageError(label, f"too small ({img.size[0]}x{img.size[1]}); need at least "
+                                   f"{min_side}x{min_side} pixels", 422)
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Flattens transparency onto white (a lesion photo has no meaningful alpha) and drops palettes."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img = _to_8bit(img)
+    return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Rescales 16-bit, 32-bit and float greyscale to "L": ``convert`` would clip them, mostly to white.
+
+    I;16*: /257. I: clipped to 0..65535, then /257 unless it already fits 0..255. F: [0,1] x 255 when its
+    maximum is at most 1, else clipped to 0..255 (NaN counts as 0).
+    """
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        a = np.clip(a, 0, 1) * 255 if a.max(initial=0) <= 1 else np.clip(a, 0, 255)
+    else:
+        a = np.clip(a, 0, 65535)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257
+    return Image.fromarray(np.round(a).astype(np.uint8), "L")
+
+
+def resize_to_input(img: Image.Image, size: int) -> np.ndarray:
+    """Shorter side to ``size``, then a centre crop: uint8 HxWx3. Square images are simply resized.
+
+    Only the source region under the crop is resampled (Pillow's ``box``), so a 200000x32 strip costs what a
+    square does instead of gigabytes; on photos this matches resizing the whole image and cropping to within
+    two grey levels (Pillow rounds between its two passes, and may order them differently).
+    """
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if (nw, nh) == (w, h):
+        return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 NxHxWx3 -> float32 Nx3xHxW, scaled to [0,1] then standardised."""
+    x = batch_hwc.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+@dataclass
+class DecodedSet:
+    images: np.ndarray  # uint8 NxHxWx3
+    samples: list[Sample]
+    bad: list[BadImageError]
+
+
+def decode_samples(samples: list[Sample], size: int, progress: bool = True,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedSet:
+    """Decodes every sample once; collects the bad ones instead of stopping at the first."""
+    from tqdm.auto import tqdm
+
+    good, arrays, bad = [], [], []
+    for s in tqdm(samples, desc=f"decode {size}px", disable=not progress, unit="img"):
+        try:
+            arrays.append(resize_to_input(open_image(s.path, s.relpath, max_pixels), size))
+            good.append(s)
+        except BadImageError as e:
+            bad.append(e)
+    images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    return DecodedSet(images, good, bad)
+
+
+def describe_bad(bad: list[BadImageError], limit: int = 20) -> str:
+    lines = [f"  {e.path}: {e.reason}" for e in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Ensembles as model folders: members, cross-fit layouts, evaluation."""

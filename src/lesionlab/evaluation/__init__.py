@@ -1,0 +1,1 @@
+"""Evaluation: metrics with bootstrap CIs, calibration and operating point, scoring a run, reports, figures."""

@@ -1,0 +1,1 @@
+"""Inference: the Predictor contract (PyTorch, ONNX Runtime, ensembles), ONNX export, Grad-CAM."""
