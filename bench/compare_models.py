@@ -34,15 +34,20 @@ def members(model_dir: Path) -> list[Path]:
 
 def training_minutes(model_dir: Path) -> float:
     """Sum of the members' measured epoch seconds (what training cost; evaluation not included)."""
-    return sum(float(files.read_json(m / "config.json")["timing"]["epoch_seconds_total"]) for m in members(model_dir)) / 60
+    return (
+        sum(float(files.read_json(m / "config.json")["timing"]["epoch_seconds_total"]) for m in members(model_dir)) / 60
+    )
 
 
 def study_rows() -> list[str]:
     out = []
     for s in STUDY_TABLE1.values():
         cells = [f"{s[c]:.3f}" if c in s else "n/a" for c in COLUMNS]
-        out.append(f"| study: {s['label']} (Keras, lr {s['lr']:g}, {s['epochs']} ep.) | test | 0.5 | "
-                   + " | ".join(cells) + " | n/a | n/a (Colab) |")
+        out.append(
+            f"| study: {s['label']} (Keras, lr {s['lr']:g}, {s['epochs']} ep.) | test | 0.5 | "
+            + " | ".join(cells)
+            + " | n/a | n/a (Colab) |"
+        )
     return out
 
 
@@ -54,14 +59,19 @@ def model_rows(label: str, model_dir: Path) -> list[str]:
     for split in ("test", "test_dedup"):
         ece = m["calibration"][split]["ece_after"]
         for name, block in (("0.5", m[split]), (f"{thr:.3f} (val)", m[split]["at_threshold"])):
-            out.append(f"| {label} | {split} | {name} | " + " | ".join(fmt(block[c]) for c in COLUMNS)
-                       + f" | {ece:.3f} | {minutes:.0f} |")
+            out.append(
+                f"| {label} | {split} | {name} | "
+                + " | ".join(fmt(block[c]) for c in COLUMNS)
+                + f" | {ece:.3f} | {minutes:.0f} |"
+            )
     return out
 
 
 def table(models: list[tuple[str, Path]]) -> str:
-    head = ("| model | split | threshold | " + " | ".join(COLUMNS) + " | ECE (calibrated) | CPU training, min |\n"
-            "|---|---|---|" + "---|" * (len(COLUMNS) + 2))
+    head = (
+        "| model | split | threshold | " + " | ".join(COLUMNS) + " | ECE (calibrated) | CPU training, min |\n"
+        "|---|---|---|" + "---|" * (len(COLUMNS) + 2)
+    )
     body = study_rows() + [r for label, d in models for r in model_rows(label, d)]
     return head + "\n" + "\n".join(body)
 
@@ -85,12 +95,19 @@ def rank_candidates(runs: list[Path]) -> str:
     for n in range(1, len(runs) + 1):
         for combo in itertools.combinations(runs, n):
             val = ensemble.combine([scores[r] for r in combo], [temps[r] for r in combo])["val"]
-            rows.append((roc_auc_score(val.y, val.logits), float(((val.logits >= 0) == (val.y > 0.5)).mean()),
-                         sum(training_minutes(r) for r in combo), " + ".join(r.name for r in combo)))
+            rows.append(
+                (
+                    roc_auc_score(val.y, val.logits),
+                    float(((val.logits >= 0) == (val.y > 0.5)).mean()),
+                    sum(training_minutes(r) for r in combo),
+                    " + ".join(r.name for r in combo),
+                )
+            )
     rows.sort(key=lambda r: -r[0])
     lines = ["| rank | model | val AUC | val accuracy at 0.5 | CPU training, min |", "|---|---|---|---|---|"]
-    lines += [f"| {i} | {name} | {auc:.4f} | {acc:.3f} | {mins:.0f} |"
-              for i, (auc, acc, mins, name) in enumerate(rows, 1)]
+    lines += [
+        f"| {i} | {name} | {auc:.4f} | {acc:.3f} | {mins:.0f} |" for i, (auc, acc, mins, name) in enumerate(rows, 1)
+    ]
     return "\n".join(lines)
 
 

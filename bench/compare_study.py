@@ -22,8 +22,10 @@ def study_rows() -> list[str]:
     rows = []
     for spec in STUDY_TABLE1.values():
         vals = " | ".join(f"{spec[c]:.3f}" if c in spec else "n/a" for c in COLS)
-        rows.append(f"| study: {spec['label']} (Keras, lr {spec['lr']:g}, {spec['epochs']} ep.) | test | 0.5 | {vals} "
-                    "| n/a | n/a (Colab) |")
+        rows.append(
+            f"| study: {spec['label']} (Keras, lr {spec['lr']:g}, {spec['epochs']} ep.) | test | 0.5 | {vals} "
+            "| n/a | n/a (Colab) |"
+        )
     return rows
 
 
@@ -40,8 +42,10 @@ def model_rows(name: str, model_dir: Path, minutes: str) -> list[str]:
 
 
 def main(args: list[str]) -> None:
-    print("| model | split | threshold | accuracy | precision | recall (sensitivity) | specificity | F1 | AUC "
-          "| ECE (calibrated) | CPU training, min |")
+    print(
+        "| model | split | threshold | accuracy | precision | recall (sensitivity) | specificity | F1 | AUC "
+        "| ECE (calibrated) | CPU training, min |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(study_rows()))
     for arg in args:

@@ -73,17 +73,23 @@ def compare(ensemble: Path, inner: list[Path]) -> str:
     if set(nest.relpaths) != set(oof.relpaths):
         missing = len(set(oof.relpaths) - set(nest.relpaths))
         raise SystemExit(f"the inner runs leave {missing} training images unscored; give one run per pair of folds")
-    rows = ["| estimate | n runs per image | AUC there | threshold's test sensitivity / specificity | "
-            "temperature | test ECE after |", "|---|---|---|---|---|---|"]
-    for name, est, n in (("out of fold (one fold's members)", oof, "1"),
-                         ("nested (inner runs that held the fold out)", nest, f"{counts.min()}-{counts.max()}")):
+    rows = [
+        "| estimate | n runs per image | AUC there | threshold's test sensitivity / specificity | "
+        "temperature | test ECE after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, est, n in (
+        ("out of fold (one fold's members)", oof, "1"),
+        ("nested (inner runs that held the fold out)", nest, f"{counts.min()}-{counts.max()}"),
+    ):
         threshold = choose_threshold(est.y, expit(est.logits), POLICY)
         m = point_metrics(test.y, expit(test.logits), threshold)
         temperature = fit_temperature(est.y, est.logits)
         ece = expected_calibration_error(test.y, expit(test.logits / temperature))
         auc = point_metrics(est.y, expit(est.logits))["auc"]
-        rows.append(f"| {name} | {n} | {auc:.4f} | {m['recall']:.3f} / {m['specificity']:.3f} | "
-                    f"{temperature:.3f} | {ece:.3f} |")
+        rows.append(
+            f"| {name} | {n} | {auc:.4f} | {m['recall']:.3f} / {m['specificity']:.3f} | {temperature:.3f} | {ece:.3f} |"
+        )
     return "\n".join(rows)
 
 

@@ -29,8 +29,13 @@ def evaluate_setting(feats: dict, other: np.ndarray, n_components: int, normaliz
     det.threshold = refusal.conservative_threshold(det.score(feats["val"].x))
     test = det.score(feats["test"].x)
     nl = det.score(other)
-    return {"n_components": n_components, "l2_normalize": normalize, "auroc": refusal._auroc(test, nl),
-            "test_refused": float((test > det.threshold).mean()), "non_lesion_refused": float((nl > det.threshold).mean())}
+    return {
+        "n_components": n_components,
+        "l2_normalize": normalize,
+        "auroc": refusal._auroc(test, nl),
+        "test_refused": float((test > det.threshold).mean()),
+        "non_lesion_refused": float((nl > det.threshold).mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         out[str(run)] = {"features_seconds": round(t_feat, 1), "n_non_lesion": len(items), "settings": rows}
         print(f"{run}: {len(items)} non-lesion images, features {t_feat:.0f}s")
         for r in rows:
-            print(f"  k={r['n_components']:4d} l2={r['l2_normalize']!s:5}  AUROC={r['auroc']:.4f}  test refused={r['test_refused']:.2%}  "
-                  f"non-lesion refused={r['non_lesion_refused']:.2%}")
+            print(
+                f"  k={r['n_components']:4d} l2={r['l2_normalize']!s:5}  AUROC={r['auroc']:.4f}  test refused={r['test_refused']:.2%}  "
+                f"non-lesion refused={r['non_lesion_refused']:.2%}"
+            )
         if args.write:
             res = refusal.measure_refusal(run, progress=False, features=feats, refit=True)
             print(json.dumps(refusal.summary(res), indent=2))

@@ -1,6 +1,6 @@
 """Markdown tables of finished runs for docs/results.md, read from their run folders (no recomputation).
 
-    python bench/results_table.py runs/lite0-frozen runs/mobilenetv2-frozen ...
+python bench/results_table.py runs/lite0-frozen runs/mobilenetv2-frozen ...
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ def rows(run: Path, key: str | None = None) -> list[str]:
     out = []
     for split in ("test", "test_dedup"):
         block = m[split][key] if key else m[split]
-        out.append(f"| {split} (n={block['n']}) | " + " | ".join(fmt(block[c]) for c in COLUMNS)
-                   + f" | {block['confusion']} |")
+        out.append(
+            f"| {split} (n={block['n']}) | " + " | ".join(fmt(block[c]) for c in COLUMNS) + f" | {block['confusion']} |"
+        )
     return out
 
 
@@ -37,7 +38,8 @@ def describe(run: Path) -> str:
         f"Command: `{cfg.get('command', '')}`",
         "",
         f"Best validation epoch {cfg.get('best_epoch')} of {epochs}; training wall time "
-        + (f"{wall / 60:.1f} min" if wall else "see note") + " on 2 CPU cores.",
+        + (f"{wall / 60:.1f} min" if wall else "see note")
+        + " on 2 CPU cores.",
         "",
         "At threshold 0.5 (95% stratified bootstrap CIs, 1000 resamples):",
         "",

@@ -44,8 +44,9 @@ def load_avg() -> float:
 # ------------------------------------------------------------------ (a) runtimes
 
 
-def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_round: int, batch_runs: int,
-                   pause_s: float = PAUSE_S) -> dict:
+def bench_runtimes(
+    model_dir: Path, image: Path, threads: int, rounds: int, per_round: int, batch_runs: int, pause_s: float = PAUSE_S
+) -> dict:
     import torch
 
     from lesionlab.data.images import normalize, open_image, resize_to_input
@@ -89,12 +90,19 @@ def bench_runtimes(model_dir: Path, image: Path, threads: int, rounds: int, per_
             t = time.perf_counter()
             p._forward(x32)
             batch[name].append(time.perf_counter() - t)
-    out = {"threads": threads, "n_single": rounds * per_round, "load_avg_before": start_load,
-           "load_avg_after": load_avg()}
+    out = {
+        "threads": threads,
+        "n_single": rounds * per_round,
+        "load_avg_before": start_load,
+        "load_avg_after": load_avg(),
+    }
     for name in single:
-        out[name] = {"p50_ms": pct(single[name], 50), "p99_ms": pct(single[name], 99),
-                     "cpu_ms_per_call": 1000 * cpu[name] / len(single[name]),
-                     "batch32_img_per_s": 32 / float(np.median(batch[name]))}
+        out[name] = {
+            "p50_ms": pct(single[name], 50),
+            "p99_ms": pct(single[name], 99),
+            "cpu_ms_per_call": 1000 * cpu[name] / len(single[name]),
+            "batch32_img_per_s": 32 / float(np.median(batch[name])),
+        }
     out["onnx_end_to_end"] = {"p50_ms": pct(e2e, 50), "p99_ms": pct(e2e, 99), "n": len(e2e)}
     out["speedup_p50"] = out["pytorch"]["p50_ms"] / out["onnxruntime"]["p50_ms"]
     out["speedup_p50_vs_channels_last"] = out["pytorch-channels-last"]["p50_ms"] / out["onnxruntime"]["p50_ms"]
@@ -166,10 +174,18 @@ def client_main(port: int, concurrency: int, duration: float, warmup: float, bod
         t.join()
     lat = [x for xs in latencies for x in xs]
     times = os.times()
-    return {"client_cpu_s": times.user + times.system, "all_requests": sum(completed), "concurrency": concurrency,
-            "duration_s": duration, "requests_ok": len(lat), "errors": sum(errors),
-            "req_per_s": len(lat) / duration, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-            "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+    return {
+        "client_cpu_s": times.user + times.system,
+        "all_requests": sum(completed),
+        "concurrency": concurrency,
+        "duration_s": duration,
+        "requests_ok": len(lat),
+        "errors": sum(errors),
+        "req_per_s": len(lat) / duration,
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+    }
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -194,11 +210,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, workers: int, threads: int | None,
-                 inference_threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(
+    model_dir: Path, workers: int, threads: int | None, inference_threads: int
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "lesionlab", "serve", "--model", str(model_dir), "--port", str(port),
-           "--workers", str(workers), "--inference-threads", str(inference_threads), "--no-access-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lesionlab",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--inference-threads",
+        str(inference_threads),
+        "--no-access-log",
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -218,8 +248,16 @@ def start_server(model_dir: Path, workers: int, threads: int | None,
     raise SystemExit("server did not become ready in 120 s")
 
 
-def bench_http(model_dir: Path, image: Path, levels: list[int], duration: float, workers: int,
-               threads: int | None, inference_threads: int, tmp: Path) -> dict:
+def bench_http(
+    model_dir: Path,
+    image: Path,
+    levels: list[int],
+    duration: float,
+    workers: int,
+    threads: int | None,
+    inference_threads: int,
+    tmp: Path,
+) -> dict:
     body_path = tmp / "bench-body.json"
     body_path.write_text(json.dumps({"image": base64.b64encode(image.read_bytes()).decode()}))
     proc, port = start_server(model_dir, workers, threads, inference_threads)
@@ -227,9 +265,24 @@ def bench_http(model_dir: Path, image: Path, levels: list[int], duration: float,
     try:
         for c in levels:
             load, cpu0 = load_avg(), tree_cpu_seconds(proc.pid)
-            out = subprocess.run([sys.executable, str(HERE), "client", "--port", str(port), "--concurrency", str(c),
-                                  "--duration", str(duration), "--body", str(body_path)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(HERE),
+                    "client",
+                    "--port",
+                    str(port),
+                    "--concurrency",
+                    str(c),
+                    "--duration",
+                    str(duration),
+                    "--body",
+                    str(body_path),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout)
             r["load_avg_before"] = load
             # the server's CPU over the whole client run (1 s warm-up included) per request answered in it
@@ -237,17 +290,24 @@ def bench_http(model_dir: Path, image: Path, levels: list[int], duration: float,
             r["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(proc.pid) - cpu0) / max(1, served)
             r["client_cpu_ms_per_req"] = 1000 * r.pop("client_cpu_s") / max(1, served)
             results.append(r)
-            print(f"  c={c}: {r['req_per_s']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-                  f"errors {r['errors']}", file=sys.stderr)
+            print(
+                f"  c={c}: {r['req_per_s']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                f"errors {r['errors']}",
+                file=sys.stderr,
+            )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
         body_path.unlink(missing_ok=True)
     from lesionlab.serve.settings import default_threads
 
-    return {"workers": workers, "threads": threads or default_threads(workers, inference_threads),
-            "inference_threads": inference_threads,
-            "image_bytes": image.stat().st_size, "levels": results}
+    return {
+        "workers": workers,
+        "threads": threads or default_threads(workers, inference_threads),
+        "inference_threads": inference_threads,
+        "image_bytes": image.stat().st_size,
+        "levels": results,
+    }
 
 
 # ------------------------------------------------------------------ report
@@ -257,28 +317,43 @@ def markdown(res: dict) -> str:
     lines = [f"model `{res['model']}`, image `{res['image']}`, {res['machine']}", ""]
     if "runtimes" in res:
         r = res["runtimes"]
-        lines += [f"(a) model only, {r['threads']} intra-op threads, {r['n_single']} single-image calls per runtime "
-                  f"(load average {r['load_avg_before']:.2f} -> {r['load_avg_after']:.2f})", "",
-                  "| runtime | single p50 ms | single p99 ms | CPU ms per single call | batch-32 images/s |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"(a) model only, {r['threads']} intra-op threads, {r['n_single']} single-image calls per runtime "
+            f"(load average {r['load_avg_before']:.2f} -> {r['load_avg_after']:.2f})",
+            "",
+            "| runtime | single p50 ms | single p99 ms | CPU ms per single call | batch-32 images/s |",
+            "|---|---|---|---|---|",
+        ]
         for name in ("onnxruntime", "pytorch", "pytorch-channels-last"):
             x = r[name]
-            lines.append(f"| {name} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['cpu_ms_per_call']:.2f} | "
-                         f"{x['batch32_img_per_s']:.1f} |")
+            lines.append(
+                f"| {name} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['cpu_ms_per_call']:.2f} | "
+                f"{x['batch32_img_per_s']:.1f} |"
+            )
         e = r["onnx_end_to_end"]
-        lines += ["", f"ONNX Runtime speed-up at p50: {r['speedup_p50']:.2f}x over PyTorch eager, "
-                      f"{r['speedup_p50_vs_channels_last']:.2f}x over channels-last PyTorch. ONNX end to end (resize, normalise, "
-                      f"model, lesion detector): p50 {e['p50_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms.", ""]
+        lines += [
+            "",
+            f"ONNX Runtime speed-up at p50: {r['speedup_p50']:.2f}x over PyTorch eager, "
+            f"{r['speedup_p50_vs_channels_last']:.2f}x over channels-last PyTorch. ONNX end to end (resize, normalise, "
+            f"model, lesion detector): p50 {e['p50_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms.",
+            "",
+        ]
     if "http" in res:
         h = res["http"]
-        lines += [f"(b) HTTP POST /predict, {h['workers']} worker(s) x {h['threads']} intra-op thread(s), "
-                  f"{h['inference_threads']} inference thread(s) per worker, {h['image_bytes']} byte JPEG", "",
-                  "| concurrency | req/s | p50 ms | p99 ms | errors | server CPU ms/req | client CPU ms/req | "
-                  "load avg before |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"(b) HTTP POST /predict, {h['workers']} worker(s) x {h['threads']} intra-op thread(s), "
+            f"{h['inference_threads']} inference thread(s) per worker, {h['image_bytes']} byte JPEG",
+            "",
+            "| concurrency | req/s | p50 ms | p99 ms | errors | server CPU ms/req | client CPU ms/req | "
+            "load avg before |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for x in h["levels"]:
-            lines.append(f"| {x['concurrency']} | {x['req_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
-                         f"{x['errors']} | {x['server_cpu_ms_per_req']:.1f} | {x['client_cpu_ms_per_req']:.1f} | "
-                         f"{x['load_avg_before']:.2f} |")
+            lines.append(
+                f"| {x['concurrency']} | {x['req_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
+                f"{x['errors']} | {x['server_cpu_ms_per_req']:.1f} | {x['client_cpu_ms_per_req']:.1f} | "
+                f"{x['load_avg_before']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -311,14 +386,25 @@ def main() -> None:
     if not args.model:
         ap.error("--model is required")
     image = args.image or _default_image()
-    res: dict = {"model": str(args.model), "image": str(image),
-                 "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-                            f"Python {platform.python_version()}"}
+    res: dict = {
+        "model": str(args.model),
+        "image": str(image),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}",
+    }
     if args.part in ("all", "runtimes"):
         res["runtimes"] = bench_runtimes(args.model, image, args.threads, args.rounds, args.per_round, args.batch_runs)
     if args.part in ("all", "load"):
-        res["http"] = bench_http(args.model, image, [int(x) for x in args.levels.split(",")], args.duration,
-                                 args.workers, args.server_threads, args.inference_threads, Path("/tmp"))
+        res["http"] = bench_http(
+            args.model,
+            image,
+            [int(x) for x in args.levels.split(",")],
+            args.duration,
+            args.workers,
+            args.server_threads,
+            args.inference_threads,
+            Path("/tmp"),
+        )
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
     print(markdown(res))

@@ -48,6 +48,8 @@ class Clock:
 
     def read(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall, cpu_seconds() - self.cpu
+
+
 RANDOM_INIT = ("resnet50v2", "vgg16")
 
 
@@ -70,7 +72,8 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
     def batch(samples):
         imgs = np.stack([resize_to_input(open_image(s.path), weights.input_size) for s in samples])
         return torch.from_numpy(normalize(imgs, weights.mean, weights.std)), torch.tensor(
-            [float(s.label) for s in samples])
+            [float(s.label) for s in samples]
+        )
 
     def timed(samples, n, step: bool) -> tuple[float, float]:
         order = rng.permutation(len(samples))
@@ -78,7 +81,7 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
         for i in range(-1, n):  # batch -1 warms up (allocator, kernels) and is not timed
             if i == 0:
                 clock = Clock()
-            x, y = batch([samples[j] for j in order[max(i, 0) * batch_size:(max(i, 0) + 1) * batch_size]])
+            x, y = batch([samples[j] for j in order[max(i, 0) * batch_size : (max(i, 0) + 1) * batch_size]])
             with torch.no_grad():
                 feats = backbone(x.contiguous(memory_format=torch.channels_last))
             if step:
@@ -95,11 +98,17 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
     load = os.getloadavg()[0]
     (train_wall, train_cpu), (val_wall, val_cpu) = timed(train, n_batches, True), timed(val, n_val, False)
     steps_train, steps_val = math.ceil(len(train) / batch_size), math.ceil(len(val) / batch_size)
-    return {"backbone": backbone_name, "pretrained": weights.pretrained, "measured_train_batches": n_batches,
-            "measured_val_batches": n_val, "wall_per_train_batch": train_wall, "wall_per_val_batch": val_wall,
-            "seconds_per_epoch": train_wall * steps_train + val_wall * steps_val,
-            "cpu_seconds_per_epoch": train_cpu * steps_train + val_cpu * steps_val,
-            "loadavg_1min_before": load}
+    return {
+        "backbone": backbone_name,
+        "pretrained": weights.pretrained,
+        "measured_train_batches": n_batches,
+        "measured_val_batches": n_val,
+        "wall_per_train_batch": train_wall,
+        "wall_per_val_batch": val_wall,
+        "seconds_per_epoch": train_wall * steps_train + val_wall * steps_val,
+        "cpu_seconds_per_epoch": train_cpu * steps_train + val_cpu * steps_val,
+        "loadavg_1min_before": load,
+    }
 
 
 def time_sweep(backbones, args, cache: Path, out: Path) -> dict:
@@ -116,11 +125,18 @@ def time_sweep(backbones, args, cache: Path, out: Path) -> dict:
     for r in result.rows:
         if r["epochs"] == grid.max_epochs:
             trial_seconds[r["backbone"]] = trial_seconds.get(r["backbone"], 0.0) + r["train_seconds"]
-    return {"backbones": list(backbones), "wall_seconds": wall, "cpu_seconds": cpu, "rows": len(result.rows),
-            "loadavg_1min_before": load, "loadavg_1min_after": os.getloadavg()[0],
-            "phases": result.seconds, "trial_epoch_seconds_by_backbone": trial_seconds,
-            "grid_epochs_per_backbone": len(grid.lrs) * sum(grid.epochs) * len(grid.seeds),
-            "out": str(out)}
+    return {
+        "backbones": list(backbones),
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "rows": len(result.rows),
+        "loadavg_1min_before": load,
+        "loadavg_1min_after": os.getloadavg()[0],
+        "phases": result.seconds,
+        "trial_epoch_seconds_by_backbone": trial_seconds,
+        "grid_epochs_per_backbone": len(grid.lrs) * sum(grid.epochs) * len(grid.seeds),
+        "out": str(out),
+    }
 
 
 def main() -> None:
@@ -139,9 +155,16 @@ def main() -> None:
 
     keep_freed_memory()  # what run_sweep does: naive is measured under the same allocator settings
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                "platform": platform.platform(), "torch": torch.__version__,
-                                "loadavg_start": os.getloadavg()}, "grid": {"lrs": args.lrs, "epochs": args.epochs}}
+    report: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "loadavg_start": os.getloadavg(),
+        },
+        "grid": {"lrs": args.lrs, "epochs": args.epochs},
+    }
     path = args.out / "bench.json"
 
     def save() -> None:
@@ -163,22 +186,35 @@ def main() -> None:
             n["grid_cpu_seconds"] = n["cpu_seconds_per_epoch"] * epochs_per_backbone
             report["naive"][name] = n
             save()
-            print(f"naive {name}: {n['seconds_per_epoch']:.1f} s/epoch -> {n['grid_seconds'] / 3600:.1f} h "
-                  f"for {epochs_per_backbone} epochs", flush=True)
+            print(
+                f"naive {name}: {n['seconds_per_epoch']:.1f} s/epoch -> {n['grid_seconds'] / 3600:.1f} h "
+                f"for {epochs_per_backbone} epochs",
+                flush=True,
+            )
     report["machine"]["loadavg_end"] = os.getloadavg()
     for key in ("sweep_A", "sweep_B"):
         if key in report and "naive" in report:
             s = report[key]
             naive = sum(report["naive"][b]["grid_seconds"] for b in s["backbones"])
             naive_cpu = sum(report["naive"][b]["grid_cpu_seconds"] for b in s["backbones"])
-            s.update(naive_grid_seconds=naive, naive_grid_cpu_seconds=naive_cpu, ratio=naive / s["wall_seconds"],
-                     ratio_cpu=naive_cpu / s["cpu_seconds"])
-            print(f"{key} {'+'.join(s['backbones'])}: sweep {s['wall_seconds'] / 60:.1f} min wall, "
-                  f"{s['cpu_seconds'] / 60:.1f} min CPU ({s['rows']} rows); naive {naive / 3600:.1f} h wall, "
-                  f"{naive_cpu / 3600:.1f} h CPU; ratio {s['ratio']:.0f}x wall, {s['ratio_cpu']:.0f}x CPU", flush=True)
+            s.update(
+                naive_grid_seconds=naive,
+                naive_grid_cpu_seconds=naive_cpu,
+                ratio=naive / s["wall_seconds"],
+                ratio_cpu=naive_cpu / s["cpu_seconds"],
+            )
+            print(
+                f"{key} {'+'.join(s['backbones'])}: sweep {s['wall_seconds'] / 60:.1f} min wall, "
+                f"{s['cpu_seconds'] / 60:.1f} min CPU ({s['rows']} rows); naive {naive / 3600:.1f} h wall, "
+                f"{naive_cpu / 3600:.1f} h CPU; ratio {s['ratio']:.0f}x wall, {s['ratio_cpu']:.0f}x CPU",
+                flush=True,
+            )
         elif key in report:
-            print(f"{key}: sweep {report[key]['wall_seconds'] / 60:.1f} min wall, "
-                  f"{report[key]['cpu_seconds'] / 60:.1f} min CPU", flush=True)
+            print(
+                f"{key}: sweep {report[key]['wall_seconds'] / 60:.1f} min wall, "
+                f"{report[key]['cpu_seconds'] / 60:.1f} min CPU",
+                flush=True,
+            )
     save()
     print(f"wrote {path}")
 

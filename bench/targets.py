@@ -39,17 +39,26 @@ def table(folder: Path) -> str:
     minutes = training_minutes(folder)
     rows = [
         ("ROC-AUC >= 0.970", fmt(test["auc"]), test["auc"]["value"] >= 0.970),
-        ("accuracy >= 0.90 at 0.5", f"{fmt(test['accuracy'])} ({correct}/{test['n']})",
-         test["accuracy"]["value"] >= 0.90),
-        (f"sensitivity >= 0.95 at the validation-chosen threshold ({m['threshold']['value']:.3f}, "
-         f"`{m['threshold']['policy']}`)", f"{fmt(op['recall'])} ({tp_op}/{n_pos})", op["recall"]["value"] >= 0.95),
+        (
+            "accuracy >= 0.90 at 0.5",
+            f"{fmt(test['accuracy'])} ({correct}/{test['n']})",
+            test["accuracy"]["value"] >= 0.90,
+        ),
+        (
+            f"sensitivity >= 0.95 at the validation-chosen threshold ({m['threshold']['value']:.3f}, "
+            f"`{m['threshold']['policy']}`)",
+            f"{fmt(op['recall'])} ({tp_op}/{n_pos})",
+            op["recall"]["value"] >= 0.95,
+        ),
         ("specificity >= 0.80 there", fmt(op["specificity"]), op["specificity"]["value"] >= 0.80),
         ("ECE after calibration <= 0.03", f"{ece:.3f}", ece <= 0.03),
         ("test_dedup AUC within 0.01 of test", f"{dedup['auc']['value']:.3f} (gap {gap:.3f})", gap <= 0.01),
-        ("refusal AUROC >= 0.99", f"{ref.get('auroc_test_vs_non_lesion', float('nan')):.4f}",
-         ref.get("auroc_test_vs_non_lesion", 0) >= 0.99),
-        ("<= 1% of test lesions refused", f"{refused:.4f} ({round(refused * test['n'])}/{test['n']})",
-         refused <= 0.01),
+        (
+            "refusal AUROC >= 0.99",
+            f"{ref.get('auroc_test_vs_non_lesion', float('nan')):.4f}",
+            ref.get("auroc_test_vs_non_lesion", 0) >= 0.99,
+        ),
+        ("<= 1% of test lesions refused", f"{refused:.4f} ({round(refused * test['n'])}/{test['n']})", refused <= 0.01),
         ("trainable in <= 90 min on 2 CPU cores", f"{minutes:.1f} min", minutes <= 90),
     ]
     lines = [f"### {folder.name}", "", "| target | measured | |", "|---|---|---|"]

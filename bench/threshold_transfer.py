@@ -59,17 +59,21 @@ def row(folder: Path) -> str:
     for target in (0.95, 0.96):
         t_test = choose_threshold(test.y, p_test, f"sensitivity:{target}")
         ceiling.append(f"{sens_spec(test.y, p_test, t_test)[1]:.3f}")
-    return (f"| {folder.name} | {per_fold[:, 0].mean():.3f} / {per_fold[:, 1].mean():.3f} "
-            f"({per_fold[:, 0].min():.3f}-{per_fold[:, 0].max():.3f}) | {sens:.3f} / {spec:.3f} | "
-            f"{' / '.join(ceiling)} |")
+    return (
+        f"| {folder.name} | {per_fold[:, 0].mean():.3f} / {per_fold[:, 1].mean():.3f} "
+        f"({per_fold[:, 0].min():.3f}-{per_fold[:, 0].max():.3f}) | {sens:.3f} / {spec:.3f} | "
+        f"{' / '.join(ceiling)} |"
+    )
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print("| cross-fit ensemble | test sensitivity / specificity of the fold sub-ensembles (mean; sensitivity range) "
-          "| test sensitivity / specificity of the ensemble | specificity at test sensitivity 0.95 / 0.96, "
-          "threshold set on test (a ceiling) |")
+    print(
+        "| cross-fit ensemble | test sensitivity / specificity of the fold sub-ensembles (mean; sensitivity range) "
+        "| test sensitivity / specificity of the ensemble | specificity at test sensitivity 0.95 / 0.96, "
+        "threshold set on test (a ceiling) |"
+    )
     print("|---|---|---|---|")
     for a in sys.argv[1:]:
         print(row(Path(a)))

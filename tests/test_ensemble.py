@@ -30,7 +30,8 @@ runner = CliRunner()
 def _tiny_variant(small_data, tmp_path_factory, name: str, **settings):
     """tiny_run's recipe with other settings, trained and evaluated (frozen features from the session cache)."""
     from lesionlab.evaluation.evaluate import evaluate_run
-    from lesionlab.training.loop import TrainConfig, train
+    from lesionlab.training.config import TrainConfig
+    from lesionlab.training.loop import train
 
     out = tmp_path_factory.mktemp("runs") / name
     train(TrainConfig(epochs=3, lr=1e-3, **settings), small_data, out, progress=False)
@@ -57,8 +58,18 @@ def _predictions(folder):
 
 
 def test_ensemble_folder_is_a_model_folder(ens, tiny_run):
-    for name in ("ensemble.json", "config.json", "splits.csv", "metrics.json", "calibration.json",
-                 "predictions.csv", "report.md", "figures/roc.png", "figures/reliability.png", "refusal.json"):
+    for name in (
+        "ensemble.json",
+        "config.json",
+        "splits.csv",
+        "metrics.json",
+        "calibration.json",
+        "predictions.csv",
+        "report.md",
+        "figures/roc.png",
+        "figures/reliability.png",
+        "refusal.json",
+    ):
         assert (ens / name).exists(), name
     spec = json.loads((ens / "ensemble.json").read_text())
     assert len(spec["members"]) == 2 and not spec["members"][0].startswith("/")  # relative: movable together
@@ -96,13 +107,14 @@ def test_evaluate_command_re_scores_the_ensemble(ens, tmp_path):
     spec = json.loads((ens / "ensemble.json").read_text())
     spec["members"] = [str((ens / m).resolve()) for m in spec["members"]]
     (copy / "ensemble.json").write_text(json.dumps(spec))
-    res = runner.invoke(app, ["evaluate", str(copy), "--resamples", "50", "--threshold-policy", "fixed:0.5",
-                              "--quiet"])
+    res = runner.invoke(app, ["evaluate", str(copy), "--resamples", "50", "--threshold-policy", "fixed:0.5", "--quiet"])
     assert res.exit_code == 0, res.output
     assert json.loads((copy / "calibration.json").read_text())["threshold"] == 0.5
     np.testing.assert_allclose(
         [float(r["logit"]) for r in _predictions(copy).values()],
-        [float(r["logit"]) for r in _predictions(ens).values()], atol=1e-4)  # re-scored == reused
+        [float(r["logit"]) for r in _predictions(ens).values()],
+        atol=1e-4,
+    )  # re-scored == reused
 
 
 def test_members_must_share_the_validation_split(tiny_run, second_run, tmp_path):
@@ -145,14 +157,19 @@ def test_ensemble_cli_and_refusal(tiny_run, second_run, tmp_path):
     from PIL import Image
 
     out = tmp_path / "cli-ens"
-    res = runner.invoke(app, ["ensemble", str(tiny_run), str(second_run), "--out", str(out), "--resamples", "50",
-                              "--quiet"])
+    res = runner.invoke(
+        app, ["ensemble", str(tiny_run), str(second_run), "--out", str(out), "--resamples", "50", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
-    assert "test_dedup" in res.output and "lesionlab ensemble" in json.loads((out / "config.json").read_text())["command"]
+    assert (
+        "test_dedup" in res.output and "lesionlab ensemble" in json.loads((out / "config.json").read_text())["command"]
+    )
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
     p = load_predictor(out).analyze([noise])[0]
     assert p.refused and p.label == "not_a_lesion"
-    assert 0 <= p.probability <= 1 and p.probability == pytest.approx(expit(p.logit / load_predictor(out).info.temperature))
+    assert 0 <= p.probability <= 1 and p.probability == pytest.approx(
+        expit(p.logit / load_predictor(out).info.temperature)
+    )
 
 
 def test_members_exported_to_onnx_give_the_same_answers(ens, tiny_run, second_run, small_data, tmp_path):
@@ -194,8 +211,7 @@ def test_cross_fit_ensemble_is_calibrated_out_of_fold(tiny_run, fold1_run, tmp_p
     assert {k for k in e if k[0] == "val"} == set(a_val) | set(b_val)  # every validation image, once
     assert m["val"]["n"] == len(a_val) + len(b_val)
     for key, r in list(a_val.items())[:5] + list(b_val.items())[:5]:  # scored by the member that held it out
-        assert float(e[key]["logit"]) == pytest.approx(mean_probability_logit([[float(r["probability"])]])[0],
-                                                       abs=1e-4)
+        assert float(e[key]["logit"]) == pytest.approx(mean_probability_logit([[float(r["probability"])]])[0], abs=1e-4)
     for key in [k for k in e if k[0] == "test"][:10]:  # test: every member
         expected = mean_probability_logit([[float(a[key]["probability"])], [float(b[key]["probability"])]])[0]
         assert float(e[key]["logit"]) == pytest.approx(expected, abs=1e-4)
@@ -229,8 +245,10 @@ def test_overlapping_folds_are_refused(tiny_run, fold1_run, tmp_path):
     shutil.copytree(fold1_run, other)
     with open(tiny_run / "splits.csv") as f:
         a_val = next(r["relpath"] for r in csv.DictReader(f) if r["split"] == "val")
-    lines = [line.replace(f"{a_val},0,train", f"{a_val},0,val").replace(f"{a_val},1,train", f"{a_val},1,val")
-             for line in (other / "splits.csv").read_text().splitlines()]
+    lines = [
+        line.replace(f"{a_val},0,train", f"{a_val},0,val").replace(f"{a_val},1,train", f"{a_val},1,val")
+        for line in (other / "splits.csv").read_text().splitlines()
+    ]
     (other / "splits.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(RunError, match="validation folds overlap"):
         create_ensemble([tiny_run, other], tmp_path / "ens", progress=False)
@@ -279,8 +297,21 @@ def test_nested_threshold_bench_scores_folds_with_the_inner_runs(tiny_run, fold1
 
 def test_a_cross_fit_ensemble_calibrated_on_inner_runs(tiny_run, fold1_run, second_run, inner_run, tmp_path):
     out = tmp_path / "nested"
-    res = runner.invoke(app, ["ensemble", str(tiny_run), str(fold1_run), "--inner", str(inner_run), "--out", str(out),
-                              "--resamples", "50", "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "ensemble",
+            str(tiny_run),
+            str(fold1_run),
+            "--inner",
+            str(inner_run),
+            "--out",
+            str(out),
+            "--resamples",
+            "50",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["threshold"]["chosen_on"].startswith("val (nested out of fold")
@@ -288,7 +319,8 @@ def test_a_cross_fit_ensemble_calibrated_on_inner_runs(tiny_run, fold1_run, seco
     e = _predictions(out)
     for key in [k for k in e if k[0] == "val"][:5]:  # validation = the inner run's score, not the member's
         assert float(e[key]["logit"]) == pytest.approx(
-            mean_probability_logit([[float(inner[key]["probability"])]])[0], abs=1e-4)
+            mean_probability_logit([[float(inner[key]["probability"])]])[0], abs=1e-4
+        )
     config = json.loads((out / "config.json").read_text())
     assert config["inner"][0]["val_folds"] == [0, 1] and "--inner" in config["command"]
     assert json.loads((out / "ensemble.json").read_text())["inner"]

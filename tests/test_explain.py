@@ -29,7 +29,10 @@ def lesion(small_data):
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_run, small_data):
     predictor = _predictor(tiny_run)
-    files = sorted((small_data / "test" / "benign").iterdir())[:1] + sorted((small_data / "test" / "malignant").iterdir())[:1]
+    files = (
+        sorted((small_data / "test" / "benign").iterdir())[:1]
+        + sorted((small_data / "test" / "malignant").iterdir())[:1]
+    )
     batch = np.stack([resize_to_input(open_image(f), 224) for f in files])
     return predictor.model, torch.from_numpy(normalize(batch, predictor.info.mean, predictor.info.std))
 
@@ -70,8 +73,9 @@ def test_overlay_png_decodes(tiny_run, lesion):
 
 
 def _operating_point(folder, threshold: float = 0.5) -> None:
-    (folder / "calibration.json").write_text(json.dumps({"threshold": threshold, "temperature": 1.0,
-                                                         "policy": f"fixed:{threshold}", "tta": False}))
+    (folder / "calibration.json").write_text(
+        json.dumps({"threshold": threshold, "temperature": 1.0, "policy": f"fixed:{threshold}", "tta": False})
+    )
 
 
 def test_ensembles_are_explained_by_their_first_member(tiny_run, tmp_path):

@@ -22,7 +22,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-
 @pytest.fixture
 def run_copy(onnx_run, tmp_path) -> Path:
     dst = tmp_path / "run"
@@ -112,7 +111,11 @@ def test_a_folder_with_only_the_exported_model_keeps_its_operating_point(onnx_ru
         shutil.copy(onnx_run / name, bare / name)
     info, full = load_predictor(bare).info, load_predictor(onnx_run, "onnx").info
     assert (info.threshold, info.temperature, info.model_id, info.tta) == (
-        full.threshold, full.temperature, full.model_id, full.tta)
+        full.threshold,
+        full.temperature,
+        full.model_id,
+        full.tta,
+    )
     assert info.threshold != 0.5
 
 

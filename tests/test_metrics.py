@@ -118,11 +118,19 @@ def test_valid_policies_pass_the_check(policy):
     assert check_policy(policy) == policy
 
 
-@pytest.mark.parametrize("policy, message", [
-    ("magic", "unknown threshold policy"), ("fixed:7", r"must lie in \(0, 1\)"), ("fixed:0", "must lie in"),
-    ("sensitivity:0", r"must lie in \(0, 1\]"), ("sensitivity-lcb:1", "must lie in"),
-    ("sensitivity:high", "needs a number"), ("fixed", "needs a number"), ("youden:2", "unknown threshold policy"),
-])
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ("magic", "unknown threshold policy"),
+        ("fixed:7", r"must lie in \(0, 1\)"),
+        ("fixed:0", "must lie in"),
+        ("sensitivity:0", r"must lie in \(0, 1\]"),
+        ("sensitivity-lcb:1", "must lie in"),
+        ("sensitivity:high", "needs a number"),
+        ("fixed", "needs a number"),
+        ("youden:2", "unknown threshold policy"),
+    ],
+)
 def test_bad_policies_are_refused_with_the_accepted_forms(policy, message):
     with pytest.raises(ValueError, match=message) as e:
         check_policy(policy)

@@ -50,8 +50,9 @@ def test_evaluation_files_agree_with_each_other(tiny_run):
     z = np.array([float(r["logit"]) for r in rows])
     np.testing.assert_allclose([float(r["probability"]) for r in rows], expit(z / cal["temperature"]), atol=2e-6)
     test = [r for r in rows if r["split"] == "test"]
-    ece = expected_calibration_error(np.array([int(r["label"]) for r in test]),
-                                     np.array([float(r["probability"]) for r in test]))
+    ece = expected_calibration_error(
+        np.array([int(r["label"]) for r in test]), np.array([float(r["probability"]) for r in test])
+    )
     assert m["calibration"]["test"]["ece_after"] == pytest.approx(ece, abs=1e-4)
     assert (tiny_run / "figures" / "reliability.png").stat().st_size > 1000
 

@@ -80,8 +80,7 @@ def test_predict_prints_not_a_lesion(tiny_run, tmp_path):
 def test_detectors_saved_by_older_versions_still_load(key, normalize, tmp_path):
     """Detectors saved before L2 normalisation, or before the pixel distance, score as they did."""
     rng = np.random.default_rng(0)
-    det = LesionDetector.fit(rng.normal(size=(60, 8)), rng.normal(size=(20, 8)), n_components=4,
-                             normalize=normalize)
+    det = LesionDetector.fit(rng.normal(size=(60, 8)), rng.normal(size=(20, 8)), n_components=4, normalize=normalize)
     det.save(tmp_path)
     meta = json.loads((tmp_path / "ood.json").read_text())
     del meta[key]
@@ -121,9 +120,13 @@ def test_pixel_statistics_put_flat_colours_and_gradients_far_from_lesions(small_
     lesions = np.stack(list(stats.values()))
     dist = PixelDistance.fit(lesions)
     ramp = np.linspace(0, 255, 224, dtype=np.float32)
-    others = np.stack([np.full((224, 224, 3), (180, 120, 120), np.uint8),  # skin-coloured flat
-                       np.full((224, 224, 3), (255, 0, 255), np.uint8),
-                       np.repeat(np.tile(ramp, (224, 1))[..., None], 3, axis=2).astype(np.uint8)])
+    others = np.stack(
+        [
+            np.full((224, 224, 3), (180, 120, 120), np.uint8),  # skin-coloured flat
+            np.full((224, 224, 3), (255, 0, 255), np.uint8),
+            np.repeat(np.tile(ramp, (224, 1))[..., None], 3, axis=2).astype(np.uint8),
+        ]
+    )
     assert dist.score(image_statistics(others)).min() > 2 * dist.score(lesions).max()
     assert image_statistics(others).shape == (3, lesions.shape[1])
 
@@ -138,15 +141,18 @@ def test_ensemble_refusal_is_a_majority_not_a_union(tmp_path):
     assert ensemble_refusal_score([[2.0, 0.5], [0.1, 0.6], [0.2, 3.0]]).tolist() == [0.2, 0.6]
     assert ensemble_refusal_score([[1.5], [0.7]]).tolist() == [1.1]  # two members: their mean
     rows = {  # member -> (test lesion a, test lesion b, non-lesion) as distance / threshold
-        "m0": (1.5, 0.2, 4.0), "m1": (0.3, 1.2, 5.0), "m2": (0.4, 0.3, 0.9)}
+        "m0": (1.5, 0.2, 4.0),
+        "m1": (0.3, 1.2, 5.0),
+        "m2": (0.4, 0.3, 0.9),
+    }
     dirs = []
     for name, (a, b, nl) in rows.items():
         d = tmp_path / name
         d.mkdir()
         (d / "refusal.json").write_text(json.dumps({"threshold": 10.0}))
-        (d / "refusal_scores.csv").write_text("set,name,score,refused\n"
-                                              f"test,a.jpg,{a * 10},0\ntest,b.jpg,{b * 10},0\n"
-                                              f"non_lesion,noise/x,{nl * 10},1\n")
+        (d / "refusal_scores.csv").write_text(
+            f"set,name,score,refused\ntest,a.jpg,{a * 10},0\ntest,b.jpg,{b * 10},0\nnon_lesion,noise/x,{nl * 10},1\n"
+        )
         dirs.append(d)
     out = combine_refusal(dirs)
     assert out["lesions"]["test"]["refused"] == 0  # a union would refuse both lesions

@@ -24,7 +24,6 @@ from lesionlab.serve import aws_lambda, create_app
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 @pytest.fixture(scope="module")
 def onnx_only(onnx_run, tmp_path_factory) -> Path:
     """The shape of the bundled default model: ONNX and JSON files, no PyTorch checkpoint."""
@@ -69,8 +68,18 @@ def refusing(monkeypatch, client) -> None:
     predictor = client.app.state.service.predictor
 
     def analyze(images, tta=False):
-        return [Prediction(0.3, "not_a_lesion", predictor.info.threshold, -0.8, True, 99.0, "does not look like a "
-                           "dermoscopic lesion image (distance 99.0 > 40.0)") for _ in images]
+        return [
+            Prediction(
+                0.3,
+                "not_a_lesion",
+                predictor.info.threshold,
+                -0.8,
+                True,
+                99.0,
+                "does not look like a dermoscopic lesion image (distance 99.0 > 40.0)",
+            )
+            for _ in images
+        ]
 
     monkeypatch.setattr(predictor, "analyze", analyze)
 
@@ -98,17 +107,23 @@ def test_study_contract_body_shapes(client, lesion_jpeg, shape):
         "json-string": json.dumps(text),
         "data-uri": json.dumps({"image": "data:image/jpeg;base64," + text}),
         "urlsafe-unpadded": base64.urlsafe_b64encode(lesion_jpeg).decode().rstrip("="),
-        "line-wrapped": "\n".join(text[i:i + 76] for i in range(0, len(text), 76)),
+        "line-wrapped": "\n".join(text[i : i + 76] for i in range(0, len(text), 76)),
     }[shape]
     r = client.post("/predict", content=content, headers={"Content-Type": "text/plain"})
     assert r.status_code == 200, r.json()
     assert r.json()["body"]["probability"] == pytest.approx(expected, abs=1e-9)
 
 
-@pytest.mark.parametrize("key,status,code", [
-    ("text", 415, "unsupported_image"), ("tiny", 422, "image_too_small"), ("huge", 413, "image_too_large"),
-    ("truncated", 415, "unsupported_image"), ("zero", 400, "empty_image"),
-])
+@pytest.mark.parametrize(
+    "key,status,code",
+    [
+        ("text", 415, "unsupported_image"),
+        ("tiny", 422, "image_too_small"),
+        ("huge", 413, "image_too_large"),
+        ("truncated", 415, "unsupported_image"),
+        ("zero", 400, "empty_image"),
+    ],
+)
 def test_study_contract_bad_images(client, image_files, key, status, code):
     r = client.post("/predict", json={"image": b64(image_files[key].read_bytes())})
     env = r.json()
@@ -116,12 +131,19 @@ def test_study_contract_bad_images(client, image_files, key, status, code):
     assert env["body"]["message"]
 
 
-@pytest.mark.parametrize("content,code", [
-    ('{"image": "not base64 at all!"}', "bad_base64"), ("@@@@", "bad_base64"), ('{"image": 12}', "missing_image"),
-    ('{"picture": "abcd"}', "missing_image"), ("{not json", "bad_json"), ("", "empty_body"),
-    ("[1, 2]", "missing_image"),
-    ('"\u00e9t\u00e9"', "bad_base64"),
-])
+@pytest.mark.parametrize(
+    "content,code",
+    [
+        ('{"image": "not base64 at all!"}', "bad_base64"),
+        ("@@@@", "bad_base64"),
+        ('{"image": 12}', "missing_image"),
+        ('{"picture": "abcd"}', "missing_image"),
+        ("{not json", "bad_json"),
+        ("", "empty_body"),
+        ("[1, 2]", "missing_image"),
+        ('"\u00e9t\u00e9"', "bad_base64"),
+    ],
+)
 def test_study_contract_bad_requests(client, content, code):
     r = client.post("/predict", content=content.encode(), headers={"Content-Type": "application/json"})
     env = r.json()
@@ -178,8 +200,10 @@ def test_v1_tta_reaches_the_predictor(client, lesion_jpeg, monkeypatch):
 
 
 def test_v1_batch(client, lesion_jpeg, image_files):
-    files = [("files", (f"{i}.jpg", data, "image/jpeg"))
-             for i, data in enumerate([lesion_jpeg, image_files["text"].read_bytes(), lesion_jpeg])]
+    files = [
+        ("files", (f"{i}.jpg", data, "image/jpeg"))
+        for i, data in enumerate([lesion_jpeg, image_files["text"].read_bytes(), lesion_jpeg])
+    ]
     r = client.post("/v1/predict/batch", files=files)
     assert r.status_code == 200
     results = r.json()["results"]
@@ -229,8 +253,9 @@ def test_ensemble_explains_the_ensemble_label(twin_ensemble, lesion_jpeg, monkey
     (twin_ensemble / "calibration.json").write_text(json.dumps({"threshold": 1.01 if flipped == "benign" else 0.0}))
     targets = []
     real = explain.gradcam
-    monkeypatch.setattr(explain, "gradcam", lambda model, x, target="predicted": targets.append(target) or
-                        real(model, x, target))
+    monkeypatch.setattr(
+        explain, "gradcam", lambda model, x, target="predicted": targets.append(target) or real(model, x, target)
+    )
     with TestClient(create_app(twin_ensemble)) as c:
         wait_ready(c)
         r = c.post("/v1/predict?explain=true", json={"image": b64(lesion_jpeg)})
@@ -522,8 +547,15 @@ def test_bearer_auth(onnx_run, lesion_jpeg):
         wait_ready(c)
         for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"):
             assert c.get(path).status_code == 200
-        for method, path in (("get", "/"), ("get", "/docs"), ("get", "/openapi.json"), ("get", "/v1/model"),
-                             ("post", "/v1/predict"), ("post", "/v1/predict/batch"), ("post", "/predict")):
+        for method, path in (
+            ("get", "/"),
+            ("get", "/docs"),
+            ("get", "/openapi.json"),
+            ("get", "/v1/model"),
+            ("post", "/v1/predict"),
+            ("post", "/v1/predict/batch"),
+            ("post", "/predict"),
+        ):
             r = getattr(c, method)(path)
             assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", path
         r = c.post("/predict", json={"image": b64(lesion_jpeg)}, headers={"Authorization": "Bearer wrong"})
@@ -538,8 +570,9 @@ def test_tokens_from_env_and_file(tmp_path):
 
     f = tmp_path / "tokens"
     f.write_text("# comment\nfrom-file\n\n")
-    s = ServeSettings.from_env({"LESIONLAB_API_TOKENS": "a, b", "LESIONLAB_API_TOKENS_FILE": str(f),
-                                "LESIONLAB_SERVE_MAX_BODY_BYTES": "123"})
+    s = ServeSettings.from_env(
+        {"LESIONLAB_API_TOKENS": "a, b", "LESIONLAB_API_TOKENS_FILE": str(f), "LESIONLAB_SERVE_MAX_BODY_BYTES": "123"}
+    )
     assert s.tokens == ["a", "b", "from-file"] and s.max_body_bytes == 123
     assert "LESIONLAB_API_TOKENS" not in s.to_env() and "s3" not in json.dumps(s.to_env())
     assert ServeSettings.from_env(ServeSettings(load_before_accepting=True).to_env()).load_before_accepting
@@ -547,14 +580,17 @@ def test_tokens_from_env_and_file(tmp_path):
         ServeSettings.from_env({"LESIONLAB_SERVE_LOAD_BEFORE_ACCEPTING": "maybe"})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"timeout_s": 0}, r"--timeout \(LESIONLAB_SERVE_TIMEOUT_S\) must be a number of seconds > 0, got 0"),
-    ({"inference_threads": 0}, r"--inference-threads .* must be a whole number >= 1, got 0"),
-    ({"max_concurrency": 0}, r"--max-concurrency .* >= 1, got 0"),
-    ({"num_threads": -1}, r"--threads .* >= 1, got -1"),
-    ({"max_batch": 0}, r"LESIONLAB_SERVE_MAX_BATCH must be a whole number >= 1, got 0"),
-    ({"backend": "onxx"}, r"--backend .* must be one of auto, onnx, torch, got 'onxx'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"timeout_s": 0}, r"--timeout \(LESIONLAB_SERVE_TIMEOUT_S\) must be a number of seconds > 0, got 0"),
+        ({"inference_threads": 0}, r"--inference-threads .* must be a whole number >= 1, got 0"),
+        ({"max_concurrency": 0}, r"--max-concurrency .* >= 1, got 0"),
+        ({"num_threads": -1}, r"--threads .* >= 1, got -1"),
+        ({"max_batch": 0}, r"LESIONLAB_SERVE_MAX_BATCH must be a whole number >= 1, got 0"),
+        ({"backend": "onxx"}, r"--backend .* must be one of auto, onnx, torch, got 'onxx'"),
+    ],
+)
 def test_bad_settings_are_refused_with_the_option_named(kwargs, message):
     from lesionlab.serve.settings import ServeSettings
 
@@ -592,10 +628,19 @@ def test_cli_serve_refuses_bad_options_before_uvicorn(onnx_run, monkeypatch, arg
 
 def test_odd_inputs_never_500(client):
     rng = np.random.default_rng(1)
-    bodies = [rng.bytes(n) for n in (1, 7, 300)] + [b"{}", b"null", b"[]", b'{"image": null}', b'"', b"\x00" * 64,
-                                                    b'{"image": "' + b"A" * 4001 + b'"}', b"data:image/png;base64,",
-                                                    json.dumps({"image": "data:;base64,QUJD"}).encode(),
-                                                    b"[" * 200_000, b'{"image": ' * 50_000]
+    bodies = [rng.bytes(n) for n in (1, 7, 300)] + [
+        b"{}",
+        b"null",
+        b"[]",
+        b'{"image": null}',
+        b'"',
+        b"\x00" * 64,
+        b'{"image": "' + b"A" * 4001 + b'"}',
+        b"data:image/png;base64,",
+        json.dumps({"image": "data:;base64,QUJD"}).encode(),
+        b"[" * 200_000,
+        b'{"image": ' * 50_000,
+    ]
     for path in ("/predict", "/v1/predict", "/v1/predict/batch"):
         for body in bodies:
             for ctype in ("application/json", "text/plain", "multipart/form-data; boundary=x", "multipart/form-data"):
@@ -650,14 +695,24 @@ def test_schemathesis_finds_no_5xx_or_schema_violation(onnx_run):
     app = create_app(onnx_run)
     app.state.service.load()
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-              response_schema_conformance]
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+    ]
     ran, calls = 0, []
     for result in schema.get_all_operations():
         operation = result.ok()
 
-        @settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=12,
+            deadline=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy())
         def check(case):
             calls.append(case.call_and_validate(checks=checks).status_code)
@@ -681,19 +736,33 @@ def lambda_env(onnx_run, monkeypatch):
 
 def rest_event(body: str | None, is_b64: bool = False) -> dict:
     """The documented API Gateway REST (v1) proxy event, trimmed to what a handler may read."""
-    return {"resource": "/predict", "path": "/predict", "httpMethod": "POST",
-            "headers": {"Content-Type": "application/json"}, "multiValueHeaders": {}, "queryStringParameters": None,
-            "pathParameters": None, "stageVariables": None,
-            "requestContext": {"resourcePath": "/predict", "httpMethod": "POST", "stage": "prod"},
-            "body": body, "isBase64Encoded": is_b64}
+    return {
+        "resource": "/predict",
+        "path": "/predict",
+        "httpMethod": "POST",
+        "headers": {"Content-Type": "application/json"},
+        "multiValueHeaders": {},
+        "queryStringParameters": None,
+        "pathParameters": None,
+        "stageVariables": None,
+        "requestContext": {"resourcePath": "/predict", "httpMethod": "POST", "stage": "prod"},
+        "body": body,
+        "isBase64Encoded": is_b64,
+    }
 
 
 def http_api_event(body: str, is_b64: bool) -> dict:
     """The documented API Gateway HTTP API (payload 2.0) event."""
-    return {"version": "2.0", "routeKey": "POST /predict", "rawPath": "/predict", "rawQueryString": "",
-            "headers": {"content-type": "application/json"},
-            "requestContext": {"http": {"method": "POST", "path": "/predict"}, "stage": "$default"},
-            "body": body, "isBase64Encoded": is_b64}
+    return {
+        "version": "2.0",
+        "routeKey": "POST /predict",
+        "rawPath": "/predict",
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json"},
+        "requestContext": {"http": {"method": "POST", "path": "/predict"}, "stage": "$default"},
+        "body": body,
+        "isBase64Encoded": is_b64,
+    }
 
 
 def call_lambda(event) -> tuple[int, dict]:
@@ -720,10 +789,15 @@ def test_lambda_base64_encoded_events(lambda_env, lesion_jpeg):
 
 
 def test_lambda_errors(lambda_env, image_files, monkeypatch):
-    cases = [(rest_event("not base64!", True), 400), (rest_event(None), 400), (rest_event("{oops"), 400),
-             (rest_event(json.dumps({"image": b64(image_files["text"].read_bytes())})), 415),
-             (rest_event(json.dumps({"image": b64(image_files["tiny"].read_bytes())})), 422),
-             (rest_event(json.dumps({"image": b64(image_files["huge"].read_bytes())})), 413), ("junk", 400)]
+    cases = [
+        (rest_event("not base64!", True), 400),
+        (rest_event(None), 400),
+        (rest_event("{oops"), 400),
+        (rest_event(json.dumps({"image": b64(image_files["text"].read_bytes())})), 415),
+        (rest_event(json.dumps({"image": b64(image_files["tiny"].read_bytes())})), 422),
+        (rest_event(json.dumps({"image": b64(image_files["huge"].read_bytes())})), 413),
+        ("junk", 400),
+    ]
     for event, status in cases:
         got, body = call_lambda(event)
         assert got == status and body["error"] and body["message"], (status, body)
@@ -771,8 +845,22 @@ def test_cli_serve_starts_uvicorn_with_the_settings(onnx_run, monkeypatch):
     for key in [k for k in os.environ if k.startswith("LESIONLAB_SERVE_")] + ["LESIONLAB_MODEL"]:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the command writes its settings here
-    result = CliRunner().invoke(app, ["serve", "--model", str(onnx_run), "--port", "8123", "--workers", "2",
-                                      "--max-body-bytes", "5000000", "--timeout", "3"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "--model",
+            str(onnx_run),
+            "--port",
+            "8123",
+            "--workers",
+            "2",
+            "--max-body-bytes",
+            "5000000",
+            "--timeout",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     target, kw = calls[0]
     assert target == "lesionlab.serve.app:app_from_env" and kw["factory"] is True

@@ -19,7 +19,6 @@ import pytest
 BODY_CAP = 300_000
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,8 +44,13 @@ def start_server(model_dir: Path, *extra: str, env: dict | None = None) -> tuple
     """`python -m lesionlab serve` on a free port; the caller stops it with stop_server."""
     port = free_port()
     cmd = [sys.executable, "-m", "lesionlab", "serve", "--model", str(model_dir), "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
     try:
         wait_ready(port, proc)
     except BaseException:
@@ -102,10 +106,17 @@ def test_study_contract_over_http(server, lesion_jpeg):
 
 def test_multipart_upload_over_http(server, lesion_jpeg):
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + lesion_jpeg + f"\r\n--{boundary}--\r\n".encode()
-    status, _, data = request(server, "POST", "/v1/predict", body,
-                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + lesion_jpeg
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, _, data = request(
+        server, "POST", "/v1/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     out = json.loads(data)
     assert status == 200 and out["label"] in ("benign", "malignant") and out["inference_ms"] > 0
 
@@ -125,8 +136,9 @@ def test_chunked_oversize_body_is_cut_off(server):
     conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
     chunks = (b"A" * 10_000 for _ in range(BODY_CAP // 10_000 + 5))
     try:
-        conn.request("POST", "/v1/predict", body=chunks, headers={"Content-Type": "application/json"},
-                     encode_chunked=True)
+        conn.request(
+            "POST", "/v1/predict", body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True
+        )
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server may answer and close before the client finished sending
     r = conn.getresponse()
@@ -137,14 +149,17 @@ def test_chunked_oversize_body_is_cut_off(server):
 def test_bad_inputs_over_http(server):
     assert request(server, "POST", "/predict", b"%%%", {"Content-Type": "text/plain"})[0] == 400
     text = base64.b64encode(b"plain text, not an image").decode()
-    assert request(server, "POST", "/predict", json.dumps({"image": text}).encode(),
-                   {"Content-Type": "application/json"})[0] == 415
+    assert (
+        request(server, "POST", "/predict", json.dumps({"image": text}).encode(), {"Content-Type": "application/json"})[
+            0
+        ]
+        == 415
+    )
     assert request(server, "GET", "/nowhere")[0] == 404
 
 
 def test_auth_and_workers_over_http(onnx_run, lesion_jpeg):
-    proc, port = start_server(onnx_run, "--workers", "2", "--threads", "1",
-                              env={"LESIONLAB_API_TOKENS": "tok-1"})
+    proc, port = start_server(onnx_run, "--workers", "2", "--threads", "1", env={"LESIONLAB_API_TOKENS": "tok-1"})
     try:
         body = json.dumps({"image": base64.b64encode(lesion_jpeg).decode()}).encode()
         ready_streak, deadline = 0, time.monotonic() + 60
@@ -172,10 +187,13 @@ def test_bench_script_smoke(onnx_run, small_data, tmp_path, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     image = sorted((small_data / "test" / "benign").iterdir())[0]
-    res = {"model": str(onnx_run), "image": str(image), "machine": "test",
-           "runtimes": bench.bench_runtimes(onnx_run, image, threads=1, rounds=1, per_round=4, batch_runs=1,
-                                             pause_s=0),
-           "http": bench.bench_http(onnx_run, image, [2], 1.0, 1, 1, 2, tmp_path)}
+    res = {
+        "model": str(onnx_run),
+        "image": str(image),
+        "machine": "test",
+        "runtimes": bench.bench_runtimes(onnx_run, image, threads=1, rounds=1, per_round=4, batch_runs=1, pause_s=0),
+        "http": bench.bench_http(onnx_run, image, [2], 1.0, 1, 1, 2, tmp_path),
+    }
     assert res["runtimes"]["onnxruntime"]["p50_ms"] > 0 and res["runtimes"]["pytorch"]["batch32_img_per_s"] > 0
     (level,) = res["http"]["levels"]
     assert level["concurrency"] == 2 and level["errors"] == 0 and level["requests_ok"] > 0

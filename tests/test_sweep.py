@@ -16,8 +16,7 @@ from lesionlab.sweep import sweep as sw
 from lesionlab.training.loop import TrainConfig, fit_head
 
 TINY_GRID = dict(backbones=("efficientnet_lite0",), lrs=(1e-3, 5e-3), epochs=(1, 3))
-OUTPUTS = ("results.csv", "table1.md", "table1.csv", "figure1_tuning.png", "figure2_confusion.png",
-           "figure3_roc.png")
+OUTPUTS = ("results.csv", "table1.md", "table1.csv", "figure1_tuning.png", "figure2_confusion.png", "figure3_roc.png")
 
 
 def _features(seed: int = 0):
@@ -40,12 +39,18 @@ def test_state_after_E_epochs_of_one_trial_equals_a_separate_E_epoch_run():
     for e in (2, 7):
         rows = []
         with sw.torch_threads(sw.TRIAL_THREADS):  # float sums are bit-identical only at equal thread counts
-            head = fit_head(data.x_train, data.y_train, data.x_val, data.y_val,
-                            TrainConfig(lr=5e-3, epochs=e, seed=3), on_epoch=lambda r, *_: rows.append(r.row()),
-                            progress=False)
+            head = fit_head(
+                data.x_train,
+                data.y_train,
+                data.x_val,
+                data.y_val,
+                TrainConfig(lr=5e-3, epochs=e, seed=3),
+                on_epoch=lambda r, *_: rows.append(r.row()),
+                progress=False,
+            )
         for k, v in head.state_dict().items():
             assert torch.equal(v, result.states[e][k]), (e, k)
-        strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+        strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
         assert [strip(r) for r in rows] == [strip(r) for r in result.history[:e]]
 
 
@@ -54,12 +59,21 @@ def _row(lr, ep, acc, loss, seed=0, bb="b"):
 
 
 def test_selection_is_the_studys_rule():
-    rows = [_row(1e-3, 10, 0.80, 0.40), _row(1e-3, 20, 0.85, 0.35), _row(5e-3, 10, 0.85, 0.30),
-            _row(5e-3, 20, 0.85, 0.30), _row(1e-4, 30, 0.84, 0.10)]
+    rows = [
+        _row(1e-3, 10, 0.80, 0.40),
+        _row(1e-3, 20, 0.85, 0.35),
+        _row(5e-3, 10, 0.85, 0.30),
+        _row(5e-3, 20, 0.85, 0.30),
+        _row(1e-4, 30, 0.84, 0.10),
+    ]
     best = sw.select(rows)["b"]
     assert (best.lr, best.epochs) == (5e-3, 10)  # accuracy first, then lower loss, then fewer epochs
-    seeds = [_row(1e-3, 10, 0.90, 0.3, 0), _row(1e-3, 10, 0.70, 0.3, 1), _row(1e-4, 10, 0.82, 0.3, 0),
-             _row(1e-4, 10, 0.84, 0.3, 1)]
+    seeds = [
+        _row(1e-3, 10, 0.90, 0.3, 0),
+        _row(1e-3, 10, 0.70, 0.3, 1),
+        _row(1e-4, 10, 0.82, 0.3, 0),
+        _row(1e-4, 10, 0.84, 0.3, 1),
+    ]
     best = sw.select(seeds)["b"]
     assert (best.lr, best.seed) == (1e-4, 1) and best.val_accuracy == pytest.approx(0.83)  # mean over seeds
 
@@ -73,8 +87,22 @@ def test_backbone_without_weights_stops_the_sweep_up_front(small_data, tmp_path)
     with pytest.raises(WeightsError, match=r"vgg16.*--allow-random-init"):
         sw.run_sweep(grid, small_data, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
-    res = CliRunner().invoke(app, ["sweep", "--data", str(small_data), "--out", str(tmp_path / "c"),
-                                   "--backbones", "resnet50v2", "--lrs", "1e-3", "--epochs", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "--data",
+            str(small_data),
+            "--out",
+            str(tmp_path / "c"),
+            "--backbones",
+            "resnet50v2",
+            "--lrs",
+            "1e-3",
+            "--epochs",
+            "1",
+        ],
+    )
     assert res.exit_code == 2 and "resnet50v2" in res.output and "--allow-random-init" in res.output
 
 
@@ -156,8 +184,9 @@ def test_ray_backend_writes_the_same_results_as_local(local_sweep, small_data, t
         pytest.skip("needs the ray extra")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        got = sw.run_sweep(sw.SweepGrid(**TINY_GRID), small_data, tmp_path / "ray", backend="ray",
-                           n_resamples=100, progress=False)
+        got = sw.run_sweep(
+            sw.SweepGrid(**TINY_GRID), small_data, tmp_path / "ray", backend="ray", n_resamples=100, progress=False
+        )
     finally:
         ray.shutdown()
     assert got.trained == 2

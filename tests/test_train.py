@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_subset
 
+from conftest import make_subset
 from lesionlab.models.classifier import load_model
 from lesionlab.runs import RunError
+from lesionlab.training import config as train_config
 from lesionlab.training import loop as train_mod
 from lesionlab.training.features import BadDataError
 from lesionlab.training.loop import TrainConfig, fit_head, train
@@ -25,7 +26,7 @@ def _history(run):
 
 def assert_same_run(a, b) -> None:
     """Same history (but for the timings) and bit-identical saved weights."""
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(_history(a)) == strip(_history(b))
     ma, _ = load_model(a / "model.pt")
     mb, _ = load_model(b / "model.pt")
@@ -36,8 +37,14 @@ def assert_same_run(a, b) -> None:
 @pytest.mark.parametrize("backbone", ["resnet50v2", "efficientnetv2b0", "vgg16"])
 def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, tmp_path):
     with pytest.warns(UserWarning, match="RANDOM"):
-        out = train(TrainConfig(backbone=backbone, epochs=1), few_images, tmp_path / backbone,
-                    weights_dir=tmp_path, allow_random_init=True, progress=False)
+        out = train(
+            TrainConfig(backbone=backbone, epochs=1),
+            few_images,
+            tmp_path / backbone,
+            weights_dir=tmp_path,
+            allow_random_init=True,
+            progress=False,
+        )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pretrained"] is False and cfg["weights"]["source"] == "random"
     assert len(_history(out)) == 1
@@ -48,8 +55,7 @@ def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_finetune_trains_the_whole_network(precision, few_images, shared_weights, tmp_path):
-    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=1, batch_size=4, lr=1e-3,
-                      precision=precision)
+    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=1, batch_size=4, lr=1e-3, precision=precision)
     out = train(cfg, few_images, tmp_path / "ft", weights_dir=shared_weights, progress=False)
     assert json.loads((out / "config.json").read_text())["train"]["precision"] == precision
     model, _ = load_model(out / "model.pt")
@@ -63,18 +69,17 @@ def test_finetune_trains_the_whole_network(precision, few_images, shared_weights
 
 
 def test_precision_auto_means_bf16_only_for_finetune_on_a_cpu_that_has_it(monkeypatch):
-    monkeypatch.setattr(train_mod, "bf16_supported", lambda: True)
+    monkeypatch.setattr(train_config, "bf16_supported", lambda: True)
     assert TrainConfig(mode="finetune").precision == "bf16"
     assert TrainConfig(mode="frozen").precision == "fp32"  # the head trains on cached fp32 features
-    monkeypatch.setattr(train_mod, "bf16_supported", lambda: False)
+    monkeypatch.setattr(train_config, "bf16_supported", lambda: False)
     assert TrainConfig(mode="finetune").precision == "fp32"
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
 
 
 def test_runs_from_before_bf16_read_back_as_fp32(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"train": {"backbone": "efficientnet_lite0",
-                                                                "mode": "finetune"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"backbone": "efficientnet_lite0", "mode": "finetune"}}))
     assert train_mod.config_from_run(tmp_path).precision == "fp32"
 
 
@@ -102,16 +107,28 @@ def test_resume_after_a_kill_equals_an_unbroken_run(few_images, tmp_path, monkey
     assert_same_run(resumed, unbroken)
 
 
-def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(few_images, shared_weights, tmp_path,
-                                                                         monkeypatch):
-    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=3, batch_size=4, lr=1e-3, precision="fp32",
-                      augment="none", ema_decay=0.9)
+def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(
+    few_images, shared_weights, tmp_path, monkeypatch
+):
+    cfg = TrainConfig(
+        backbone="mobilenetv2",
+        mode="finetune",
+        epochs=3,
+        batch_size=4,
+        lr=1e-3,
+        precision="fp32",
+        augment="none",
+        ema_decay=0.9,
+    )
     unbroken = train(cfg, few_images, tmp_path / "a", weights_dir=shared_weights, progress=False)
     assert json.loads((unbroken / "config.json").read_text())["train"]["ema_decay"] == 0.9
 
     real = train_mod.write_history
-    monkeypatch.setattr(train_mod, "write_history", lambda path, rows: (
-        (_ for _ in ()).throw(KeyboardInterrupt) if len(rows) == 2 else real(path, rows)))
+    monkeypatch.setattr(
+        train_mod,
+        "write_history",
+        lambda path, rows: (_ for _ in ()).throw(KeyboardInterrupt) if len(rows) == 2 else real(path, rows),
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg, few_images, tmp_path / "b", weights_dir=shared_weights, progress=False)
     state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
@@ -149,10 +166,17 @@ def test_head_after_e_epochs_equals_a_separate_e_epoch_run():
     x = rng.normal(size=(64, 16)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.float32)
     snapshots = {}
-    fit_head(x, y, x, y, TrainConfig(epochs=5, batch_size=8),
-             on_epoch=lambda r, head, *_: snapshots.__setitem__(r.epoch, {k: v.clone() for k, v in
-                                                                          head.state_dict().items()}),
-             progress=False)
+    fit_head(
+        x,
+        y,
+        x,
+        y,
+        TrainConfig(epochs=5, batch_size=8),
+        on_epoch=lambda r, head, *_: snapshots.__setitem__(
+            r.epoch, {k: v.clone() for k, v in head.state_dict().items()}
+        ),
+        progress=False,
+    )
     short = fit_head(x, y, x, y, TrainConfig(epochs=3, batch_size=8), progress=False)
     for k, v in short.state_dict().items():
         assert torch.equal(v, snapshots[3][k])

@@ -23,8 +23,16 @@ from lesionlab.evaluation.report import DISCLAIMER, metrics_table
 from lesionlab.inference.predictor import DEFAULT_MODEL_DIR
 
 MAX_ONNX_BYTES = 25 * 1024 * 1024
-COPY = ("model.onnx", "preprocess.json", "calibration.json", "config.json", "metrics.json", "ood.npz", "ood.json",
-        "refusal.json")
+COPY = (
+    "model.onnx",
+    "preprocess.json",
+    "calibration.json",
+    "config.json",
+    "metrics.json",
+    "ood.npz",
+    "ood.json",
+    "refusal.json",
+)
 
 
 def _half_checkpoint(src: Path, dst: Path) -> None:
@@ -67,8 +75,11 @@ def model_card(run: Path, command: str) -> str:
         "",
         "## Performance (95% stratified bootstrap CIs, 1000 resamples)",
         "",
-        ("Evaluated with test-time augmentation (mean of 8 flips/rotations); serve it with `tta=true` to match."
-         if m.get("tta") else "Evaluated without test-time augmentation, as the service predicts by default."),
+        (
+            "Evaluated with test-time augmentation (mean of 8 flips/rotations); serve it with `tta=true` to match."
+            if m.get("tta")
+            else "Evaluated without test-time augmentation, as the service predicts by default."
+        ),
         "",
         "At threshold 0.5:",
         "",

@@ -37,6 +37,8 @@ class RunError(LesionlabError):
 def require_run(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists() or not (run_dir / MODEL).exists():
-        raise RunError(f"{run_dir} is not a finished lesionlab run (needs {CONFIG} and {MODEL}); "
-                       "create one with `lesionlab train --out DIR`")
+        raise RunError(
+            f"{run_dir} is not a finished lesionlab run (needs {CONFIG} and {MODEL}); "
+            "create one with `lesionlab train --out DIR`"
+        )
     return run_dir

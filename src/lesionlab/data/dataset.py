@@ -49,12 +49,13 @@ class Dataset:
             h.update(f"{s.relpath}\t{s.label}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
         return h.hexdigest()
 
-    def without(self, relpaths: set[str]) -> "Dataset":
-        keep = lambda xs: [s for s in xs if s.relpath not in relpaths]  # noqa: E731
+    def without(self, relpaths: set[str]) -> Dataset:
+        keep = lambda xs: [s for s in xs if s.relpath not in relpaths]
         return Dataset(self.root, self.classes, keep(self.train), keep(self.test), self.groups, self.leaked)
 
-    def splits(self, seed: int = 0, val_fraction: float = 0.2, fold: int = 0,
-               also_fold: int | None = None) -> dict[str, list[Sample]]:
+    def splits(
+        self, seed: int = 0, val_fraction: float = 0.2, fold: int = 0, also_fold: int | None = None
+    ) -> dict[str, list[Sample]]:
         train, val = split_train_val(self.train, self.groups, seed, val_fraction, fold, also_fold)
         test_dedup = [s for s in self.test if s.relpath not in self.leaked]
         return {"train": train, "val": val, "test": list(self.test), "test_dedup": test_dedup}
@@ -101,8 +102,9 @@ def load_dataset(root: str | Path, classes: tuple[str, str] = DEFAULT_CLASSES) -
         for label, cls in enumerate(classes):
             if not any(s.label == label for s in parts[split]):
                 raise DataError(f"{root / split / cls} holds no files. {LAYOUT_HELP}")
-    return Dataset(root, tuple(classes), parts["train"], parts["test"],
-                   read_near_duplicate_groups(root), read_leaked(root))
+    return Dataset(
+        root, tuple(classes), parts["train"], parts["test"], read_near_duplicate_groups(root), read_leaked(root)
+    )
 
 
 def read_near_duplicate_groups(root: Path) -> dict[str, int]:

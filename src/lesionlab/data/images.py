@@ -30,8 +30,9 @@ class BadImageError(ValueError):
         self.status = status
 
 
-def open_image(source: str | Path | bytes, name: str | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
+def open_image(
+    source: str | Path | bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_SIDE
+) -> Image.Image:
     """Decodes a file or bytes into an upright RGB image, or raises ``BadImageError`` saying why."""
     label = name or (str(source) if not isinstance(source, bytes) else "<image>")
     if isinstance(source, bytes):
@@ -58,13 +59,15 @@ def open_image(source: str | Path | bytes, name: str | None = None,
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         if isinstance(e, UnidentifiedImageError):
             raise BadImageError(label, f"not an image in a supported format ({', '.join(SAFE_FORMATS)})") from None
-        raise BadImageError(label, f"image exceeds the cap of {max_pixels:,} pixels (decompression-bomb guard: "
-                                   f"{e})", 413) from None
+        raise BadImageError(
+            label, f"image exceeds the cap of {max_pixels:,} pixels (decompression-bomb guard: {e})", 413
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(label, f"corrupt or truncated image ({e})") from None
     if min(img.size) < min_side:
-        raise BadImageError(label, f"too small ({img.size[0]}x{img.size[1]}); need at least "
-                                   f"{min_side}x{min_side} pixels", 422)
+        raise BadImageError(
+            label, f"too small ({img.size[0]}x{img.size[1]}); need at least {min_side}x{min_side} pixels", 422
+        )
     img = ImageOps.exif_transpose(img)
     return to_rgb(img)
 
@@ -130,8 +133,9 @@ class DecodedSet:
     bad: list[BadImageError]
 
 
-def decode_samples(samples: list[Sample], size: int, progress: bool = True,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedSet:
+def decode_samples(
+    samples: list[Sample], size: int, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedSet:
     """Decodes every sample once; collects the bad ones instead of stopping at the first."""
     from tqdm.auto import tqdm
 

@@ -17,14 +17,19 @@ def check_fold(fold: int, val_fraction: float, also_fold: int | None = None) -> 
     n = n_folds(val_fraction)
     for name, k in (("fold", fold), ("also-val-fold", also_fold)):
         if k is not None and not 0 <= k < n:
-            raise DataError(f"{name} must be in 0..{n - 1} (validation fraction {val_fraction} makes {n} folds), "
-                            f"got {k}")
+            raise DataError(
+                f"{name} must be in 0..{n - 1} (validation fraction {val_fraction} makes {n} folds), got {k}"
+            )
     if also_fold == fold:
         raise DataError(f"also-val-fold must differ from fold ({fold}): it is a second validation fold")
 
 
 def split_train_val(
-    samples: list[Sample], groups: dict[str, int], seed: int, val_fraction: float = 0.2, fold: int = 0,
+    samples: list[Sample],
+    groups: dict[str, int],
+    seed: int,
+    val_fraction: float = 0.2,
+    fold: int = 0,
     also_fold: int | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
     """Seeded, stratified split in which a near-duplicate group never straddles train and validation.
@@ -43,7 +48,10 @@ def split_train_val(
     group_ids = np.array([groups.get(s.relpath, offset + i) for i, s in enumerate(samples)])
     splitter = StratifiedGroupKFold(n_splits=n_folds(val_fraction), shuffle=True, random_state=seed)
     held_out = {fold} if also_fold is None else {fold, also_fold}
-    val_idx = {int(i) for k, (_, idx) in enumerate(splitter.split(np.zeros(len(samples)), labels, group_ids))
-               if k in held_out for i in idx}
-    return ([s for i, s in enumerate(samples) if i not in val_idx],
-            [s for i, s in enumerate(samples) if i in val_idx])
+    val_idx = {
+        int(i)
+        for k, (_, idx) in enumerate(splitter.split(np.zeros(len(samples)), labels, group_ids))
+        if k in held_out
+        for i in idx
+    }
+    return ([s for i, s in enumerate(samples) if i not in val_idx], [s for i, s in enumerate(samples) if i in val_idx])

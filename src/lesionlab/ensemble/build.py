@@ -30,8 +30,8 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy.special import expit
@@ -71,8 +71,10 @@ def _require_member(run_dir: Path) -> Path:
         raise rf.RunError(f"{run_dir} is itself an ensemble; list its member runs instead")
     rf.require_run(run_dir)
     if not (run_dir / rf.CALIBRATION).exists():
-        raise rf.RunError(f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first (an "
-                          "ensemble averages its members' calibrated probabilities)")
+        raise rf.RunError(
+            f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first (an "
+            "ensemble averages its members' calibrated probabilities)"
+        )
     return run_dir
 
 
@@ -95,12 +97,14 @@ def check_same_split(members: Sequence[Path]) -> None:
                 f"{m} and {members[0]} were not trained on the same train/validation split ({len(diff)} rows of "
                 f"splits.csv differ, e.g. {diff[0][0]} as {diff[0][2]}; validation sizes {val_other} vs "
                 f"{val_first}). Ensemble members must share the data, --split-seed and skipped files, so that "
-                "the ensemble's temperature and threshold are fitted on images no member trained on.")
+                "the ensemble's temperature and threshold are fitted on images no member trained on."
+            )
 
 
 SHARED, CROSS_FIT = "shared", "cross-fit"
-NESTED_NOTE = ("val (nested out of fold: every training image, scored by the mean of the inner runs that held its "
-               "fold out)")
+NESTED_NOTE = (
+    "val (nested out of fold: every training image, scored by the mean of the inner runs that held its fold out)"
+)
 
 
 def fold_groups(members: Sequence[Path]) -> list[list[int]]:
@@ -128,7 +132,8 @@ def fold_groups(members: Sequence[Path]) -> list[list[int]]:
                     f"{members[i]} and {members[j]} were not trained on the same train/validation split, yet their "
                     f"validation folds overlap ({len(vals[a] & vals[b])} images). Members need either the same "
                     "split (same --split-seed and --fold) or disjoint validation folds of one --split-seed "
-                    "(`lesionlab train --fold 0..4`).")
+                    "(`lesionlab train --fold 0..4`)."
+                )
     return groups
 
 
@@ -171,8 +176,9 @@ def scores_from_predictions(run_dir: Path, tta: bool = False) -> dict[str, Split
     return out if set(out["val"].relpaths) <= val_rel else None
 
 
-def member_scores(run_dir: Path, data: str | Path | None, tta: bool, reuse: bool,
-                  progress: bool) -> dict[str, SplitScores]:
+def member_scores(
+    run_dir: Path, data: str | Path | None, tta: bool, reuse: bool, progress: bool
+) -> dict[str, SplitScores]:
     """Uncalibrated logits per split; from predictions.csv when ``reuse`` and it is consistent."""
     if reuse and data is None:
         found = scores_from_predictions(run_dir, tta)
@@ -181,8 +187,9 @@ def member_scores(run_dir: Path, data: str | Path | None, tta: bool, reuse: bool
     return score_run(run_dir, data, tta, progress)
 
 
-def combine(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
-            splits: Sequence[str] = EVAL_SPLITS) -> dict[str, SplitScores]:
+def combine(
+    per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float], splits: Sequence[str] = EVAL_SPLITS
+) -> dict[str, SplitScores]:
     """Per split, on the images every member scored: logit of the mean calibrated probability."""
     out = {}
     for split in splits:
@@ -193,21 +200,27 @@ def combine(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence
         y = np.array([maps[0][r][0] for r in common], np.float32)
         for m in maps[1:]:
             if any(m[r][0] != maps[0][r][0] for r in common):
-                raise rf.RunError(f"members disagree on the labels of {split} images; were they trained on the same "
-                                  "data folder and classes?")
+                raise rf.RunError(
+                    f"members disagree on the labels of {split} images; were they trained on the same "
+                    "data folder and classes?"
+                )
         probs = [expit(np.array([m[r][1] for r in common]) / t) for m, t in zip(maps, temperatures)]
         out[split] = SplitScores(common, y, mean_probability_logit(probs))
     return out
 
 
-def out_of_fold(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
-                groups: Sequence[Sequence[int]]) -> SplitScores:
+def out_of_fold(
+    per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float], groups: Sequence[Sequence[int]]
+) -> SplitScores:
     """Cross-fit validation: each fold scored by the members that held it out (mean calibrated probability)."""
     parts = [combine([per_member[i] for i in g], [temperatures[i] for i in g], ["val"])["val"] for g in groups]
     relpaths = [r for p in parts for r in p.relpaths]
     order = np.argsort(relpaths, kind="stable")
-    return SplitScores([relpaths[i] for i in order], np.concatenate([p.y for p in parts])[order],
-                       np.concatenate([p.logits for p in parts])[order])
+    return SplitScores(
+        [relpaths[i] for i in order],
+        np.concatenate([p.y for p in parts])[order],
+        np.concatenate([p.logits for p in parts])[order],
+    )
 
 
 def nested_out_of_fold(per_inner: Sequence[dict[str, SplitScores]], temperatures: Sequence[float]) -> SplitScores:
@@ -226,8 +239,12 @@ def nested_out_of_fold(per_inner: Sequence[dict[str, SplitScores]], temperatures
     return SplitScores(rel, np.array([labels[r] for r in rel], np.float32), mean_probability_logit([mean]))
 
 
-def ensemble_scores(per_member: Sequence[dict[str, SplitScores]], temperatures: Sequence[float],
-                    groups: Sequence[Sequence[int]], nested: SplitScores | None = None) -> dict[str, SplitScores]:
+def ensemble_scores(
+    per_member: Sequence[dict[str, SplitScores]],
+    temperatures: Sequence[float],
+    groups: Sequence[Sequence[int]],
+    nested: SplitScores | None = None,
+) -> dict[str, SplitScores]:
     """Validation (shared, out of fold, or the nested estimate when given) and test scores of the ensemble."""
     if len(groups) == 1:
         return combine(per_member, temperatures)
@@ -236,9 +253,11 @@ def ensemble_scores(per_member: Sequence[dict[str, SplitScores]], temperatures: 
     if nested is not None:
         if set(nested.relpaths) != set(val.relpaths):
             gap = len(set(val.relpaths) ^ set(nested.relpaths))
-            raise rf.RunError(f"the inner runs' validation images differ from the members' folds ({gap} images); "
-                              "give one inner run per pair of the members' folds (`train --fold K "
-                              "--also-val-fold L`, same --split-seed and data)")
+            raise rf.RunError(
+                f"the inner runs' validation images differ from the members' folds ({gap} images); "
+                "give one inner run per pair of the members' folds (`train --fold K "
+                "--also-val-fold L`, same --split-seed and data)"
+            )
         val = nested
     return {"val": val, **scores}
 
@@ -249,9 +268,15 @@ def ensemble_scores(per_member: Sequence[dict[str, SplitScores]], temperatures: 
 def _describe_member(run_dir: Path, ensemble_dir: Path) -> dict:
     cfg = files.read_json(run_dir / rf.CONFIG)
     cal = files.read_json(run_dir / rf.CALIBRATION)
-    return {"path": _member_ref(run_dir, ensemble_dir), "model_id": cal.get("model_id"),
-            "backbone": cfg["backbone"], "mode": cfg["mode"], "input_size": cfg["preprocessing"]["input_size"],
-            "temperature": cal.get("temperature"), "threshold": cal.get("threshold")}
+    return {
+        "path": _member_ref(run_dir, ensemble_dir),
+        "model_id": cal.get("model_id"),
+        "backbone": cfg["backbone"],
+        "mode": cfg["mode"],
+        "input_size": cfg["preprocessing"]["input_size"],
+        "temperature": cal.get("temperature"),
+        "threshold": cal.get("threshold"),
+    }
 
 
 def _member_ref(run_dir: Path, ensemble_dir: Path) -> str:
@@ -279,35 +304,80 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
 
     thr, cal = metrics["threshold"], metrics["calibration"]
     if metrics["threshold"].get("chosen_on") == NESTED_NOTE:
-        fitted_on = (f"a nested out-of-fold estimate on {metrics['val']['n']} training images, each scored by the "
-                     "mean of the inner runs that held its fold out (cross-fit, nested)")
+        fitted_on = (
+            f"a nested out-of-fold estimate on {metrics['val']['n']} training images, each scored by the "
+            "mean of the inner runs that held its fold out (cross-fit, nested)"
+        )
     elif metrics.get("layout") == CROSS_FIT:
-        fitted_on = (f"out-of-fold predictions on {metrics['val']['n']} training images, each scored by the "
-                     "members that did not train on it (cross-fit)")
+        fitted_on = (
+            f"out-of-fold predictions on {metrics['val']['n']} training images, each scored by the "
+            "members that did not train on it (cross-fit)"
+        )
     else:
         fitted_on = "the shared validation split"
-    lines = [f"# lesionlab ensemble of {len(members)} runs", "", f"> {DISCLAIMER}", "",
-             f"P(malignant) = {COMBINE}, then the ensemble's own temperature and threshold (fitted on "
-             f"{fitted_on}). TTA: {'on' if metrics.get('tta') else 'off'}.", "",
-             "## Members", "", _member_table(members, ensemble_dir), "",
-             "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)", "", metrics_table(metrics), "",
-             f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on "
-             "validation)", "", metrics_table(metrics, key="at_threshold"), "",
-             "## Calibration", f"Temperature {cal['temperature']:.3f} on the ensemble's logit, fitted on validation.",
-             "", "| split | ECE before | ECE after | Brier before | Brier after |", "|---|---|---|---|---|"]
+    lines = [
+        f"# lesionlab ensemble of {len(members)} runs",
+        "",
+        f"> {DISCLAIMER}",
+        "",
+        f"P(malignant) = {COMBINE}, then the ensemble's own temperature and threshold (fitted on "
+        f"{fitted_on}). TTA: {'on' if metrics.get('tta') else 'off'}.",
+        "",
+        "## Members",
+        "",
+        _member_table(members, ensemble_dir),
+        "",
+        "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)",
+        "",
+        metrics_table(metrics),
+        "",
+        f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on validation)",
+        "",
+        metrics_table(metrics, key="at_threshold"),
+        "",
+        "## Calibration",
+        f"Temperature {cal['temperature']:.3f} on the ensemble's logit, fitted on validation.",
+        "",
+        "| split | ECE before | ECE after | Brier before | Brier after |",
+        "|---|---|---|---|---|",
+    ]
     for s in EVAL_SPLITS:
         c = cal[s]
-        lines.append(f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | "
-                     f"{c['brier_after']:.4f} |")
-    lines += ["", report_section(refusal) if refusal else
-              "## Refusal\n\nNot measured: evaluate every member first (each writes refusal_scores.csv).\n",
-              "## Figures", "", "![ROC](figures/roc.png)", "", "![confusion](figures/confusion.png)", "",
-              "![operating point](figures/confusion_operating.png)", "", "![reliability](figures/reliability.png)", ""]
+        lines.append(
+            f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | {c['brier_after']:.4f} |"
+        )
+    lines += [
+        "",
+        report_section(refusal)
+        if refusal
+        else "## Refusal\n\nNot measured: evaluate every member first (each writes refusal_scores.csv).\n",
+        "## Figures",
+        "",
+        "![ROC](figures/roc.png)",
+        "",
+        "![confusion](figures/confusion.png)",
+        "",
+        "![operating point](figures/confusion_operating.png)",
+        "",
+        "![reliability](figures/reliability.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], data, policy: str, tta: bool,
-              n_resamples: int, seed: int, progress: bool, reuse: bool, inner: Sequence[Path] = ()) -> dict:
+def _evaluate(
+    ensemble_dir: Path,
+    members: list[Path],
+    groups: list[list[int]],
+    data,
+    policy: str,
+    tta: bool,
+    n_resamples: int,
+    seed: int,
+    progress: bool,
+    reuse: bool,
+    inner: Sequence[Path] = (),
+) -> dict:
     from lesionlab.refusal.measure import combine_refusal, summary
 
     layout = layout_of(groups)
@@ -318,12 +388,23 @@ def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], 
         nested = nested_out_of_fold(per_inner, [_temperature(r) for r in inner])
     scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups, nested)
     names = ", ".join(files.read_json(m / rf.CONFIG)["backbone"] for m in members)
-    metrics = write_evaluation(ensemble_dir, scores, policy, n_resamples, seed, f"ensemble ({names})",
-                               f"ensemble-{len(members)}-{ensemble_dir.name}", tta)
+    metrics = write_evaluation(
+        ensemble_dir,
+        scores,
+        policy,
+        n_resamples,
+        seed,
+        f"ensemble ({names})",
+        f"ensemble-{len(members)}-{ensemble_dir.name}",
+        tta,
+    )
     metrics["layout"] = layout
     if layout == CROSS_FIT:
-        metrics["threshold"]["chosen_on"] = NESTED_NOTE if inner else (
-            "val (out of fold: every training image, scored by the members that held it out)")
+        metrics["threshold"]["chosen_on"] = (
+            NESTED_NOTE
+            if inner
+            else ("val (out of fold: every training image, scored by the members that held it out)")
+        )
     refusal = combine_refusal(members, ensemble_dir)
     if refusal is not None:
         metrics["refusal"] = summary(refusal)
@@ -332,10 +413,18 @@ def _evaluate(ensemble_dir: Path, members: list[Path], groups: list[list[int]], 
     return metrics
 
 
-def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str | Path | None = None,
-                    policy: str = DEFAULT_POLICY, tta: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = 0, progress: bool = True, command: str = "",
-                    inner: Sequence[str | Path] = ()) -> dict:
+def create_ensemble(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    data: str | Path | None = None,
+    policy: str = DEFAULT_POLICY,
+    tta: bool = False,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+    command: str = "",
+    inner: Sequence[str | Path] = (),
+) -> dict:
     """Writes ensemble.json and config.json into ``out`` and evaluates the ensemble (reusing the members'
     predictions.csv when they match); returns metrics.json's content. ``inner``: runs that fit the operating
     point on a nested estimate (module docstring). If anything fails, no servable ensemble is left behind: a
@@ -352,12 +441,15 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
         raise rf.RunError(f"{out} is a run folder; choose a new folder for the ensemble")
     groups = fold_groups(members)
     if inner_runs and len(groups) < 2:
-        raise rf.RunError("inner runs calibrate a cross-fit ensemble, but these members share one split; train "
-                          "them on different folds (`train --fold K`)")
+        raise rf.RunError(
+            "inner runs calibrate a cross-fit ensemble, but these members share one split; train "
+            "them on different folds (`train --fold K`)"
+        )
     created = not out.exists()
     try:
-        return _write_ensemble(members, groups, out, data, policy, tta, n_resamples, seed, progress, command,
-                               inner_runs)
+        return _write_ensemble(
+            members, groups, out, data, policy, tta, n_resamples, seed, progress, command, inner_runs
+        )
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -367,25 +459,62 @@ def create_ensemble(run_dirs: Sequence[str | Path], out: str | Path, data: str |
         raise
 
 
-def _write_ensemble(members: list[Path], groups: list[list[int]], out: Path, data, policy: str, tta: bool,
-                    n_resamples: int, seed: int, progress: bool, command: str, inner: list[Path]) -> dict:
+def _write_ensemble(
+    members: list[Path],
+    groups: list[list[int]],
+    out: Path,
+    data,
+    policy: str,
+    tta: bool,
+    n_resamples: int,
+    seed: int,
+    progress: bool,
+    command: str,
+    inner: list[Path],
+) -> dict:
     layout = layout_of(groups)
     out.mkdir(parents=True, exist_ok=True)
-    files.atomic_write_json(out / ENSEMBLE_FILE, {"members": [_member_ref(m, out) for m in members],
-                                               "combine": COMBINE}
-                         | ({"inner": [_member_ref(r, out) for r in inner]} if inner else {}))
+    files.atomic_write_json(
+        out / ENSEMBLE_FILE,
+        {"members": [_member_ref(m, out) for m in members], "combine": COMBINE}
+        | ({"inner": [_member_ref(r, out) for r in inner]} if inner else {}),
+    )
     first = files.read_json(members[0] / rf.CONFIG)
-    files.atomic_write_json(out / rf.CONFIG, {
-        "kind": KIND, "mode": "ensemble",
-        "backbone": "ensemble(" + ",".join(files.read_json(m / rf.CONFIG)["backbone"] for m in members) + ")",
-        "combine": COMBINE, "layout": layout, "members": [_describe_member(m, out) for m in members],
-        "data": {k: first["data"].get(k) for k in ("root", "classes", "positive_class", "split_seed", "n_train",
-                                                     "n_val", "n_test", "n_test_dedup")}
-                | ({} if layout == SHARED else _cross_fit_data(members, groups)),
-        **({"inner": [_describe_member(r, out) | {"val_folds": _val_folds(r)} for r in inner],
-            "calibrated_on": NESTED_NOTE} if inner else {}),
-        "versions": rf.package_versions(), "command": command,
-    })
+    files.atomic_write_json(
+        out / rf.CONFIG,
+        {
+            "kind": KIND,
+            "mode": "ensemble",
+            "backbone": "ensemble(" + ",".join(files.read_json(m / rf.CONFIG)["backbone"] for m in members) + ")",
+            "combine": COMBINE,
+            "layout": layout,
+            "members": [_describe_member(m, out) for m in members],
+            "data": {
+                k: first["data"].get(k)
+                for k in (
+                    "root",
+                    "classes",
+                    "positive_class",
+                    "split_seed",
+                    "n_train",
+                    "n_val",
+                    "n_test",
+                    "n_test_dedup",
+                )
+            }
+            | ({} if layout == SHARED else _cross_fit_data(members, groups)),
+            **(
+                {
+                    "inner": [_describe_member(r, out) | {"val_folds": _val_folds(r)} for r in inner],
+                    "calibrated_on": NESTED_NOTE,
+                }
+                if inner
+                else {}
+            ),
+            "versions": rf.package_versions(),
+            "command": command,
+        },
+    )
     if layout == SHARED:
         files.atomic_write_text(out / "splits.csv", (members[0] / "splits.csv").read_text())
     else:
@@ -401,9 +530,11 @@ def _val_folds(run_dir: Path) -> list[int]:
 def _cross_fit_data(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> dict:
     """config.json's data block of a cross-fit ensemble: one validation fold per fold group, not per member."""
     first_of_group = [files.read_json(members[g[0]] / rf.CONFIG)["data"] for g in groups]
-    return {"n_val": sum(d.get("n_val", 0) for d in first_of_group),
-            "n_val_note": "out of fold: each fold scored by the members that held it out",
-            "folds": [d.get("fold", 0) for d in first_of_group]}
+    return {
+        "n_val": sum(d.get("n_val", 0) for d in first_of_group),
+        "n_val_note": "out of fold: each fold scored by the members that held it out",
+        "folds": [d.get("fold", 0) for d in first_of_group],
+    }
 
 
 def _cross_fit_splits(members: Sequence[Path], groups: Sequence[Sequence[int]]) -> str:
@@ -416,9 +547,15 @@ def _cross_fit_splits(members: Sequence[Path], groups: Sequence[Sequence[int]]) 
     return "relpath,label,split,members\n" + "".join(f"{p},{label},val,{g}\n" for p, label, g in sorted(rows))
 
 
-def evaluate_ensemble(run_dir: str | Path, data: str | Path | None = None, policy: str = DEFAULT_POLICY,
-                      tta: bool = False, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                      progress: bool = True) -> dict:
+def evaluate_ensemble(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    policy: str = DEFAULT_POLICY,
+    tta: bool = False,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Re-scores every member (with TTA if asked) and rewrites the ensemble's evaluation."""
     run_dir = Path(run_dir)
     if not (run_dir / ENSEMBLE_FILE).exists():
@@ -427,5 +564,6 @@ def evaluate_ensemble(run_dir: str | Path, data: str | Path | None = None, polic
     if not members:
         raise rf.RunError(f"{run_dir / ENSEMBLE_FILE} lists no members")
     inner = [_require_member(r) for r in member_dirs(run_dir, "inner")]
-    return _evaluate(run_dir, members, fold_groups(members), data, policy, tta, n_resamples, seed, progress,
-                     reuse=False, inner=inner)
+    return _evaluate(
+        run_dir, members, fold_groups(members), data, policy, tta, n_resamples, seed, progress, reuse=False, inner=inner
+    )

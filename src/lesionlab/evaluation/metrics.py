@@ -22,7 +22,7 @@ def _rates(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     tn = float(np.sum((pred == 0) & (y == 0)))
     fp = float(np.sum((pred == 1) & (y == 0)))
     fn = float(np.sum((pred == 0) & (y == 1)))
-    div = lambda a, b: a / b if b else 0.0  # noqa: E731  (sklearn's zero_division=0)
+    div = lambda a, b: a / b if b else 0.0
     precision, recall = div(tp, tp + fp), div(tp, tp + fn)
     return {
         "accuracy": div(tp + tn, len(y)),
@@ -45,8 +45,10 @@ def confusion(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> list[l
     """[[tn, fp], [fn, tp]]."""
     y = np.asarray(y).astype(int)
     pred = (np.asarray(prob) >= threshold).astype(int)
-    return [[int(np.sum((y == 0) & (pred == 0))), int(np.sum((y == 0) & (pred == 1)))],
-            [int(np.sum((y == 1) & (pred == 0))), int(np.sum((y == 1) & (pred == 1)))]]
+    return [
+        [int(np.sum((y == 0) & (pred == 0))), int(np.sum((y == 0) & (pred == 1)))],
+        [int(np.sum((y == 1) & (pred == 0))), int(np.sum((y == 1) & (pred == 1)))],
+    ]
 
 
 def _rank_auc(scores: np.ndarray, n_pos: int) -> float:
@@ -56,8 +58,14 @@ def _rank_auc(scores: np.ndarray, n_pos: int) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n_resamples: int = DEFAULT_RESAMPLES,
-                 seed: int = 0, alpha: float = 0.05) -> dict[str, list[float]]:
+def bootstrap_ci(
+    y: np.ndarray,
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, list[float]]:
     """Percentile CIs from a stratified bootstrap: each resample keeps the class counts of the sample."""
     y = np.asarray(y).astype(int)
     prob = np.asarray(prob, dtype=np.float64)
@@ -74,15 +82,16 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n_resa
     return {k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))] for k, v in draws.items()}
 
 
-def metrics_with_ci(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5,
-                    n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+def metrics_with_ci(
+    y: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+) -> dict:
     """``{metric: {"value", "ci95"}}`` plus ``confusion`` and ``n``; the shape of metrics.json's blocks."""
     point = point_metrics(y, prob, threshold)
     ci = bootstrap_ci(y, prob, threshold, n_resamples, seed)
     out: dict = {k: {"value": point[k], "ci95": ci[k]} for k in METRICS}
     out["confusion"] = confusion(y, prob, threshold)
     out["threshold"] = float(threshold)
-    out["n"] = int(len(y))
+    out["n"] = len(y)
     return out
 
 
@@ -132,8 +141,10 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
         return float(arg)
     n_pos = int(np.sum(np.asarray(y) == 1))
     if n_pos == 0 or n_pos == len(y):
-        raise ValueError(f"policy '{policy}' needs validation images of both classes, got {n_pos} positive of "
-                         f"{len(y)}; use fixed:0.5 or a larger validation split")
+        raise ValueError(
+            f"policy '{policy}' needs validation images of both classes, got {n_pos} positive of "
+            f"{len(y)}; use fixed:0.5 or a larger validation split"
+        )
     fpr, tpr, thr = roc_curve(y, prob, drop_intermediate=False)
     thr = np.clip(thr, 0.0, 1.0)  # sklearn puts +inf first
     if kind == "youden":
@@ -145,8 +156,10 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
         target = float(arg)
         ok = np.flatnonzero(sensitivity_lower_bound(np.round(tpr * n_pos), n_pos) >= target)
         if not len(ok):
-            raise ValueError(f"with {n_pos} validation positives no threshold gives a 95% lower bound of the "
-                             f"sensitivity >= {target}; use sensitivity:{target} or a larger validation set")
+            raise ValueError(
+                f"with {n_pos} validation positives no threshold gives a 95% lower bound of the "
+                f"sensitivity >= {target}; use sensitivity:{target} or a larger validation set"
+            )
         return _gap_midpoint(thr, int(ok[0]))
     raise AssertionError(policy)  # check_policy admits nothing else
 
@@ -200,6 +213,12 @@ def reliability_bins(y: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> list[
     for b in range(n_bins):
         m = bins == b
         if m.any():
-            out.append({"bin": b, "n": int(m.sum()), "mean_prob": float(prob[m].mean()),
-                        "freq": float(np.asarray(y)[m].mean())})
+            out.append(
+                {
+                    "bin": b,
+                    "n": int(m.sum()),
+                    "mean_prob": float(prob[m].mean()),
+                    "freq": float(np.asarray(y)[m].mean()),
+                }
+            )
     return out

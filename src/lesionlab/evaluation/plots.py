@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from lesionlab.files import atomic_path
 
@@ -29,23 +29,43 @@ def roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: 
         fpr, tpr, _ = roc_curve(y, s)
         ax.plot(fpr, tpr, label=f"{name} (AUC = {roc_auc_score(y, s):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)", title=title,
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
-def confusion_matrix(cm: Sequence[Sequence[int]], path: Path, title: str,
-                     labels: Sequence[str] = ("benign", "malignant")) -> Path:
+def confusion_matrix(
+    cm: Sequence[Sequence[int]], path: Path, title: str, labels: Sequence[str] = ("benign", "malignant")
+) -> Path:
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(cm, cmap="Blues")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=14)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=labels, yticklabels=labels, xlabel="predicted",
-           ylabel="true", title=title)
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+                fontsize=14,
+            )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     return _save(fig, path)
 
 
@@ -61,20 +81,25 @@ def training_curves(history: Sequence[Mapping[str, float]], path: Path, title: s
     return _save(fig, path)
 
 
-def reliability(bins_before: Sequence[Mapping], bins_after: Sequence[Mapping], path: Path,
-                title: str = "reliability (test)") -> Path:
+def reliability(
+    bins_before: Sequence[Mapping], bins_after: Sequence[Mapping], path: Path, title: str = "reliability (test)"
+) -> Path:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect")
     for bins, name in ((bins_before, "before"), (bins_after, "after temperature scaling")):
         ax.plot([b["mean_prob"] for b in bins], [b["freq"] for b in bins], marker="o", label=name)
-    ax.set(xlabel="predicted P(malignant)", ylabel="observed frequency of malignant", title=title,
-           xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="predicted P(malignant)", ylabel="observed frequency of malignant", title=title, xlim=(0, 1), ylim=(0, 1)
+    )
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 
 
-def tuning_panels(panels: Mapping[str, Mapping[float, tuple[list[int], list[float]]]],
-                  best: Mapping[str, tuple[float, int, float]], path: Path) -> Path:
+def tuning_panels(
+    panels: Mapping[str, Mapping[float, tuple[list[int], list[float]]]],
+    best: Mapping[str, tuple[float, int, float]],
+    path: Path,
+) -> Path:
     """Study Figure 1: validation accuracy vs epochs, a line per learning rate, a panel per backbone."""
     n = len(panels)
     cols = min(2, n)
@@ -88,8 +113,15 @@ def tuning_panels(panels: Mapping[str, Mapping[float, tuple[list[int], list[floa
         lr, ep, acc = best[name]
         ax.plot([ep], [acc], marker="o", ms=12, mfc="none", mec="red", mew=2)
         low = min(min(a) for _, a in lines.values())
-        ax.annotate(f"best {acc:.3f}\n(lr {lr:g}, {ep} ep)", xy=(ep, acc), xytext=(ep, acc - 0.35 * (acc - low) - 0.02),
-                    color="red", arrowprops=dict(arrowstyle="->", color="red"), ha="center", fontsize=8)
+        ax.annotate(
+            f"best {acc:.3f}\n(lr {lr:g}, {ep} ep)",
+            xy=(ep, acc),
+            xytext=(ep, acc - 0.35 * (acc - low) - 0.02),
+            color="red",
+            arrowprops=dict(arrowstyle="->", color="red"),
+            ha="center",
+            fontsize=8,
+        )
         ax.set(title=name, xlabel="epochs", ylabel="validation accuracy", xticks=sorted(ticks))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
@@ -110,10 +142,18 @@ def confusion_grid(items: Mapping[str, Sequence[Sequence[int]]], path: Path, tit
         ax.imshow(cm, cmap="Blues")
         for i in range(2):
             for j in range(2):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["benign", "malignant"],
-               yticklabels=["benign", "malignant"], xlabel="predicted", ylabel="true", title=name)
+                ax.text(
+                    j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+                )
+        ax.set(
+            xticks=[0, 1],
+            yticks=[0, 1],
+            xticklabels=["benign", "malignant"],
+            yticklabels=["benign", "malignant"],
+            xlabel="predicted",
+            ylabel="true",
+            title=name,
+        )
         ax.title.set_fontsize(9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from lesionlab.evaluation.metrics import METRICS
 
-DISCLAIMER = ("lesionlab is a research tool that screens images; it does not diagnose. A result is not a "
-              "medical opinion: any lesion that worries you needs a clinician.")
-SPLIT_TITLES = {"val": "validation", "test": "test (official split)",
-                "test_dedup": "test_dedup (test without near-duplicates of training images)"}
+DISCLAIMER = (
+    "lesionlab is a research tool that screens images; it does not diagnose. A result is not a "
+    "medical opinion: any lesion that worries you needs a clinician."
+)
+SPLIT_TITLES = {
+    "val": "validation",
+    "test": "test (official split)",
+    "test_dedup": "test_dedup (test without near-duplicates of training images)",
+}
 
 
 def fmt(block: Mapping) -> str:
@@ -69,9 +74,22 @@ def run_report(config: Mapping, metrics: Mapping) -> str:
     ]
     for s in ("val", "test", "test_dedup"):
         c = cal[s]
-        lines.append(f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | "
-                     f"{c['brier_after']:.4f} |")
-    lines += ["", "## Figures", "", "![ROC](figures/roc.png)", "", "![confusion](figures/confusion.png)", "",
-              "![operating point](figures/confusion_operating.png)", "",
-              "![training](figures/training_curves.png)", "", "![reliability](figures/reliability.png)", ""]
+        lines.append(
+            f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | {c['brier_after']:.4f} |"
+        )
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "![ROC](figures/roc.png)",
+        "",
+        "![confusion](figures/confusion.png)",
+        "",
+        "![operating point](figures/confusion_operating.png)",
+        "",
+        "![training](figures/training_curves.png)",
+        "",
+        "![reliability](figures/reliability.png)",
+        "",
+    ]
     return "\n".join(lines)

@@ -56,7 +56,8 @@ def gradcam(model: LesionClassifier, x: torch.Tensor, target: str = "predicted")
     with torch.enable_grad():
         logit = model.head(backbone.forward_head(fmap))
         sign = {"malignant": torch.ones_like(logit), "benign": -torch.ones_like(logit)}.get(
-            target, torch.where(logit >= 0, 1.0, -1.0))
+            target, torch.where(logit >= 0, 1.0, -1.0)
+        )
         (grad,) = torch.autograd.grad((sign * logit).sum(), fmap)
     weights = grad.mean(dim=(2, 3), keepdim=True)  # one weight per channel: its average pull on the logit
     cam = torch.relu((weights * fmap.detach()).sum(dim=1, keepdim=True))
@@ -92,8 +93,10 @@ def explainable_dir(model_dir: str | Path | None) -> Path:
             raise rf.RunError(f"{model_dir / ENSEMBLE_FILE} lists no members")
         model_dir = members[0]
     if not (model_dir / rf.MODEL).exists():
-        raise rf.RunError(f"{model_dir} has no {rf.MODEL}: Grad-CAM needs the PyTorch checkpoint (an ONNX-only "
-                          "folder cannot be explained)")
+        raise rf.RunError(
+            f"{model_dir} has no {rf.MODEL}: Grad-CAM needs the PyTorch checkpoint (an ONNX-only "
+            "folder cannot be explained)"
+        )
     return model_dir
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from scipy.special import expit
@@ -58,10 +58,15 @@ class QuantizeResult:
 
     @property
     def message(self) -> str:
-        verdict = (f"kept {self.path.name}" if self.kept else
-                   f"discarded (AUC drop above {MAX_AUC_DROP}); serve the float model")
-        return (f"int8: test AUC {self.auc_int8:.4f} vs float {self.auc_float:.4f} "
-                f"(delta {self.auc_int8 - self.auc_float:+.4f}, n={self.n_test}): {verdict}")
+        verdict = (
+            f"kept {self.path.name}"
+            if self.kept
+            else f"discarded (AUC drop above {MAX_AUC_DROP}); serve the float model"
+        )
+        return (
+            f"int8: test AUC {self.auc_int8:.4f} vs float {self.auc_float:.4f} "
+            f"(delta {self.auc_int8 - self.auc_float:+.4f}, n={self.n_test}): {verdict}"
+        )
 
 
 # ------------------------------------------------------------------ inputs
@@ -73,8 +78,10 @@ def _run_context(run_dir: Path) -> tuple[dict, dict, int]:
         raise rf.RunError(f"{run_dir} is an ensemble; export its member runs one by one")
     rf.require_run(run_dir)
     if not (run_dir / rf.CALIBRATION).exists():
-        raise rf.RunError(f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first so the "
-                          "exported model carries its temperature and threshold")
+        raise rf.RunError(
+            f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first so the "
+            "exported model carries its temperature and threshold"
+        )
     config = files.read_json(run_dir / rf.CONFIG)
     return config, files.read_json(run_dir / rf.CALIBRATION), int(config["preprocessing"]["input_size"])
 
@@ -90,8 +97,9 @@ def _splits(run_dir: Path, config: dict, data: Path | None) -> dict[str, list[Sa
     return run_splits(run_dir, dataset)
 
 
-def parity_batch(run_dir: Path, config: dict, size: int, data: Path | None,
-                 n: int = PARITY_IMAGES) -> tuple[np.ndarray, str]:
+def parity_batch(
+    run_dir: Path, config: dict, size: int, data: Path | None, n: int = PARITY_IMAGES
+) -> tuple[np.ndarray, str]:
     """uint8 NxHxWx3: the run's first ``n`` validation images, else seeded synthetic ones."""
     splits = _splits(run_dir, config, data)
     if splits and splits["val"]:
@@ -101,8 +109,7 @@ def parity_batch(run_dir: Path, config: dict, size: int, data: Path | None,
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = np.stack([yy, xx, (yy + xx) / 2], -1)
-    images = [np.clip(255 * (base * rng.uniform(0.3, 1, 3) + rng.normal(0, 0.1, base.shape)), 0, 255)
-              for _ in range(n)]
+    images = [np.clip(255 * (base * rng.uniform(0.3, 1, 3) + rng.normal(0, 0.1, base.shape)), 0, 255) for _ in range(n)]
     return np.stack(images).astype(np.uint8), "generated"
 
 
@@ -135,17 +142,25 @@ def _torch_to_onnx(module, size: int, path: Path, opset: int) -> None:
         warnings.simplefilter("ignore")
         try:
             axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}}
-            torch.onnx.export(module, (dummy,), str(path), opset_version=opset, dynamic_axes=axes,
-                              dynamo=False, **names)
-        except Exception as legacy_error:  # noqa: BLE001 - fall back, and report both if both fail
+            torch.onnx.export(
+                module, (dummy,), str(path), opset_version=opset, dynamic_axes=axes, dynamo=False, **names
+            )
+        except Exception as legacy_error:
             try:
                 batch = torch.export.Dim("batch", min=1, max=4096)
-                program = torch.onnx.export(module, (dummy,), dynamic_shapes={"x": {0: batch}},
-                                            opset_version=max(opset, 18), dynamo=True, **names)
+                program = torch.onnx.export(
+                    module,
+                    (dummy,),
+                    dynamic_shapes={"x": {0: batch}},
+                    opset_version=max(opset, 18),
+                    dynamo=True,
+                    **names,
+                )
                 program.save(str(path), external_data=False)
-            except Exception as dynamo_error:  # noqa: BLE001
-                raise ExportError(f"ONNX export failed: TorchScript exporter: {legacy_error}; "
-                                  f"dynamo exporter: {dynamo_error}") from dynamo_error
+            except Exception as dynamo_error:
+                raise ExportError(
+                    f"ONNX export failed: TorchScript exporter: {legacy_error}; dynamo exporter: {dynamo_error}"
+                ) from dynamo_error
 
 
 def _onnx_session(path: Path, threads: int | None = None):
@@ -159,7 +174,7 @@ def _onnx_session(path: Path, threads: int | None = None):
 
 def onnx_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
     name = session.get_inputs()[0].name
-    out = [session.run([OUTPUT_NAMES[0]], {name: x[i:i + batch]})[0].reshape(-1) for i in range(0, len(x), batch)]
+    out = [session.run([OUTPUT_NAMES[0]], {name: x[i : i + batch]})[0].reshape(-1) for i in range(0, len(x), batch)]
     return np.concatenate(out).astype(np.float64)
 
 
@@ -200,8 +215,9 @@ def preprocess_spec(config: dict, calibration: dict, size: int, opset: int = OPS
     }
 
 
-def export_run(run_dir: str | Path, data: str | Path | None = None, opset: int = OPSET,
-               log: Callable[[str], None] = print) -> ExportResult:
+def export_run(
+    run_dir: str | Path, data: str | Path | None = None, opset: int = OPSET, log: Callable[[str], None] = print
+) -> ExportResult:
     """Writes model.onnx and preprocess.json; raises ExportError (writing nothing) when parity fails."""
     from lesionlab.models.classifier import load_model
 
@@ -216,9 +232,11 @@ def export_run(run_dir: str | Path, data: str | Path | None = None, opset: int =
         max_dp = check_parity(model, _onnx_session(tmp), x, float(calibration["temperature"]))
         log(f"parity on {len(x)} {source} images: max |dP(malignant)| = {max_dp:.2e} (limit {PARITY_TOLERANCE:.0e})")
         if not max_dp <= PARITY_TOLERANCE:
-            raise ExportError(f"ONNX model disagrees with PyTorch: max |dP| {max_dp:.2e} > {PARITY_TOLERANCE:.0e} "
-                              f"on {len(x)} {source} images; nothing was written. Check the opset and the "
-                              "onnxruntime version, or report the backbone as not exportable.")
+            raise ExportError(
+                f"ONNX model disagrees with PyTorch: max |dP| {max_dp:.2e} > {PARITY_TOLERANCE:.0e} "
+                f"on {len(x)} {source} images; nothing was written. Check the opset and the "
+                "onnxruntime version, or report the backbone as not exportable."
+            )
     files.atomic_write_json(run_dir / PREPROCESS_FILE, preprocess_spec(config, calibration, size, opset))
     return ExportResult(target, run_dir / PREPROCESS_FILE, max_dp, len(x), source)
 
@@ -230,7 +248,7 @@ class _ImageReader:
     """onnxruntime's CalibrationDataReader protocol over normalised validation images, one at a time."""
 
     def __init__(self, x: np.ndarray):
-        self._items: Iterator[dict] = iter([{INPUT_NAME: x[i:i + 1]} for i in range(len(x))])
+        self._items: Iterator[dict] = iter([{INPUT_NAME: x[i : i + 1]} for i in range(len(x))])
 
     def get_next(self) -> dict | None:
         return next(self._items, None)
@@ -242,8 +260,12 @@ def _auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(y, scores))
 
 
-def quantize_run(run_dir: str | Path, data: str | Path | None = None, n_calibration: int = CALIBRATION_IMAGES,
-                 log: Callable[[str], None] = print) -> QuantizeResult:
+def quantize_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    n_calibration: int = CALIBRATION_IMAGES,
+    log: Callable[[str], None] = print,
+) -> QuantizeResult:
     """Static int8 quantization calibrated on validation images; kept only if test AUC moves <= 0.005."""
     run_dir = Path(run_dir)
     config, _, size = _run_context(run_dir)
@@ -251,8 +273,9 @@ def quantize_run(run_dir: str | Path, data: str | Path | None = None, n_calibrat
         raise rf.RunError(f"{run_dir} has no {ONNX_FILE}; export it first")
     splits = _splits(run_dir, config, Path(data) if data else None)
     if not splits:
-        raise rf.RunError(f"int8 calibration needs the run's images; {config['data']['root']} is not here "
-                          "(pass --data DIR)")
+        raise rf.RunError(
+            f"int8 calibration needs the run's images; {config['data']['root']} is not here (pass --data DIR)"
+        )
     mean, std = config["preprocessing"]["mean"], config["preprocessing"]["std"]
     calib = normalize(decode_samples(splits["val"][:n_calibration], size, progress=False).images, mean, std)
     test = decode_samples(splits["test"], size, progress=False)
@@ -270,12 +293,20 @@ def quantize_run(run_dir: str | Path, data: str | Path | None = None, n_calibrat
         else:
             target.unlink(missing_ok=True)  # a stale int8 file from an earlier export must not survive
     result = QuantizeResult(kept, auc_float, auc_int8, len(y), target if kept else None)
-    files.atomic_write_json(run_dir / QUANT_REPORT, {
-        "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax "
-                  "calibration on validation images",
-        "calibration_images": len(calib), "auc_float": auc_float, "auc_int8": auc_int8, "n_test": len(y),
-        "max_auc_change": MAX_AUC_DROP, "kept": kept, "file": INT8_FILE if kept else None,
-    })
+    files.atomic_write_json(
+        run_dir / QUANT_REPORT,
+        {
+            "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax "
+            "calibration on validation images",
+            "calibration_images": len(calib),
+            "auc_float": auc_float,
+            "auc_int8": auc_int8,
+            "n_test": len(y),
+            "max_auc_change": MAX_AUC_DROP,
+            "kept": kept,
+            "file": INT8_FILE if kept else None,
+        },
+    )
     log(result.message)
     return result
 
@@ -296,9 +327,16 @@ def _quantize(src: Path, dst: Path, calib: np.ndarray) -> None:
     root.setLevel(logging.ERROR)
     ort.set_default_logger_severity(3)
     try:
-        quantize_static(str(src), str(dst), _ImageReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(src),
+            str(dst),
+            _ImageReader(calib),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
     finally:
         root.setLevel(level)
         ort.set_default_logger_severity(2)

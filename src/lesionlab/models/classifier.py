@@ -20,8 +20,7 @@ HIDDEN_UNITS = 100
 class Head(nn.Module):
     def __init__(self, in_features: int, hidden: int = HIDDEN_UNITS, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).squeeze(-1)
@@ -42,8 +41,9 @@ class LesionClassifier(nn.Module):
         return self.backbone(x)
 
 
-def build_model(weights: ResolvedWeights, seed: int = 0, hidden: int = HIDDEN_UNITS,
-                dropout: float = 0.0) -> LesionClassifier:
+def build_model(
+    weights: ResolvedWeights, seed: int = 0, hidden: int = HIDDEN_UNITS, dropout: float = 0.0
+) -> LesionClassifier:
     backbone = build_backbone(weights, seed)
     torch.manual_seed(seed + 1)  # head init independent of how many draws the backbone took
     return LesionClassifier(backbone, Head(num_features(backbone), hidden, dropout))

@@ -45,14 +45,23 @@ def image_statistics(batch_hwc: np.ndarray) -> np.ndarray:
     coarse = np.abs(gray[:, :, 4:] - gray[:, :, :-4]).reshape(n, -1).mean(-1)
     rg, yb = (r - g).reshape(n, -1), (0.5 * (r + g) - b).reshape(n, -1)
     colourful = np.sqrt(rg.std(-1) ** 2 + yb.std(-1) ** 2) + 0.3 * np.sqrt(rg.mean(-1) ** 2 + yb.mean(-1) ** 2)
-    centre = gray[:, h // 4:3 * h // 4, w // 4:3 * w // 4]
+    centre = gray[:, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
     n_centre = centre.shape[1] * centre.shape[2]
     centre_sum, total = centre.reshape(n, -1).sum(-1), gray.reshape(n, -1).sum(-1)
     border = (total - centre_sum) / max(h * w - n_centre, 1)
     saturation = (np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).reshape(n, -1).mean(-1)
-    return np.column_stack([mean, np.log(spread + eps), np.log(grad_x + eps), np.log(grad_y + eps),
-                            np.log(coarse + eps), np.log(colourful + eps), centre_sum / n_centre - border,
-                            saturation]).astype(np.float64)
+    return np.column_stack(
+        [
+            mean,
+            np.log(spread + eps),
+            np.log(grad_x + eps),
+            np.log(grad_y + eps),
+            np.log(coarse + eps),
+            np.log(colourful + eps),
+            centre_sum / n_centre - border,
+            saturation,
+        ]
+    ).astype(np.float64)
 
 
 @dataclass
@@ -64,7 +73,7 @@ class PixelDistance:
     threshold: float = float("inf")
 
     @classmethod
-    def fit(cls, train_stats: np.ndarray) -> "PixelDistance":
+    def fit(cls, train_stats: np.ndarray) -> PixelDistance:
         from sklearn.covariance import LedoitWolf
 
         lw = LedoitWolf().fit(np.asarray(train_stats, np.float64))
@@ -85,8 +94,14 @@ class LesionDetector:
     pixels: PixelDistance | None = None  # the model-free second distance (detectors saved before it: None)
 
     @classmethod
-    def fit(cls, train_features: np.ndarray, val_features: np.ndarray, max_refusal: float = 0.01,
-            n_components: int = 128, normalize: bool = True) -> "LesionDetector":
+    def fit(
+        cls,
+        train_features: np.ndarray,
+        val_features: np.ndarray,
+        max_refusal: float = 0.01,
+        n_components: int = 128,
+        normalize: bool = True,
+    ) -> LesionDetector:
         from sklearn.covariance import LedoitWolf
         from sklearn.decomposition import PCA
 
@@ -111,8 +126,9 @@ class LesionDetector:
         z = ((_l2(x) if self.normalize else x) - self.center) @ self.components
         return np.sqrt(np.sum(z.astype(np.float64) ** 2, axis=1))
 
-    def score(self, features: np.ndarray, images: np.ndarray | None = None,
-              stats: np.ndarray | None = None) -> np.ndarray:
+    def score(
+        self, features: np.ndarray, images: np.ndarray | None = None, stats: np.ndarray | None = None
+    ) -> np.ndarray:
         """The detector's score, in units of the feature distance: > ``threshold`` means refused.
 
         With a pixel distance, the larger of the two after scaling the pixel distance so that its own
@@ -137,24 +153,29 @@ class LesionDetector:
         deep = "Mahalanobis distance on backbone features (PCA + Ledoit-Wolf), fitted on train lesions"
         if self.pixels is None:
             return deep
-        return deep + ("; and one on colour and texture statistics of the input pixels; refused when either "
-                       "is past its threshold")
+        return deep + (
+            "; and one on colour and texture statistics of the input pixels; refused when either is past its threshold"
+        )
 
     def save(self, folder: Path) -> None:
         arrays = {"center": self.center, "components": self.components}
         if self.pixels is not None:
             arrays.update(pixel_center=self.pixels.center, pixel_precision=self.pixels.precision)
-        with atomic_path(Path(folder) / OOD_FILE) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
-        atomic_write_json(Path(folder) / OOD_META, {
-            "method": self.method, "threshold": self.threshold, "max_refusal_on_validation": self.max_refusal,
-            "l2_normalize": self.normalize,
-            "pixel_threshold": None if self.pixels is None else self.pixels.threshold,
-        })
+        with atomic_path(Path(folder) / OOD_FILE) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        atomic_write_json(
+            Path(folder) / OOD_META,
+            {
+                "method": self.method,
+                "threshold": self.threshold,
+                "max_refusal_on_validation": self.max_refusal,
+                "l2_normalize": self.normalize,
+                "pixel_threshold": None if self.pixels is None else self.pixels.threshold,
+            },
+        )
 
     @classmethod
-    def load(cls, folder: Path) -> "LesionDetector | None":
+    def load(cls, folder: Path) -> LesionDetector | None:
         folder = Path(folder)
         if not (folder / OOD_FILE).exists() or not (folder / OOD_META).exists():
             return None
@@ -163,16 +184,24 @@ class LesionDetector:
         pixels = None
         if "pixel_center" in arrays.files and meta.get("pixel_threshold") is not None:
             pixels = PixelDistance(arrays["pixel_center"], arrays["pixel_precision"], float(meta["pixel_threshold"]))
-        return cls(arrays["center"], arrays["components"], float(meta["threshold"]),
-                   float(meta.get("max_refusal_on_validation", 0.01)), bool(meta.get("l2_normalize", False)), pixels)
+        return cls(
+            arrays["center"],
+            arrays["components"],
+            float(meta["threshold"]),
+            float(meta.get("max_refusal_on_validation", 0.01)),
+            bool(meta.get("l2_normalize", False)),
+            pixels,
+        )
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-ENSEMBLE_RULE = ("refused when the median over members of distance / member threshold is > 1 (a majority of "
-                 "the members' detectors refuse; with two members, their mean)")
+ENSEMBLE_RULE = (
+    "refused when the median over members of distance / member threshold is > 1 (a majority of "
+    "the members' detectors refuse; with two members, their mean)"
+)
 
 
 def ensemble_refusal_score(normalized: np.ndarray) -> np.ndarray:

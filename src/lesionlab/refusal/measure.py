@@ -42,9 +42,31 @@ CONFIDENCE = 0.95
 NON_LESION_VERSION = 1  # bump when the generated set changes, to invalidate cached features
 PIXEL_STATS_VERSION = 2  # bump when ood.image_statistics changes, to invalidate cached statistics
 #: Photos and scientific images bundled in scikit-image's wheel (no download needed).
-SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "cat", "checkerboard", "clock", "coffee", "coins", "colorwheel",
-                  "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
-                  "moon", "page", "retina", "rocket", "text", "stereo_motorcycle", "cell")
+SKIMAGE_IMAGES = (
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "checkerboard",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "text",
+    "stereo_motorcycle",
+    "cell",
+)
 
 
 # ------------------------------------------------------------------ features of a run's images
@@ -59,8 +81,9 @@ def _run_weights(run_dir: Path, config: dict):
         sha, source = w["sha256"], w["source"]
     else:
         sha, source = "run-" + file_sha256(run_dir / rf.MODEL), f"run:{run_dir.name}"
-    return ResolvedWeights(config["backbone"], source, w["pretrained"], sha, tuple(w["mean"]), tuple(w["std"]),
-                           int(w["input_size"]))
+    return ResolvedWeights(
+        config["backbone"], source, w["pretrained"], sha, tuple(w["mean"]), tuple(w["std"]), int(w["input_size"])
+    )
 
 
 @dataclass
@@ -75,8 +98,7 @@ def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -
     from lesionlab.data.images import decode_samples
     from lesionlab.training.features import cache_dir
 
-    blob = json.dumps({"v": PIXEL_STATS_VERSION, "size": input_size, "files": dataset.file_list_hash()},
-                      sort_keys=True)
+    blob = json.dumps({"v": PIXEL_STATS_VERSION, "size": input_size, "files": dataset.file_list_hash()}, sort_keys=True)
     path = cache_dir() / "pixel_stats" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npz"
     if path.exists():
         arrays = np.load(path)
@@ -86,18 +108,18 @@ def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -
     relpaths, stats = [], []
     chunks = range(0, len(dataset.all), 256)  # bounded memory: 256 decoded images at a time
     for i in tqdm(chunks, desc="pixel statistics", disable=not progress, unit="chunk"):
-        decoded = decode_samples(dataset.all[i:i + 256], input_size, progress=False)
+        decoded = decode_samples(dataset.all[i : i + 256], input_size, progress=False)
         relpaths += [s.relpath for s in decoded.samples]
         stats.append(image_statistics(decoded.images))
     table = np.concatenate(stats) if stats else np.zeros((0, 12))
-    with files.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, relpaths=np.array(relpaths), stats=table)
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, relpaths=np.array(relpaths), stats=table)
     return dict(zip(relpaths, table))
 
 
-def run_features(run_dir: str | Path, data: str | Path | None = None,
-                 progress: bool = True) -> dict[str, SplitFeatures]:
+def run_features(
+    run_dir: str | Path, data: str | Path | None = None, progress: bool = True
+) -> dict[str, SplitFeatures]:
     """Backbone features of the run's train, val, test and test_dedup images, as the run's own model sees them."""
     from lesionlab.evaluation.evaluate import run_splits
     from lesionlab.models.classifier import load_model
@@ -107,8 +129,9 @@ def run_features(run_dir: str | Path, data: str | Path | None = None,
     config = files.read_json(run_dir / rf.CONFIG)
     dataset: Dataset = load_dataset(data or config["data"]["root"], tuple(config["data"]["classes"]))
     model, _ = load_model(run_dir / rf.MODEL)
-    table = load_or_compute(dataset, _run_weights(run_dir, config), skip_bad=True, progress=progress,
-                            backbone=model.backbone)
+    table = load_or_compute(
+        dataset, _run_weights(run_dir, config), skip_bad=True, progress=progress, backbone=model.backbone
+    )
     splits = run_splits(run_dir, dataset)
     with open(run_dir / "splits.csv", newline="") as f:
         train_rel = {r["relpath"] for r in csv.DictReader(f) if r["split"] == "train"}
@@ -122,9 +145,14 @@ def run_features(run_dir: str | Path, data: str | Path | None = None,
     return out
 
 
-def fit_refusal(run_dir: str | Path, data: str | Path | None = None, max_refusal: float = MAX_REFUSAL,
-                n_components: int = N_COMPONENTS, progress: bool = True,
-                features: dict[str, SplitFeatures] | None = None) -> LesionDetector:
+def fit_refusal(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    max_refusal: float = MAX_REFUSAL,
+    n_components: int = N_COMPONENTS,
+    progress: bool = True,
+    features: dict[str, SplitFeatures] | None = None,
+) -> LesionDetector:
     """Fits the lesion detector on train images, thresholds it on validation and saves it into the run folder.
 
     Two distances (backbone features, input-pixel statistics), each allowed half of ``max_refusal``: a
@@ -145,8 +173,9 @@ def fit_refusal(run_dir: str | Path, data: str | Path | None = None, max_refusal
     return detector
 
 
-def conservative_threshold(val_scores: np.ndarray, max_refusal: float = MAX_REFUSAL,
-                           confidence: float = CONFIDENCE) -> float:
+def conservative_threshold(
+    val_scores: np.ndarray, max_refusal: float = MAX_REFUSAL, confidence: float = CONFIDENCE
+) -> float:
     """The lowest threshold whose validation refusal rate has a one-sided upper confidence bound <= max_refusal.
 
     The plain 99% quantile of ~500 validation scores refused 2-3% of the test lesions (test images sit
@@ -198,8 +227,9 @@ def _skimage_photos() -> list[NonLesion]:
         if arr.ndim == 3 and min(img.size) >= 256:
             w, h = img.size
             s = min(w, h) // 2
-            out.append(NonLesion("natural", f"{name}-crop", img.crop(((w - s) // 2, (h - s) // 2,
-                                                                      (w + s) // 2, (h + s) // 2))))
+            out.append(
+                NonLesion("natural", f"{name}-crop", img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)))
+            )
     return out
 
 
@@ -219,13 +249,32 @@ def _noise(rng: np.random.Generator, size: int) -> list[NonLesion]:
 
 
 #: Black, white, greys, primaries and a few skin tones (a flat skin-coloured image is still not a lesion).
-FLAT_COLOURS = [(0, 0, 0), (255, 255, 255), (128, 128, 128), (64, 64, 64), (200, 200, 200), (255, 0, 0), (0, 255, 0),
-                (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (241, 194, 125), (224, 172, 105),
-                (198, 134, 66), (141, 85, 36), (255, 219, 172), (180, 120, 120), (120, 60, 40)]
+FLAT_COLOURS = [
+    (0, 0, 0),
+    (255, 255, 255),
+    (128, 128, 128),
+    (64, 64, 64),
+    (200, 200, 200),
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (0, 255, 255),
+    (255, 0, 255),
+    (241, 194, 125),
+    (224, 172, 105),
+    (198, 134, 66),
+    (141, 85, 36),
+    (255, 219, 172),
+    (180, 120, 120),
+    (120, 60, 40),
+]
 
 
 def _flat_and_gradients(rng: np.random.Generator, size: int) -> list[NonLesion]:
-    out = [NonLesion("flat", "flat-{:02x}{:02x}{:02x}".format(*c), Image.new("RGB", (size, size), c)) for c in FLAT_COLOURS]
+    out = [
+        NonLesion("flat", "flat-{:02x}{:02x}{:02x}".format(*c), Image.new("RGB", (size, size), c)) for c in FLAT_COLOURS
+    ]
     t = np.linspace(0, 1, size, dtype=np.float32)
     yy, xx = np.meshgrid(t, t, indexing="ij")
     radial = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.71
@@ -254,9 +303,18 @@ def _shapes(rng: np.random.Generator, size: int) -> list[NonLesion]:
     return out
 
 
-TEXTS = ("lesionlab", "The quick brown fox jumps over the lazy dog", "Invoice #2024-117  Total: 42.00 EUR",
-         "def main():\n    return 0", "SKIN CANCER", "0123456789", "Lorem ipsum dolor sit amet,\nconsectetur "
-         "adipiscing elit", "Hello, world!", "benign? malignant?", "ERROR 422")
+TEXTS = (
+    "lesionlab",
+    "The quick brown fox jumps over the lazy dog",
+    "Invoice #2024-117  Total: 42.00 EUR",
+    "def main():\n    return 0",
+    "SKIN CANCER",
+    "0123456789",
+    "Lorem ipsum dolor sit amet,\nconsectetur adipiscing elit",
+    "Hello, world!",
+    "benign? malignant?",
+    "ERROR 422",
+)
 
 
 def _text(rng: np.random.Generator, size: int) -> list[NonLesion]:
@@ -265,8 +323,11 @@ def _text(rng: np.random.Generator, size: int) -> list[NonLesion]:
         for j, font_size in enumerate((18, 40)):
             dark = rng.random() < 0.5
             bg = (20, 20, 30) if dark else (250, 250, 245)
-            fg = tuple(int(v) for v in rng.integers(180, 256, 3)) if dark else tuple(
-                int(v) for v in rng.integers(0, 80, 3))
+            fg = (
+                tuple(int(v) for v in rng.integers(180, 256, 3))
+                if dark
+                else tuple(int(v) for v in rng.integers(0, 80, 3))
+            )
             img = Image.new("RGB", (size, size), bg)
             d = ImageDraw.Draw(img)
             font = ImageFont.load_default(font_size)
@@ -281,8 +342,9 @@ def _text(rng: np.random.Generator, size: int) -> list[NonLesion]:
 def non_lesion_images(size: int = 256, seed: int = 0) -> list[NonLesion]:
     """About 140 images that are not dermoscopic lesion photos; deterministic for a seed."""
     rng = np.random.default_rng(seed)
-    return (_skimage_photos() + _noise(rng, size) + _flat_and_gradients(rng, size) + _shapes(rng, size)
-            + _text(rng, size))
+    return (
+        _skimage_photos() + _noise(rng, size) + _flat_and_gradients(rng, size) + _shapes(rng, size) + _text(rng, size)
+    )
 
 
 # ------------------------------------------------------------------ measuring
@@ -307,16 +369,22 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
 
     run_dir = Path(run_dir)
     weights = _run_weights(run_dir, files.read_json(run_dir / rf.CONFIG))
-    blob = json.dumps({"v": NON_LESION_VERSION, "sha": weights.sha256, "pre": preprocessing(weights),
-                       "names": [f"{it.kind}/{it.name}" for it in items]}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "v": NON_LESION_VERSION,
+            "sha": weights.sha256,
+            "pre": preprocessing(weights),
+            "names": [f"{it.kind}/{it.name}" for it in items],
+        },
+        sort_keys=True,
+    )
     path = cache_dir() / "non_lesion" / f"{weights.backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npy"
     if path.exists():
         return np.load(path)
     predictor = TorchPredictor(run_dir)
     feats = predictor.forward_uint8(predictor.prepare([it.image for it in items]))[1]
-    with files.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, feats)
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, feats)
     return feats
 
 
@@ -329,8 +397,11 @@ def non_lesion_pixels(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
 
 
 def _rate(refused: np.ndarray) -> dict:
-    return {"n": int(len(refused)), "refused": int(refused.sum()),
-            "rate": float(refused.mean()) if len(refused) else float("nan")}
+    return {
+        "n": len(refused),
+        "refused": int(refused.sum()),
+        "rate": float(refused.mean()) if len(refused) else float("nan"),
+    }
 
 
 def _write_scores(path: Path, rows: list[tuple[str, str, float, bool]]) -> None:
@@ -341,8 +412,13 @@ def _write_scores(path: Path, rows: list[tuple[str, str, float, bool]]) -> None:
     files.atomic_write_text(path, buf.getvalue())
 
 
-def measure_refusal(run_dir: str | Path, data: str | Path | None = None, progress: bool = True,
-                    features: dict[str, SplitFeatures] | None = None, refit: bool = False) -> dict:
+def measure_refusal(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    progress: bool = True,
+    features: dict[str, SplitFeatures] | None = None,
+    refit: bool = False,
+) -> dict:
     """AUROC (test lesions vs non-lesions) and refusal rates; writes refusal.json, refusal_scores.csv and
     a ``refusal`` block into metrics.json. Fits the detector first when the run has none (or ``refit``)."""
     run_dir = rf.require_run(run_dir)
@@ -352,11 +428,11 @@ def measure_refusal(run_dir: str | Path, data: str | Path | None = None, progres
         detector = fit_refusal(run_dir, data, progress=progress, features=feats)
     items = non_lesion_images()
     other = detector.score(non_lesion_features(run_dir, items), stats=non_lesion_pixels(run_dir, items))
-    scores = {name: detector.score(feats[name].x, stats=feats[name].pixels)
-              for name in ("val", "test", "test_dedup")}
+    scores = {name: detector.score(feats[name].x, stats=feats[name].pixels) for name in ("val", "test", "test_dedup")}
     kinds = sorted({it.kind for it in items})
-    by_kind = {k: _rate(np.array([s > detector.threshold for s, it in zip(other, items) if it.kind == k]))
-               for k in kinds}
+    by_kind = {
+        k: _rate(np.array([s > detector.threshold for s, it in zip(other, items) if it.kind == k])) for k in kinds
+    }
     accepted = [it.name for s, it in zip(other, items) if s <= detector.threshold]
     result = {
         "method": detector.method,
@@ -364,21 +440,28 @@ def measure_refusal(run_dir: str | Path, data: str | Path | None = None, progres
         "pixel_threshold": None if detector.pixels is None else detector.pixels.threshold,
         "max_refusal_on_validation": detector.max_refusal,
         "threshold_rule": f"lowest threshold whose validation refusal rate has a one-sided {CONFIDENCE:.0%} "
-                          "Clopper-Pearson upper bound <= max_refusal_on_validation"
-                          + (" / 2, for each of the two distances" if detector.pixels is not None else ""),
+        "Clopper-Pearson upper bound <= max_refusal_on_validation"
+        + (" / 2, for each of the two distances" if detector.pixels is not None else ""),
         "l2_normalize": detector.normalize,
         "n_components": int(detector.components.shape[1]),
-        "n_train": int(len(feats["train"].x)),
+        "n_train": len(feats["train"].x),
         "auroc_test_vs_non_lesion": _auroc(scores["test"], other),
         "lesions": {name: _rate(s > detector.threshold) for name, s in scores.items()},
-        "non_lesion": {**_rate(other > detector.threshold), "by_kind": by_kind, "accepted": accepted,
-                       "natural_photos_source": "scikit-image sample images" if by_kind.get("natural") else
-                       "none (scikit-image not installed)"},
+        "non_lesion": {
+            **_rate(other > detector.threshold),
+            "by_kind": by_kind,
+            "accepted": accepted,
+            "natural_photos_source": "scikit-image sample images"
+            if by_kind.get("natural")
+            else "none (scikit-image not installed)",
+        },
     }
-    rows = [("non_lesion", f"{it.kind}/{it.name}", float(s), bool(s > detector.threshold))
-            for s, it in zip(other, items)]
-    rows += [("test", r, float(v), bool(v > detector.threshold)) for r, v in zip(feats["test"].relpaths,
-                                                                                     scores["test"])]
+    rows = [
+        ("non_lesion", f"{it.kind}/{it.name}", float(s), bool(s > detector.threshold)) for s, it in zip(other, items)
+    ]
+    rows += [
+        ("test", r, float(v), bool(v > detector.threshold)) for r, v in zip(feats["test"].relpaths, scores["test"])
+    ]
     _write_scores(run_dir / SCORES_FILE, rows)
     files.atomic_write_json(run_dir / REFUSAL_FILE, result)
     metrics_path = run_dir / rf.METRICS
@@ -391,26 +474,40 @@ def measure_refusal(run_dir: str | Path, data: str | Path | None = None, progres
 
 def summary(result: dict) -> dict:
     """The few refusal numbers that belong in metrics.json (the details stay in refusal.json)."""
-    out = {"auroc_test_vs_non_lesion": result["auroc_test_vs_non_lesion"],
-           **{f"{name}_refused": r["rate"] for name, r in result["lesions"].items()},
-           "non_lesion_refused": result["non_lesion"]["rate"], "n_non_lesion": result["non_lesion"]["n"],
-           "threshold": result["threshold"]}
+    out = {
+        "auroc_test_vs_non_lesion": result["auroc_test_vs_non_lesion"],
+        **{f"{name}_refused": r["rate"] for name, r in result["lesions"].items()},
+        "non_lesion_refused": result["non_lesion"]["rate"],
+        "n_non_lesion": result["non_lesion"]["n"],
+        "threshold": result["threshold"],
+    }
     return out
 
 
 def report_section(result: dict) -> str:
     """Markdown appended to a run's report.md."""
     nl = result["non_lesion"]
-    how = (f"Threshold {result['threshold']:.2f}: the lowest whose validation refusal rate is, with 95% "
-           f"confidence, at most {result['max_refusal_on_validation']:.0%}." if "members" not in result else
-           "Each member keeps its own threshold.")
-    lines = ["## Refusal of non-lesion images", "", f"{result['method']}. {how}", "",
-             f"- AUROC, test lesions vs {nl['n']} non-lesion images: {result['auroc_test_vs_non_lesion']:.4f}",
-             *(f"- {name} lesions refused: {r['refused']}/{r['n']} ({r['rate']:.2%})"
-               for name, r in result["lesions"].items()),
-             f"- non-lesion images refused: {nl['refused']}/{nl['n']} ({nl['rate']:.2%}); by kind: "
-             + ", ".join(f"{k} {v['refused']}/{v['n']}" for k, v in nl["by_kind"].items()),
-             f"- accepted non-lesion images: {', '.join(nl['accepted']) or 'none'}", ""]
+    how = (
+        f"Threshold {result['threshold']:.2f}: the lowest whose validation refusal rate is, with 95% "
+        f"confidence, at most {result['max_refusal_on_validation']:.0%}."
+        if "members" not in result
+        else "Each member keeps its own threshold."
+    )
+    lines = [
+        "## Refusal of non-lesion images",
+        "",
+        f"{result['method']}. {how}",
+        "",
+        f"- AUROC, test lesions vs {nl['n']} non-lesion images: {result['auroc_test_vs_non_lesion']:.4f}",
+        *(
+            f"- {name} lesions refused: {r['refused']}/{r['n']} ({r['rate']:.2%})"
+            for name, r in result["lesions"].items()
+        ),
+        f"- non-lesion images refused: {nl['refused']}/{nl['n']} ({nl['rate']:.2%}); by kind: "
+        + ", ".join(f"{k} {v['refused']}/{v['n']}" for k, v in nl["by_kind"].items()),
+        f"- accepted non-lesion images: {', '.join(nl['accepted']) or 'none'}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -437,19 +534,25 @@ def combine_refusal(member_dirs: list[Path], out: Path | None = None) -> dict | 
     keys = [k for k in per_member[0] if all(k in p for p in per_member[1:])]
     combined = ensemble_refusal_score([[p[k] for k in keys] for p in per_member])  # type: ignore[index]
     score = dict(zip(keys, combined.tolist()))
-    kind = lambda k: k[1].split("/", 1)[0]  # noqa: E731
+    kind = lambda k: k[1].split("/", 1)[0]
     test = np.array([v for k, v in score.items() if k[0] == "test"])
     other = [(k, v) for k, v in score.items() if k[0] == "non_lesion"]
     nl = np.array([v for _, v in other])
     result = {
         "method": ENSEMBLE_RULE,
-        "threshold": 1.0, "max_refusal_on_validation": MAX_REFUSAL,
+        "threshold": 1.0,
+        "max_refusal_on_validation": MAX_REFUSAL,
         "members": [str(m) for m in member_dirs],
         "auroc_test_vs_non_lesion": _auroc(test, nl),
         "lesions": {"test": _rate(test > 1.0)},
-        "non_lesion": {**_rate(nl > 1.0), "accepted": [k[1] for k, v in other if v <= 1.0],
-                       "by_kind": {c: _rate(np.array([v > 1.0 for k, v in other if kind(k) == c]))
-                                   for c in sorted({kind(k) for k, _ in other})}},
+        "non_lesion": {
+            **_rate(nl > 1.0),
+            "accepted": [k[1] for k, v in other if v <= 1.0],
+            "by_kind": {
+                c: _rate(np.array([v > 1.0 for k, v in other if kind(k) == c]))
+                for c in sorted({kind(k) for k, _ in other})
+            },
+        },
     }
     if out is not None:
         files.atomic_write_json(Path(out) / REFUSAL_FILE, result)

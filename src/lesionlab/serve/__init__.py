@@ -2,4 +2,4 @@
 
 from lesionlab.serve.app import app_from_env, create_app
 
-__all__ = ["create_app", "app_from_env"]
+__all__ = ["app_from_env", "create_app"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from lesionlab.serve.errors import ServiceError
 
@@ -45,7 +46,7 @@ class Admission:
             self._active -= 1
 
     @staticmethod
-    def _retrieve(waiter: "asyncio.Future") -> None:
+    def _retrieve(waiter: asyncio.Future) -> None:
         if not waiter.cancelled():
             waiter.exception()  # retrieved, so a late failure after a timeout is not reported as unhandled
 
@@ -55,8 +56,12 @@ class Admission:
         except RuntimeError:  # shutting down: the slot was never given to a job
             with self._lock:
                 self._active -= 1
-            raise ServiceError(503, "shutting_down", "the server is shutting down; retry on another instance",
-                               {"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ServiceError(
+                503,
+                "shutting_down",
+                "the server is shutting down; retry on another instance",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         job.add_done_callback(self._release)
         return job
 
@@ -67,19 +72,25 @@ class Admission:
         never runs: under overload the threads work only for clients still waiting. A job already running
         cannot be stopped; it keeps its slot until it ends."""
         if not self._acquire():
-            raise ServiceError(503, "busy", f"server busy: {self.max_concurrency} requests are already being "
-                                            f"processed; retry in {RETRY_AFTER_S} s",
-                               {"Retry-After": str(RETRY_AFTER_S)})
+            raise ServiceError(
+                503,
+                "busy",
+                f"server busy: {self.max_concurrency} requests are already being processed; retry in {RETRY_AFTER_S} s",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         job = self._submit(fn, *args)
         waiter = asyncio.wrap_future(job)
         waiter.add_done_callback(self._retrieve)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.cancel()
-            raise ServiceError(503, "timeout", f"the request did not finish within {self.timeout_s:g} s; retry "
-                                               "later or send a smaller image",
-                               {"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ServiceError(
+                503,
+                "timeout",
+                f"the request did not finish within {self.timeout_s:g} s; retry later or send a smaller image",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         except asyncio.CancelledError:  # the client went away: nobody wants the answer
             job.cancel()
             raise

@@ -10,10 +10,10 @@ import asyncio
 import base64
 import logging
 import os
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,29 +44,78 @@ from lesionlab.serve.settings import ServeSettings
 
 log = logging.getLogger("lesionlab.serve")
 
-STUDY_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"oneOf": [StudyRequest.model_json_schema(),
-                                              {"type": "string", "description": "bare base64"}]}},
-    "text/plain": {"schema": {"type": "string", "description": "bare base64, as API Gateway passes it"}},
-}}}
-V1_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
-    "application/json": {"schema": StudyRequest.model_json_schema()},
-}}}
-BATCH_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 32}}}},
-    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 32}}}},
-}}}
-ERROR_TEXT = {400: "Bad request (bad base64, JSON or multipart; bad query value)",
-              401: "Missing or invalid bearer token",
-              413: "Body, image pixels or batch too large", 415: "Not an image, or an unsupported format",
-              422: "Image smaller than 32x32, or refused as not a lesion (then with label/probability)",
-              501: "Explanation not available for this model", 503: "Busy, timed out or model not ready (Retry-After)"}
-TTA_QUERY = Query(None, description="Test-time augmentation: mean over the 8 flips/rotations (8x the compute). "
-                                    "Default: as the model's threshold was fitted (`tta` in GET /v1/model)")
+STUDY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [StudyRequest.model_json_schema(), {"type": "string", "description": "bare base64"}]
+                }
+            },
+            "text/plain": {"schema": {"type": "string", "description": "bare base64, as API Gateway passes it"}},
+        },
+    }
+}
+V1_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "application/json": {"schema": StudyRequest.model_json_schema()},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "maxItems": 32,
+                        }
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 32}
+                    },
+                }
+            },
+        },
+    }
+}
+ERROR_TEXT = {
+    400: "Bad request (bad base64, JSON or multipart; bad query value)",
+    401: "Missing or invalid bearer token",
+    413: "Body, image pixels or batch too large",
+    415: "Not an image, or an unsupported format",
+    422: "Image smaller than 32x32, or refused as not a lesion (then with label/probability)",
+    501: "Explanation not available for this model",
+    503: "Busy, timed out or model not ready (Retry-After)",
+}
+TTA_QUERY = Query(
+    None,
+    description="Test-time augmentation: mean over the 8 flips/rotations (8x the compute). "
+    "Default: as the model's threshold was fitted (`tta` in GET /v1/model)",
+)
 
 
 def _errors(path: str, *codes: int) -> dict:
@@ -93,16 +142,25 @@ def health_router(service: ModelService) -> APIRouter:
     ready_doc = {503: {"description": "Model loading, or failed to load (see detail)"}}
     for prefix in ("", "/v2"):
         router.add_api_route(f"{prefix}/health/live", live, methods=["GET"], summary="Liveness")
-        router.add_api_route(f"{prefix}/health/ready", ready, methods=["GET"], responses=ready_doc,
-                             summary="Readiness: model loaded and warmed up")
+        router.add_api_route(
+            f"{prefix}/health/ready",
+            ready,
+            methods=["GET"],
+            responses=ready_doc,
+            summary="Readiness: model loaded and warmed up",
+        )
     return router
 
 
 def study_router(service: ModelService) -> APIRouter:
     router = APIRouter(tags=["study contract"])
 
-    @router.post(STUDY_PATH, response_model=StudyEnvelope, openapi_extra=STUDY_BODY,
-                 responses=_errors(STUDY_PATH, 400, 401, 413, 415, 422, 503))
+    @router.post(
+        STUDY_PATH,
+        response_model=StudyEnvelope,
+        openapi_extra=STUDY_BODY,
+        responses=_errors(STUDY_PATH, 400, 401, 413, 415, 422, 503),
+    )
     async def predict_study(request: Request) -> dict:
         """The study's contract: `{"image": "<base64>"}` (or a bare base64 body) in, a Lambda-style envelope out.
 
@@ -118,19 +176,31 @@ def study_router(service: ModelService) -> APIRouter:
 
 def _refusal(outcome: Outcome, service: ModelService) -> JSONResponse:
     p = outcome.prediction
-    body = RefusalOut(error="not_a_lesion", message=f"refused: {p.reason}; send a dermoscopic photo of one lesion",
-                      probability=p.probability, ood_score=p.ood_score, model_id=service.predictor.info.model_id,
-                      model_version=service.version)
+    body = RefusalOut(
+        error="not_a_lesion",
+        message=f"refused: {p.reason}; send a dermoscopic photo of one lesion",
+        probability=p.probability,
+        ood_score=p.ood_score,
+        model_id=service.predictor.info.model_id,
+        model_version=service.version,
+    )
     return JSONResponse(body.model_dump(), status_code=422)
 
 
 def v1_router(service: ModelService, max_batch: int) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["v1"])
 
-    @router.post("/predict", response_model=PredictionOut, openapi_extra=V1_BODY,
-                 responses=_errors("/v1/predict", 400, 401, 413, 415, 422, 501, 503))
-    async def predict(request: Request, tta: bool | None = TTA_QUERY,
-                      explain: bool = Query(False, description="Add a Grad-CAM overlay (needs model.pt)")):
+    @router.post(
+        "/predict",
+        response_model=PredictionOut,
+        openapi_extra=V1_BODY,
+        responses=_errors("/v1/predict", 400, 401, 413, 415, 422, 501, 503),
+    )
+    async def predict(
+        request: Request,
+        tta: bool | None = TTA_QUERY,
+        explain: bool = Query(False, description="Add a Grad-CAM overlay (needs model.pt)"),
+    ):
         """One image (multipart `file` or JSON base64): label, P(malignant), threshold, model id/version, timing."""
         images = codec.request_images(await request.body(), request.headers.get("content-type", ""), batch=False)
         if len(images) != 1:
@@ -145,16 +215,29 @@ def v1_router(service: ModelService, max_batch: int) -> APIRouter:
         if o.prediction.refused:  # type: ignore[union-attr]
             return _refusal(o, service)
         p, info = o.prediction, service.predictor.info  # type: ignore[union-attr]
-        out = PredictionOut(label=p.label, probability=p.probability, threshold=p.threshold, refused=False,  # type: ignore[arg-type]
-                            ood_score=p.ood_score, model_id=info.model_id, model_version=service.version,
-                            inference_ms=round(ms, 3), tta=tta, disclaimer=DISCLAIMER)
+        out = PredictionOut(
+            label=p.label,
+            probability=p.probability,
+            threshold=p.threshold,
+            refused=False,  # type: ignore[arg-type]
+            ood_score=p.ood_score,
+            model_id=info.model_id,
+            model_version=service.version,
+            inference_ms=round(ms, 3),
+            tta=tta,
+            disclaimer=DISCLAIMER,
+        )
         if explain:
             png = await service.explain(images[0], p.label)  # type: ignore[union-attr]  # the label shown
             out.explanation_png = base64.b64encode(png).decode("ascii")
         return out
 
-    @router.post("/predict/batch", response_model=BatchOut, openapi_extra=BATCH_BODY,
-                 responses=_errors("/v1/predict/batch", 400, 401, 413, 415, 503))
+    @router.post(
+        "/predict/batch",
+        response_model=BatchOut,
+        openapi_extra=BATCH_BODY,
+        responses=_errors("/v1/predict/batch", 400, 401, 413, 415, 503),
+    )
     async def predict_batch(request: Request, tta: bool | None = TTA_QUERY) -> BatchOut:
         """Up to 32 images (multipart `files` or JSON `{"images": [...]}`); unreadable ones get a per-item error."""
         images = codec.request_images(await request.body(), request.headers.get("content-type", ""), batch=True)
@@ -165,9 +248,15 @@ def v1_router(service: ModelService, max_batch: int) -> APIRouter:
         tta = service.require_ready().use_tta(tta)  # None: the model's own setting; the response says which
         outcomes, ms = await service.classify(images, tta)
         info = service.predictor.info  # type: ignore[union-attr]
-        return BatchOut(results=[_batch_item(i, o) for i, o in enumerate(outcomes)], threshold=info.threshold,
-                        model_id=info.model_id, model_version=service.version, inference_ms=round(ms, 3), tta=tta,
-                        disclaimer=DISCLAIMER)
+        return BatchOut(
+            results=[_batch_item(i, o) for i, o in enumerate(outcomes)],
+            threshold=info.threshold,
+            model_id=info.model_id,
+            model_version=service.version,
+            inference_ms=round(ms, 3),
+            tta=tta,
+            disclaimer=DISCLAIMER,
+        )
 
     @router.get("/model", responses=_errors("/v1/model", 401, 503))
     def model() -> dict:
@@ -181,8 +270,15 @@ def _batch_item(index: int, o: Outcome) -> BatchItem:
     if o.error:
         return BatchItem(index=index, error=o.error.message, status=o.error.status)
     p = o.prediction
-    return BatchItem(index=index, label=p.label, probability=p.probability, refused=p.refused,  # type: ignore[union-attr,arg-type]
-                     reason=p.reason, ood_score=p.ood_score, status=422 if p.refused else 200)  # type: ignore[union-attr]
+    return BatchItem(
+        index=index,
+        label=p.label,
+        probability=p.probability,
+        refused=p.refused,  # type: ignore[union-attr,arg-type]
+        reason=p.reason,
+        ood_score=p.ood_score,
+        status=422 if p.refused else 200,
+    )  # type: ignore[union-attr]
 
 
 def page_router() -> APIRouter:
@@ -219,23 +315,42 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.error("unexpected %s on %s %s", type(e).__name__, request.method, request.url.path, exc_info=e)
-        return error_response(request.url.path, ServiceError(500, "internal_error", "unexpected server error; it "
-                                                                                    "was logged, please report it"))
+        return error_response(
+            request.url.path,
+            ServiceError(500, "internal_error", "unexpected server error; it was logged, please report it"),
+        )
 
 
 # ------------------------------------------------------------------ factory
 
 
-def create_app(model_dir: str | Path | None = None, *, max_body_bytes: int = 10_000_000, max_concurrency: int = 32,
-               timeout_s: float = 15.0, tokens: Iterable[str] | None = None, backend: str = "auto",
-               num_threads: int | None = None, inference_threads: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_batch: int = 32, load_before_accepting: bool = False) -> FastAPI:
+def create_app(
+    model_dir: str | Path | None = None,
+    *,
+    max_body_bytes: int = 10_000_000,
+    max_concurrency: int = 32,
+    timeout_s: float = 15.0,
+    tokens: Iterable[str] | None = None,
+    backend: str = "auto",
+    num_threads: int | None = None,
+    inference_threads: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_batch: int = 32,
+    load_before_accepting: bool = False,
+) -> FastAPI:
     """The app; the model loads in the background at start-up and /health/ready turns 200 once it is warm.
 
     With ``load_before_accepting`` start-up waits for the warm model instead, so the process takes no
     connection it could only answer with 503 (uvicorn opens the socket after the lifespan start-up)."""
-    service = ModelService(model_dir, backend=backend, num_threads=num_threads, max_concurrency=max_concurrency,
-                           timeout_s=timeout_s, inference_threads=inference_threads, max_pixels=max_pixels)
+    service = ModelService(
+        model_dir,
+        backend=backend,
+        num_threads=num_threads,
+        max_concurrency=max_concurrency,
+        timeout_s=timeout_s,
+        inference_threads=inference_threads,
+        max_pixels=max_pixels,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -245,8 +360,12 @@ def create_app(model_dir: str | Path | None = None, *, max_body_bytes: int = 10_
         yield
         service.stop()
 
-    app = FastAPI(title="lesionlab", version=__version__, lifespan=lifespan,
-                  description=f"Benign vs malignant skin-lesion classifier. {DISCLAIMER}")
+    app = FastAPI(
+        title="lesionlab",
+        version=__version__,
+        lifespan=lifespan,
+        description=f"Benign vs malignant skin-lesion classifier. {DISCLAIMER}",
+    )
     app.state.service = service
     install_error_handlers(app)
     for router in (health_router(service), study_router(service), v1_router(service, max_batch), page_router()):
@@ -257,10 +376,19 @@ def create_app(model_dir: str | Path | None = None, *, max_body_bytes: int = 10_
 
 
 def app_from_settings(s: ServeSettings) -> FastAPI:
-    return create_app(s.model_dir, max_body_bytes=s.max_body_bytes, max_concurrency=s.max_concurrency,
-                      timeout_s=s.timeout_s, tokens=s.tokens, backend=s.backend, num_threads=s.num_threads,
-                      inference_threads=s.inference_threads, max_pixels=s.max_pixels, max_batch=s.max_batch,
-                      load_before_accepting=s.load_before_accepting)
+    return create_app(
+        s.model_dir,
+        max_body_bytes=s.max_body_bytes,
+        max_concurrency=s.max_concurrency,
+        timeout_s=s.timeout_s,
+        tokens=s.tokens,
+        backend=s.backend,
+        num_threads=s.num_threads,
+        inference_threads=s.inference_threads,
+        max_pixels=s.max_pixels,
+        max_batch=s.max_batch,
+        load_before_accepting=s.load_before_accepting,
+    )
 
 
 def app_from_env() -> FastAPI:

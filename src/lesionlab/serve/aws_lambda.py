@@ -57,8 +57,9 @@ def _answer(event: Any, service: ModelService, max_body_bytes: int) -> dict:
     try:
         raw = event_body(event)
         if len(raw) > max_body_bytes:
-            raise ServiceError(413, "body_too_large", f"request body exceeds {max_body_bytes:,} bytes; send a "
-                                                      "smaller image")
+            raise ServiceError(
+                413, "body_too_large", f"request body exceeds {max_body_bytes:,} bytes; send a smaller image"
+            )
         service.require_ready()
         outcome = service.classify_blocking([study_image(raw)], False)[0][0]
         if outcome.error:

@@ -28,7 +28,7 @@ def decode_base64(text: str | bytes, label: str = "image") -> bytes:
     text = _WHITESPACE.sub(b"", text)
     match = _DATA_URI.match(text.decode("ascii", "replace"))
     if match:
-        text = text[match.end():]
+        text = text[match.end() :]
     if not text:
         raise ServiceError(400, "empty_image", f"{label}: no image data; send the image bytes as base64")
     text += b"=" * (-len(text) % 4)
@@ -40,16 +40,16 @@ def decode_base64(text: str | bytes, label: str = "image") -> bytes:
 
 
 def _bad_base64(label: str, why: str) -> ServiceError:
-    return ServiceError(400, "bad_base64", f"{label} is not valid base64 ({why}); send "
-                                           '{"image": "<base64 of the JPEG/PNG file>"}')
+    return ServiceError(
+        400, "bad_base64", f'{label} is not valid base64 ({why}); send {{"image": "<base64 of the JPEG/PNG file>"}}'
+    )
 
 
 def _parse_json(raw: bytes):
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ServiceError(400, "bad_json", f"body is not valid JSON ({e}); send "
-                                            '{"image": "<base64>"}') from None
+        raise ServiceError(400, "bad_json", f'body is not valid JSON ({e}); send {{"image": "<base64>"}}') from None
     except RecursionError:
         raise ServiceError(400, "bad_json", 'JSON nested too deeply; send {"image": "<base64>"}') from None
 
@@ -115,8 +115,13 @@ def multipart_files(body: bytes, content_type: str) -> list[bytes]:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         parts[-1]["data"].extend(data[start:end])
 
-    callbacks = dict(on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
-                     on_header_end=on_header_end, on_part_data=on_part_data)
+    callbacks = dict(
+        on_part_begin=on_part_begin,
+        on_header_field=on_header_field,
+        on_header_value=on_header_value,
+        on_header_end=on_header_end,
+        on_part_data=on_part_data,
+    )
     try:
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         parser.write(body)
@@ -132,12 +137,18 @@ def request_images(body: bytes, content_type: str, batch: bool) -> list[bytes]:
     if kind == "multipart/form-data":
         files = multipart_files(body, content_type)
         if not files:
-            raise ServiceError(400, "missing_file", "multipart body holds no file part; upload the image as a "
-                                                    "file field (curl -F file=@photo.jpg)")
+            raise ServiceError(
+                400,
+                "missing_file",
+                "multipart body holds no file part; upload the image as a file field (curl -F file=@photo.jpg)",
+            )
         return files
     if kind in ("application/json", "text/plain", ""):
         if batch:
             return json_images(body)
         return [decode_base64(_image_field(_parse_json(body)))]
-    raise ServiceError(415, "unsupported_media_type", f"Content-Type {kind!r} is not accepted; use "
-                                                      "multipart/form-data or application/json")
+    raise ServiceError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {kind!r} is not accepted; use multipart/form-data or application/json",
+    )

@@ -6,7 +6,7 @@ Both answer before a route runs, so an unauthenticated or oversized request cost
 from __future__ import annotations
 
 import hmac
-from typing import Iterable
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,8 +24,12 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _too_large(self) -> ServiceError:
-        return ServiceError(413, "body_too_large", f"request body exceeds {self.max_bytes:,} bytes; send a smaller "
-                                                   "image (resize to ~1000 px; the model sees 224 px)")
+        return ServiceError(
+            413,
+            "body_too_large",
+            f"request body exceeds {self.max_bytes:,} bytes; send a smaller "
+            "image (resize to ~1000 px; the model sees 224 px)",
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,8 +89,12 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         if self._authorized(dict(scope["headers"]).get(b"authorization")):
             return await self.app(scope, receive, send)
-        err = ServiceError(401, "unauthorized", "missing or invalid bearer token; send "
-                                                "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+        err = ServiceError(
+            401,
+            "unauthorized",
+            "missing or invalid bearer token; send 'Authorization: Bearer <token>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
         await error_response(scope["path"], err)(scope, receive, send)
 
 

@@ -16,13 +16,15 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 LICENCE_NOTES = {
     "code": "lesionlab is Apache-2.0.",
     "data": "Trained on the Kaggle 'Skin Cancer: Malignant vs. Benign' images, which come from the ISIC Archive; "
-            "ISIC images carry per-image Creative Commons licences (many are CC BY-NC), so check them before any "
-            "commercial use of this model.",
+    "ISIC images carry per-image Creative Commons licences (many are CC BY-NC), so check them before any "
+    "commercial use of this model.",
     "weights": "The backbone starts from ImageNet weights; their source is listed under weights_source and its "
-               "licence applies to the derived model.",
+    "licence applies to the derived model.",
 }
-INTENDED_USE = ("Screening aid for research: it ranks dermoscopic lesion images by the probability of malignancy. "
-                "It is not a diagnosis and not a medical device.")
+INTENDED_USE = (
+    "Screening aid for research: it ranks dermoscopic lesion images by the probability of malignancy. "
+    "It is not a diagnosis and not a medical device."
+)
 
 
 def _finite(obj: Any) -> Any:
@@ -55,7 +57,8 @@ def training_data(config: dict) -> dict:
     return {
         "dataset": "isic-kaggle (Kaggle 'Skin Cancer: Malignant vs. Benign', ISIC Archive images)",
         "folder": Path(str(data.get("root", ""))).name or None,
-        "classes": data.get("classes"), "positive_class": data.get("positive_class", "malignant"),
+        "classes": data.get("classes"),
+        "positive_class": data.get("positive_class", "malignant"),
         **{k: data.get(k) for k in ("n_train", "n_val", "n_test", "n_test_dedup", "split_seed")},
     }
 
@@ -64,20 +67,33 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
     info = predictor.info
     config, metrics = _read(model_dir / rf.CONFIG), _read(model_dir / rf.METRICS)
     card = model_dir / MODEL_CARD_FILE
-    return _finite({
-        "model_id": info.model_id, "model_version": version, "backbone": info.backbone, "runtime": info.runtime,
-        "transfer_mode": config.get("mode"), "weights_source": config.get("weights", {}).get("source"),
-        "input_size": info.input_size, "mean": list(info.mean), "std": list(info.std),
-        "threshold": {"value": info.threshold, "policy": info.threshold_policy,
-                      "chosen_on": metrics.get("threshold", {}).get("chosen_on", "val")},
-        "temperature": info.temperature,
-        "tta": info.tta,  # threshold and temperature fitted on TTA scores; requests use TTA unless they say not
-        "lesion_detector": predictor.refuses_non_lesions,
-        "lesion_detector_threshold": predictor.refusal_threshold,  # ood_score above it: refused
-        "training_data": training_data(config),
-        "metrics": {s: _split_metrics(metrics[s]) for s in ("val", "test", "test_dedup") if s in metrics},
-        "metrics_note": "95% stratified bootstrap confidence intervals (ci95); top-level values at threshold 0.5, "
-                        "at_threshold at the operating threshold chosen on validation.",
-        "licence": LICENCE_NOTES, "intended_use": INTENDED_USE, "disclaimer": DISCLAIMER,
-        "model_card": card.read_text() if card.exists() else None,
-    })
+    return _finite(
+        {
+            "model_id": info.model_id,
+            "model_version": version,
+            "backbone": info.backbone,
+            "runtime": info.runtime,
+            "transfer_mode": config.get("mode"),
+            "weights_source": config.get("weights", {}).get("source"),
+            "input_size": info.input_size,
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "threshold": {
+                "value": info.threshold,
+                "policy": info.threshold_policy,
+                "chosen_on": metrics.get("threshold", {}).get("chosen_on", "val"),
+            },
+            "temperature": info.temperature,
+            "tta": info.tta,  # threshold and temperature fitted on TTA scores; requests use TTA unless they say not
+            "lesion_detector": predictor.refuses_non_lesions,
+            "lesion_detector_threshold": predictor.refusal_threshold,  # ood_score above it: refused
+            "training_data": training_data(config),
+            "metrics": {s: _split_metrics(metrics[s]) for s in ("val", "test", "test_dedup") if s in metrics},
+            "metrics_note": "95% stratified bootstrap confidence intervals (ci95); top-level values at threshold 0.5, "
+            "at_threshold at the operating threshold chosen on validation.",
+            "licence": LICENCE_NOTES,
+            "intended_use": INTENDED_USE,
+            "disclaimer": DISCLAIMER,
+            "model_card": card.read_text() if card.exists() else None,
+        }
+    )

@@ -6,7 +6,7 @@ The study's clients read ``statusCode`` and ``body`` from the JSON; the HTTP sta
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
@@ -33,7 +33,7 @@ class StudyBody(BaseModel):
     threshold: float
     model_id: str
     model_version: str
-    reason: Optional[str] = Field(None, description="Why the image was refused (predicted_label not_a_lesion)")
+    reason: str | None = Field(None, description="Why the image was refused (predicted_label not_a_lesion)")
     disclaimer: str
 
 
@@ -59,24 +59,24 @@ class PredictionOut(BaseModel):
     probability: float = Field(description="Calibrated probability of malignant")
     threshold: float
     refused: bool = False
-    reason: Optional[str] = None
-    ood_score: Optional[float] = None
+    reason: str | None = None
+    ood_score: float | None = None
     model_id: str
     model_version: str
     inference_ms: float
     tta: bool = False
-    explanation_png: Optional[str] = Field(None, description="Grad-CAM overlay, base64 PNG (explain=true)")
+    explanation_png: str | None = Field(None, description="Grad-CAM overlay, base64 PNG (explain=true)")
     disclaimer: str
 
 
 class BatchItem(BaseModel):
     index: int
-    label: Optional[Label] = None
-    probability: Optional[float] = None
+    label: Label | None = None
+    probability: float | None = None
     refused: bool = False
-    reason: Optional[str] = None
-    ood_score: Optional[float] = None
-    error: Optional[str] = None
+    reason: str | None = None
+    ood_score: float | None = None
+    error: str | None = None
     status: int = 200
 
 
@@ -93,7 +93,7 @@ class BatchOut(BaseModel):
 class RefusalOut(ErrorBody):
     label: Label = "not_a_lesion"
     probability: float
-    ood_score: Optional[float] = None
+    ood_score: float | None = None
     model_id: str
     model_version: str
 
@@ -103,8 +103,15 @@ class RefusalOut(ErrorBody):
 
 def study_success(p: Prediction, info: ModelInfo, version: str) -> dict:
     """statusCode 200 also for a refusal: the study's clients branch on predicted_label."""
-    body = StudyBody(predicted_label=p.label, probability=p.probability, threshold=p.threshold,  # type: ignore[arg-type]
-                     model_id=info.model_id, model_version=version, reason=p.reason, disclaimer=DISCLAIMER)
+    body = StudyBody(
+        predicted_label=p.label,
+        probability=p.probability,
+        threshold=p.threshold,  # type: ignore[arg-type]
+        model_id=info.model_id,
+        model_version=version,
+        reason=p.reason,
+        disclaimer=DISCLAIMER,
+    )
     return {"statusCode": 200, "headers": JSON_HEADERS, "body": body.model_dump()}
 
 

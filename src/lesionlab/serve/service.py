@@ -47,12 +47,16 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
     """The folder to serve, checked up front so a typo fails at start-up and not at the first request."""
     path = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
     if not path.is_dir():
-        hint = ("the bundled default model is not installed; pass --model RUN_DIR" if not model_dir
-                else "pass the folder written by `lesionlab train` (export it with `lesionlab export`)")
+        hint = (
+            "the bundled default model is not installed; pass --model RUN_DIR"
+            if not model_dir
+            else "pass the folder written by `lesionlab train` (export it with `lesionlab export`)"
+        )
         raise rf.RunError(f"model folder {path} does not exist: {hint}")
     if not any((path / f).exists() for f in (ONNX_FILE, rf.MODEL, ENSEMBLE_FILE)):
-        raise rf.RunError(f"{path} holds no {ONNX_FILE}, {rf.MODEL} or {ENSEMBLE_FILE}; "
-                          "is it a lesionlab model folder?")
+        raise rf.RunError(
+            f"{path} holds no {ONNX_FILE}, {rf.MODEL} or {ENSEMBLE_FILE}; is it a lesionlab model folder?"
+        )
     return path
 
 
@@ -105,9 +109,17 @@ def _file_digest(path: Path) -> bytes:
 
 
 class ModelService:
-    def __init__(self, model_dir: str | Path | None, *, backend: str = "auto", num_threads: int | None = None,
-                 max_concurrency: int = 32, timeout_s: float = 15.0, inference_threads: int = 2,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        *,
+        backend: str = "auto",
+        num_threads: int | None = None,
+        max_concurrency: int = 32,
+        timeout_s: float = 15.0,
+        inference_threads: int = 2,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.model_dir = resolve_model_dir(model_dir)
         self.backend = backend
         self.num_threads = num_threads
@@ -141,7 +153,7 @@ class ModelService:
                 self.version = artifact_version(predictor)
                 self.predictor = predictor
                 log.info("model %s (%s, %s) ready", predictor.info.model_id, predictor.info.runtime, self.version)
-            except Exception as e:  # noqa: BLE001 - any load failure must show on /health/ready, not kill the app
+            except Exception as e:
                 self.error = f"{type(e).__name__}: {e}"
                 log.error("model failed to load from %s: %s", self.model_dir, self.error)
 
@@ -156,10 +168,12 @@ class ModelService:
         if self.predictor is not None:
             return self.predictor
         if self.error:
-            raise ServiceError(503, "model_failed", f"the model could not be loaded ({self.error}); fix the "
-                                                    "model folder and restart the service")
-        raise ServiceError(503, "loading", "the model is still loading; retry in a few seconds",
-                           {"Retry-After": "2"})
+            raise ServiceError(
+                503,
+                "model_failed",
+                f"the model could not be loaded ({self.error}); fix the model folder and restart the service",
+            )
+        raise ServiceError(503, "loading", "the model is still loading; retry in a few seconds", {"Retry-After": "2"})
 
     # ------------------------------------------------------------ work (runs on the inference threads)
 
@@ -168,9 +182,10 @@ class ModelService:
             return open_image(data, label, max_pixels=self.max_pixels)
         except BadImageError as e:
             raise from_bad_image(e, label) from None
-        except Exception as e:  # noqa: BLE001 - a decoder plugin choking on hostile bytes is still a bad image
-            raise ServiceError(415, "unsupported_image", f"{label}: could not be decoded ({type(e).__name__}); "
-                                                         "send a JPEG or PNG file") from None
+        except Exception as e:
+            raise ServiceError(
+                415, "unsupported_image", f"{label}: could not be decoded ({type(e).__name__}); send a JPEG or PNG file"
+            ) from None
 
     def classify_blocking(self, images: list[bytes], tta: bool | None) -> tuple[list[Outcome], float]:
         predictor = self.require_ready()
@@ -199,8 +214,11 @@ class ModelService:
             # import_module asks sys.modules, as the import inside _explain would: one answer for both
             explain = importlib.import_module("lesionlab.inference.explain")
         except ImportError as e:
-            raise ServiceError(501, "explain_unavailable", f"explanations are not available in this build ({e}); "
-                                                           "ask without explain=true") from None
+            raise ServiceError(
+                501,
+                "explain_unavailable",
+                f"explanations are not available in this build ({e}); ask without explain=true",
+            ) from None
         check = getattr(explain, "explainable_dir", None)  # knows ensembles: their first member's model.pt
         try:
             if check is not None:
@@ -208,8 +226,11 @@ class ModelService:
             elif not (self.model_dir / rf.MODEL).exists():
                 raise rf.RunError(f"{self.model_dir.name} has no {rf.MODEL}")
         except (rf.RunError, ValueError) as e:
-            raise ServiceError(501, "explain_unavailable", f"explanations need the PyTorch checkpoint {rf.MODEL} "
-                                                           f"({e}); ask without explain=true") from None
+            raise ServiceError(
+                501,
+                "explain_unavailable",
+                f"explanations need the PyTorch checkpoint {rf.MODEL} ({e}); ask without explain=true",
+            ) from None
         return explain
 
     # ------------------------------------------------------------ async entry points

@@ -7,8 +7,8 @@ environment (uvicorn can only hand workers an import string), so every knob has 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Mapping
 
 from lesionlab.data.images import DEFAULT_MAX_PIXELS
 from lesionlab.inference.predictor import BACKENDS
@@ -16,8 +16,14 @@ from lesionlab.inference.predictor import BACKENDS
 PREFIX = "LESIONLAB_SERVE_"
 MODEL_ENV = "LESIONLAB_MODEL"
 #: ``lesionlab serve`` option of each setting that has one, for error messages
-CLI_OPTIONS = {"max_body_bytes": "--max-body-bytes", "max_concurrency": "--max-concurrency", "timeout_s": "--timeout",
-               "backend": "--backend", "num_threads": "--threads", "inference_threads": "--inference-threads"}
+CLI_OPTIONS = {
+    "max_body_bytes": "--max-body-bytes",
+    "max_concurrency": "--max-concurrency",
+    "timeout_s": "--timeout",
+    "backend": "--backend",
+    "num_threads": "--threads",
+    "inference_threads": "--inference-threads",
+}
 POSITIVE = ("max_body_bytes", "max_concurrency", "num_threads", "inference_threads", "max_pixels", "max_batch")
 
 
@@ -81,7 +87,7 @@ class ServeSettings:
         return env
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "ServeSettings":
+    def from_env(cls, env: Mapping[str, str]) -> ServeSettings:
         from lesionlab.serve.middleware import read_tokens
 
         kwargs: dict = {"model_dir": env.get(MODEL_ENV) or None, "tokens": read_tokens(dict(env))}
@@ -89,9 +95,16 @@ class ServeSettings:
             raw = env.get(PREFIX + f.name.upper())
             if raw is None or f.name in ("model_dir", "tokens"):
                 continue
-            kind = {"max_body_bytes": int, "max_concurrency": int, "timeout_s": float, "num_threads": int,
-                    "inference_threads": int, "max_pixels": int, "max_batch": int,
-                    "load_before_accepting": _flag}.get(f.name, str)
+            kind = {
+                "max_body_bytes": int,
+                "max_concurrency": int,
+                "timeout_s": float,
+                "num_threads": int,
+                "inference_threads": int,
+                "max_pixels": int,
+                "max_batch": int,
+                "load_before_accepting": _flag,
+            }.get(f.name, str)
             try:
                 kwargs[f.name] = kind(raw)
             except ValueError:

@@ -9,7 +9,7 @@ lesionlab installed (the same version as the driver).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from lesionlab.sweep.sweep import Backend, Job, SweepError, TrialResult, run_trial
 
@@ -38,8 +38,13 @@ def ray_backend(address: str | None = None, num_cpus: int | None = None) -> Back
             return
         started = not ray.is_initialized()
         if started:
-            ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=address,
+                num_cpus=num_cpus if address is None else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         try:
             task = ray.remote(num_cpus=1)(_trial_task)  # run_trial pins frozen trials to TRIAL_THREADS threads
             refs: dict[int, object] = {}  # one object-store copy per (backbone, seed) data set

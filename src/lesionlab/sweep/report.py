@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,29 +22,73 @@ if TYPE_CHECKING:
 
 #: Lin & Ghanta 2024, Table 1 (test) and the selected hyper-parameters stated in their Results.
 STUDY_TABLE1 = {
-    "mobilenetv2": dict(label="MobileNetV2", lr=5e-3, epochs=20, val_accuracy=0.8330, accuracy=0.8394,
-                        precision=0.7957, recall=0.8700, f1=0.8312, auc=0.9148),
-    "resnet50v2": dict(label="ResNet50V2", lr=1e-4, epochs=50, val_accuracy=0.8159, accuracy=0.8136,
-                       precision=0.7580, recall=0.8667, f1=0.8087, auc=0.9136),
-    "efficientnetv2b0": dict(label="EfficientNetV2B0", lr=1e-3, epochs=30, val_accuracy=0.8444, accuracy=0.8288,
-                             precision=0.8582, recall=0.7467, f1=0.7986, auc=0.9204),
-    "vgg16": dict(label="VGG16", lr=5e-3, epochs=40, val_accuracy=0.8691, accuracy=0.8470, precision=0.7741,
-                  recall=0.9367, f1=0.8477, auc=0.9497),
+    "mobilenetv2": dict(
+        label="MobileNetV2",
+        lr=5e-3,
+        epochs=20,
+        val_accuracy=0.8330,
+        accuracy=0.8394,
+        precision=0.7957,
+        recall=0.8700,
+        f1=0.8312,
+        auc=0.9148,
+    ),
+    "resnet50v2": dict(
+        label="ResNet50V2",
+        lr=1e-4,
+        epochs=50,
+        val_accuracy=0.8159,
+        accuracy=0.8136,
+        precision=0.7580,
+        recall=0.8667,
+        f1=0.8087,
+        auc=0.9136,
+    ),
+    "efficientnetv2b0": dict(
+        label="EfficientNetV2B0",
+        lr=1e-3,
+        epochs=30,
+        val_accuracy=0.8444,
+        accuracy=0.8288,
+        precision=0.8582,
+        recall=0.7467,
+        f1=0.7986,
+        auc=0.9204,
+    ),
+    "vgg16": dict(
+        label="VGG16",
+        lr=5e-3,
+        epochs=40,
+        val_accuracy=0.8691,
+        accuracy=0.8470,
+        precision=0.7741,
+        recall=0.9367,
+        f1=0.8477,
+        auc=0.9497,
+    ),
 }
-TABLE_METRICS = (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1-score"),
-                 ("auc", "AUC"))
-SELECTION_RULE = ("per backbone, the (lr, epochs) with the best validation accuracy after that many epochs "
-                  "(mean over seeds); ties: lower validation loss, then fewer epochs")
+TABLE_METRICS = (
+    ("accuracy", "Accuracy"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+    ("f1", "F1-score"),
+    ("auc", "AUC"),
+)
+SELECTION_RULE = (
+    "per backbone, the (lr, epochs) with the best validation accuracy after that many epochs "
+    "(mean over seeds); ties: lower validation loss, then fewer epochs"
+)
 
 
 def tuning_curves(rows: list[dict]) -> dict[str, dict[float, tuple[list[int], list[float]]]]:
     """Backbone -> lr -> (epochs, mean validation accuracy over seeds): the data of the study's Figure 1."""
     acc: dict[str, dict[float, dict[int, list[float]]]] = {}
     for r in rows:
-        acc.setdefault(r["backbone"], {}).setdefault(r["lr"], {}).setdefault(r["epochs"], []).append(
-            r["val_accuracy"])
-    return {bb: {lr: (sorted(by_ep), [float(np.mean(by_ep[e])) for e in sorted(by_ep)])
-                 for lr, by_ep in lines.items()} for bb, lines in acc.items()}
+        acc.setdefault(r["backbone"], {}).setdefault(r["lr"], {}).setdefault(r["epochs"], []).append(r["val_accuracy"])
+    return {
+        bb: {lr: (sorted(by_ep), [float(np.mean(by_ep[e])) for e in sorted(by_ep)]) for lr, by_ep in lines.items()}
+        for bb, lines in acc.items()
+    }
 
 
 def _weights_label(config: dict) -> str:
@@ -63,48 +108,71 @@ def _ci(block: dict) -> str:
     return f"{block['value']:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
-def table1_markdown(grid: SweepGrid, choices: dict[str, Choice], metrics: dict[str, dict],
-                    configs: dict[str, dict]) -> str:
+def table1_markdown(
+    grid: SweepGrid, choices: dict[str, Choice], metrics: dict[str, dict], configs: dict[str, dict]
+) -> str:
     """The study's layout (a column per model, a row per metric), each selected model beside the study's."""
     cols: list[tuple[str, Callable[[str], str]]] = []
     for bb in choices:
         m, c, ch = metrics[bb]["test"], configs[bb], choices[bb]
-        cols.append((f"**{bb}** (here)", {
-            "weights": _weights_label(c), "lr, epochs": f"{ch.lr:g}, {ch.epochs}",
-            "val": f"{ch.val_accuracy:.4f}", "n": str(m["n"]),
-            **{k: _ci(m[k]) for k, _ in TABLE_METRICS}}.get))
+        cols.append(
+            (
+                f"**{bb}** (here)",
+                {
+                    "weights": _weights_label(c),
+                    "lr, epochs": f"{ch.lr:g}, {ch.epochs}",
+                    "val": f"{ch.val_accuracy:.4f}",
+                    "n": str(m["n"]),
+                    **{k: _ci(m[k]) for k, _ in TABLE_METRICS},
+                }.get,
+            )
+        )
         if bb in STUDY_TABLE1:
             cols.append(_study_column(bb))
     cols += [_study_column(bb) for bb in STUDY_TABLE1 if bb not in choices]
-    row_names = [("weights", "weights"), ("lr, epochs", "selected lr, epochs"), ("val", "validation accuracy"),
-                 *[(k, label) for k, label in TABLE_METRICS], ("n", "n (test)")]
+    row_names = [
+        ("weights", "weights"),
+        ("lr, epochs", "selected lr, epochs"),
+        ("val", "validation accuracy"),
+        *[(k, label) for k, label in TABLE_METRICS],
+        ("n", "n (test)"),
+    ]
     lines = ["| | " + " | ".join(name for name, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {label} | " + " | ".join(get(key) or "" for _, get in cols) + " |" for key, label in row_names]
     dedup = ["| | " + " | ".join(f"**{bb}**" for bb in choices) + " |", "|---|" + "---|" * len(choices)]
-    dedup += [f"| {label} | " + " | ".join(_ci(metrics[bb]["test_dedup"][k]) for bb in choices) + " |"
-              for k, label in TABLE_METRICS]
+    dedup += [
+        f"| {label} | " + " | ".join(_ci(metrics[bb]["test_dedup"][k]) for bb in choices) + " |"
+        for k, label in TABLE_METRICS
+    ]
     dedup.append("| n (test_dedup) | " + " | ".join(str(metrics[bb]["test_dedup"]["n"]) for bb in choices) + " |")
-    return "\n".join([
-        "# Table 1: the selected model of each backbone on test",
-        "",
-        f"Grid: lr {', '.join(f'{x:g}' for x in grid.lrs)} x epochs {', '.join(map(str, grid.epochs))} x "
-        f"{len(grid.seeds)} seed(s), {grid.mode} backbone, batch {grid.batch_size}, Adam. Selection: "
-        f"{SELECTION_RULE}. Metrics at threshold 0.5 with 95% stratified-bootstrap CIs; *study* columns are "
-        "Lin & Ghanta 2024, Table 1 (no CIs published; their test split has 660 images as here).",
-        "",
-        *lines,
-        "",
-        "## test_dedup (test without near-duplicates of training images)",
-        "",
-        *dedup,
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Table 1: the selected model of each backbone on test",
+            "",
+            f"Grid: lr {', '.join(f'{x:g}' for x in grid.lrs)} x epochs {', '.join(map(str, grid.epochs))} x "
+            f"{len(grid.seeds)} seed(s), {grid.mode} backbone, batch {grid.batch_size}, Adam. Selection: "
+            f"{SELECTION_RULE}. Metrics at threshold 0.5 with 95% stratified-bootstrap CIs; *study* columns are "
+            "Lin & Ghanta 2024, Table 1 (no CIs published; their test split has 660 images as here).",
+            "",
+            *lines,
+            "",
+            "## test_dedup (test without near-duplicates of training images)",
+            "",
+            *dedup,
+            "",
+        ]
+    )
 
 
 def _study_column(bb: str) -> tuple[str, Callable[[str], str]]:
     s = STUDY_TABLE1[bb]
-    cells = {"weights": "ImageNet (Keras)", "lr, epochs": f"{s['lr']:g}, {s['epochs']}",
-             "val": f"{s['val_accuracy']:.4f}", "n": "660", **{k: f"{s[k]:.4f}" for k, _ in TABLE_METRICS}}
+    cells = {
+        "weights": "ImageNet (Keras)",
+        "lr, epochs": f"{s['lr']:g}, {s['epochs']}",
+        "val": f"{s['val_accuracy']:.4f}",
+        "n": "660",
+        **{k: f"{s[k]:.4f}" for k, _ in TABLE_METRICS},
+    }
     return f"{s['label']} (*study*)", cells.get
 
 
@@ -115,16 +183,36 @@ def table1_rows(choices: dict[str, Choice], metrics: dict[str, dict], configs: d
         c = configs[bb]
         for split in ("test", "test_dedup"):
             m = metrics[bb][split]
-            row = {"split": split, "source": "lesionlab", "backbone": bb, "pretrained": c["pretrained"],
-                   "weights_source": c["weights"]["source"], "lr": f"{ch.lr:g}", "epochs": ch.epochs,
-                   "seed": ch.seed, "val_accuracy": ch.val_accuracy, "n": m["n"]}
+            row = {
+                "split": split,
+                "source": "lesionlab",
+                "backbone": bb,
+                "pretrained": c["pretrained"],
+                "weights_source": c["weights"]["source"],
+                "lr": f"{ch.lr:g}",
+                "epochs": ch.epochs,
+                "seed": ch.seed,
+                "val_accuracy": ch.val_accuracy,
+                "n": m["n"],
+            }
             for k, _ in TABLE_METRICS:
                 row.update({k: m[k]["value"], f"{k}_ci_low": m[k]["ci95"][0], f"{k}_ci_high": m[k]["ci95"][1]})
             rows.append(row)
     for bb, s in STUDY_TABLE1.items():
-        rows.append({"split": "test", "source": "study", "backbone": bb, "pretrained": True,
-                     "weights_source": "keras:imagenet", "lr": f"{s['lr']:g}", "epochs": s["epochs"],
-                     "val_accuracy": s["val_accuracy"], "n": 660, **{k: s[k] for k, _ in TABLE_METRICS}})
+        rows.append(
+            {
+                "split": "test",
+                "source": "study",
+                "backbone": bb,
+                "pretrained": True,
+                "weights_source": "keras:imagenet",
+                "lr": f"{s['lr']:g}",
+                "epochs": s["epochs"],
+                "val_accuracy": s["val_accuracy"],
+                "n": 660,
+                **{k: s[k] for k, _ in TABLE_METRICS},
+            }
+        )
     return rows
 
 
@@ -134,8 +222,9 @@ def _test_scores(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.array([int(r["label"]) for r in rows]), np.array([float(r["probability"]) for r in rows])
 
 
-def write_reports(out: Path, grid: SweepGrid, rows: list[dict], choices: dict[str, Choice],
-                  selected: dict[str, Path]) -> None:
+def write_reports(
+    out: Path, grid: SweepGrid, rows: list[dict], choices: dict[str, Choice], selected: dict[str, Path]
+) -> None:
     """table1.md, table1.csv and the study's Figures 1 (tuning), 2 (confusion, test, 0.5) and 3 (ROC, test)."""
     from lesionlab.evaluation import plots
 
@@ -149,12 +238,22 @@ def write_reports(out: Path, grid: SweepGrid, rows: list[dict], choices: dict[st
     w.writerows(table)
     files.atomic_write_text(out / "table1.csv", buf.getvalue())
     labels = {bb: _model_label(bb, ch, configs[bb]) for bb, ch in choices.items()}
-    panels = {f"{bb}{'' if configs[bb]['pretrained'] else ' (RANDOM init)'}": curves
-              for bb, curves in tuning_curves(rows).items()}
-    best = {f"{bb}{'' if configs[bb]['pretrained'] else ' (RANDOM init)'}": (ch.lr, ch.epochs, ch.val_accuracy)
-            for bb, ch in choices.items()}
+    panels = {
+        f"{bb}{'' if configs[bb]['pretrained'] else ' (RANDOM init)'}": curves
+        for bb, curves in tuning_curves(rows).items()
+    }
+    best = {
+        f"{bb}{'' if configs[bb]['pretrained'] else ' (RANDOM init)'}": (ch.lr, ch.epochs, ch.val_accuracy)
+        for bb, ch in choices.items()
+    }
     plots.tuning_panels(panels, best, out / "figure1_tuning.png")
-    plots.confusion_grid({labels[bb]: metrics[bb]["test"]["confusion"] for bb in choices},
-                         out / "figure2_confusion.png", "test split, threshold 0.5")
-    plots.roc({labels[bb]: _test_scores(selected[bb]) for bb in choices}, out / "figure3_roc.png",
-              "ROC on test: the selected model of each backbone")
+    plots.confusion_grid(
+        {labels[bb]: metrics[bb]["test"]["confusion"] for bb in choices},
+        out / "figure2_confusion.png",
+        "test split, threshold 0.5",
+    )
+    plots.roc(
+        {labels[bb]: _test_scores(selected[bb]) for bb in choices},
+        out / "figure3_roc.png",
+        "ROC on test: the selected model of each backbone",
+    )

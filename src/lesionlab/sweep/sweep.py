@@ -21,10 +21,10 @@ import csv
 import io
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -111,9 +111,16 @@ class SweepGrid:
         return [Trial(b, lr, s) for b in self.backbones for lr in self.lrs for s in self.seeds]
 
     def config(self, trial: Trial, epochs: int | None = None) -> TrainConfig:
-        return TrainConfig(backbone=trial.backbone, mode=self.mode, lr=trial.lr, epochs=epochs or self.max_epochs,
-                           batch_size=self.batch_size, seed=trial.seed, split_seed=self.split_seed,
-                           val_fraction=self.val_fraction)
+        return TrainConfig(
+            backbone=trial.backbone,
+            mode=self.mode,
+            lr=trial.lr,
+            epochs=epochs or self.max_epochs,
+            batch_size=self.batch_size,
+            seed=trial.seed,
+            split_seed=self.split_seed,
+            val_fraction=self.val_fraction,
+        )
 
 
 # ------------------------------------------------------------------ one trial
@@ -147,8 +154,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def run_trial(cfg: TrainConfig, data: TrialData, record: tuple[int, ...],
-              tick: Callable[[int], None] | None = None) -> TrialResult:
+def run_trial(
+    cfg: TrainConfig, data: TrialData, record: tuple[int, ...], tick: Callable[[int], None] | None = None
+) -> TrialResult:
     """Trains once to ``cfg.epochs``, keeping a copy of the state at each epoch in ``record``."""
     history: list[dict] = []
     states: dict[int, dict[str, torch.Tensor]] = {}
@@ -196,8 +204,12 @@ class TrialStore:
 
     def save(self, result: TrialResult, identity: dict) -> dict:
         files.atomic_save_torch({"states": result.states}, self._path(result.trial, "pt"))
-        rec = {"trial": asdict(result.trial), "identity": identity, "recorded_epochs": sorted(result.states),
-               "history": result.history}
+        rec = {
+            "trial": asdict(result.trial),
+            "identity": identity,
+            "recorded_epochs": sorted(result.states),
+            "history": result.history,
+        }
         files.atomic_write_json(self._path(result.trial, "json"), rec)
         return rec
 
@@ -237,12 +249,14 @@ def resolve_all(grid: SweepGrid, weights_dir, allow_random_init: bool) -> dict[t
         raise WeightsError(
             f"no ImageNet weights for {', '.join(missing)}: put <timm name>.pth in --weights-dir (now "
             f"{weights_dir or 'the default'}), drop them from --backbones, or pass --allow-random-init to sweep "
-            "them from random weights (timing only: not comparable to the study). Nothing was trained.")
+            "them from random weights (timing only: not comparable to the study). Nothing was trained."
+        )
     return out
 
 
-def prepare(dataset: Dataset, weights: ResolvedWeights, grid: SweepGrid, seed: int, skip_bad: bool,
-            progress: bool) -> Prepared:
+def prepare(
+    dataset: Dataset, weights: ResolvedWeights, grid: SweepGrid, seed: int, skip_bad: bool, progress: bool
+) -> Prepared:
     """Features (frozen, from the shared cache) or decoded images (finetune), split as ``train`` splits them."""
     table, decoded, bad = training_inputs(dataset, weights, grid.mode, seed, skip_bad, progress)
     splits = dataset.without({p for p, _ in bad}).splits(grid.split_seed, grid.val_fraction)
@@ -268,9 +282,18 @@ def result_rows(grid: SweepGrid, records: dict[Trial, dict]) -> list[dict]:
         history = records[trial]["history"]
         for e in grid.epochs:
             h = history[e - 1]
-            rows.append({"backbone": trial.backbone, "lr": trial.lr, "epochs": e, "seed": trial.seed,
-                         "val_accuracy": h["val_accuracy"], "val_loss": h["val_loss"], "val_auc": h["val_auc"],
-                         "train_seconds": sum(float(x["seconds"]) for x in history[:e])})
+            rows.append(
+                {
+                    "backbone": trial.backbone,
+                    "lr": trial.lr,
+                    "epochs": e,
+                    "seed": trial.seed,
+                    "val_accuracy": h["val_accuracy"],
+                    "val_loss": h["val_loss"],
+                    "val_auc": h["val_auc"],
+                    "train_seconds": sum(float(x["seconds"]) for x in history[:e]),
+                }
+            )
     return rows
 
 
@@ -312,9 +335,20 @@ def select(rows: list[dict]) -> dict[str, Choice]:
 # ------------------------------------------------------------------ selected models as run folders
 
 
-def write_selected(out: Path, choice: Choice, grid: SweepGrid, prep: Prepared, store: TrialStore,
-                   history: list[dict], data_root: Path, classes: tuple[str, str], file_hash: str,
-                   n_resamples: int, progress: bool, command: str) -> Path:
+def write_selected(
+    out: Path,
+    choice: Choice,
+    grid: SweepGrid,
+    prep: Prepared,
+    store: TrialStore,
+    history: list[dict],
+    data_root: Path,
+    classes: tuple[str, str],
+    file_hash: str,
+    n_resamples: int,
+    progress: bool,
+    command: str,
+) -> Path:
     """``selected/<backbone>/``: a run folder as ``lesionlab train`` leaves it, then evaluated like ``evaluate``.
 
     Skipped when the folder already holds this choice, evaluated (report.md is evaluation's last file).
@@ -327,8 +361,12 @@ def write_selected(out: Path, choice: Choice, grid: SweepGrid, prep: Prepared, s
     cfg_path = out / rf.CONFIG
     if cfg_path.exists() and (out / rf.REPORT).exists():
         old = files.read_json(cfg_path)
-        if (old.get("train") == train_settings(cfg) and old.get("weights_sha256") == prep.weights.sha256
-                and old.get("file_list_sha256") == file_hash and old.get("sweep_selection") == selection):
+        if (
+            old.get("train") == train_settings(cfg)
+            and old.get("weights_sha256") == prep.weights.sha256
+            and old.get("file_list_sha256") == file_hash
+            and old.get("sweep_selection") == selection
+        ):
             return out
     for name in (rf.REPORT, rf.METRICS):  # an interrupted rewrite must not look finished
         (out / name).unlink(missing_ok=True)
@@ -340,12 +378,26 @@ def write_selected(out: Path, choice: Choice, grid: SweepGrid, prep: Prepared, s
     else:
         model = build_model(prep.weights, choice.seed, dropout=cfg.dropout)
         model.load_state_dict(state)
-    timing = {"epoch_seconds_total": round(sum(float(h["seconds"]) for h in history[:choice.epochs]), 1),
-              "cpu_threads": TRIAL_THREADS if grid.mode == "frozen" else torch.get_num_threads(),
-              "note": "trained as one trial of a sweep (see sweep_selection); backbone features are shared "
-                      "by every trial and not counted here"}
-    write_run(out, cfg, prep.weights, data_root, classes, file_hash, prep.splits, prep.bad,
-              history[:choice.epochs], model, command, extra={"sweep_selection": selection, "timing": timing})
+    timing = {
+        "epoch_seconds_total": round(sum(float(h["seconds"]) for h in history[: choice.epochs]), 1),
+        "cpu_threads": TRIAL_THREADS if grid.mode == "frozen" else torch.get_num_threads(),
+        "note": "trained as one trial of a sweep (see sweep_selection); backbone features are shared "
+        "by every trial and not counted here",
+    }
+    write_run(
+        out,
+        cfg,
+        prep.weights,
+        data_root,
+        classes,
+        file_hash,
+        prep.splits,
+        prep.bad,
+        history[: choice.epochs],
+        model,
+        command,
+        extra={"sweep_selection": selection, "timing": timing},
+    )
     evaluate_run(out, data_root, n_resamples=n_resamples, progress=progress)
     return out
 
@@ -373,6 +425,7 @@ def local_backend(workers: int | None = None) -> Backend:
     A frozen trial is a small single-threaded loop, so one process per core keeps every core busy.
     Finetune trials use every thread of one process instead (and their images are too big to copy).
     """
+
     def run(jobs: list[Job], on_done: Callable[[TrialResult], None], tick: Callable[[int], None]) -> None:
         n = min(workers or os.cpu_count() or 1, len(jobs))
         if n <= 1 or jobs[0][0].mode != "frozen":
@@ -396,10 +449,19 @@ def local_backend(workers: int | None = None) -> Backend:
 
 
 def run_sweep(
-    grid: SweepGrid, data: str | Path, out: str | Path, weights_dir: str | Path | None = None,
-    allow_random_init: bool = False, backend: str = "local", ray_address: str | None = None,
-    skip_bad: bool = False, classes: tuple[str, str] = ("benign", "malignant"), n_resamples: int = 1000,
-    progress: bool = True, command: str = "", workers: int | None = None,
+    grid: SweepGrid,
+    data: str | Path,
+    out: str | Path,
+    weights_dir: str | Path | None = None,
+    allow_random_init: bool = False,
+    backend: str = "local",
+    ray_address: str | None = None,
+    skip_bad: bool = False,
+    classes: tuple[str, str] = ("benign", "malignant"),
+    n_resamples: int = 1000,
+    progress: bool = True,
+    command: str = "",
+    workers: int | None = None,
 ) -> SweepOutcome:
     """Runs what is left of the grid, selects per backbone, evaluates, and writes every output file."""
     from tqdm.auto import tqdm
@@ -412,8 +474,16 @@ def run_sweep(
     file_hash = dataset.file_list_hash()
     weights = resolve_all(grid, weights_dir, allow_random_init)
     out.mkdir(parents=True, exist_ok=True)
-    files.atomic_write_json(out / "sweep.json", {"grid": asdict(grid), "backend": backend, "command": command,
-                                              "data": str(data_root.resolve()), "versions": rf.package_versions()})
+    files.atomic_write_json(
+        out / "sweep.json",
+        {
+            "grid": asdict(grid),
+            "backend": backend,
+            "command": command,
+            "data": str(data_root.resolve()),
+            "versions": rf.package_versions(),
+        },
+    )
     prepared, seconds = {}, {}
     for (bb, seed), w in weights.items():
         t0 = time.perf_counter()
@@ -432,9 +502,14 @@ def run_sweep(
         else:
             jobs.append((cfg, prepared[trial.backbone, trial.seed].data, grid.epochs))
 
-    bar = tqdm(total=len(grid.trials()) * grid.max_epochs, initial=len(records) * grid.max_epochs,
-               desc=f"sweep ({len(jobs)} of {len(grid.trials())} trials to train)", unit="epoch",
-               disable=not progress, smoothing=0.05)
+    bar = tqdm(
+        total=len(grid.trials()) * grid.max_epochs,
+        initial=len(records) * grid.max_epochs,
+        desc=f"sweep ({len(jobs)} of {len(grid.trials())} trials to train)",
+        unit="epoch",
+        disable=not progress,
+        smoothing=0.05,
+    )
 
     def on_done(result: TrialResult) -> None:
         cfg = grid.config(result.trial)
@@ -454,13 +529,30 @@ def run_sweep(
     selected = {}
     for bb, choice in choices.items():
         trial = Trial(bb, choice.lr, choice.seed)
-        selected[bb] = write_selected(out / "selected" / bb, choice, grid, prepared[bb, choice.seed], store,
-                                      records[trial]["history"], data_root, classes, file_hash, n_resamples,
-                                      progress, command)
+        selected[bb] = write_selected(
+            out / "selected" / bb,
+            choice,
+            grid,
+            prepared[bb, choice.seed],
+            store,
+            records[trial]["history"],
+            data_root,
+            classes,
+            file_hash,
+            n_resamples,
+            progress,
+            command,
+        )
     write_reports(out, grid, rows, choices, selected)
     t_end = time.perf_counter()
-    seconds.update({"prepare": t_prepared - t_start, "trials": t_trained - t_prepared,
-                    "select_evaluate_report": t_end - t_trained, "total": t_end - t_start})
+    seconds.update(
+        {
+            "prepare": t_prepared - t_start,
+            "trials": t_trained - t_prepared,
+            "select_evaluate_report": t_end - t_trained,
+            "total": t_end - t_start,
+        }
+    )
     return SweepOutcome(out, rows, choices, selected, len(jobs), seconds)
 
 

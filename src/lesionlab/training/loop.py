@@ -15,9 +15,9 @@ import csv
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,9 +27,9 @@ from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.dataset import Dataset, Sample, load_dataset
 from lesionlab.data.images import DecodedSet, decode_samples, normalize
-from lesionlab.data.splits import check_fold
 from lesionlab.models.backbones import ResolvedWeights, build_backbone, resolve_weights
 from lesionlab.models.classifier import Head, LesionClassifier, build_model, save_model
+from lesionlab.training.config import TrainConfig
 from lesionlab.training.features import (
     BadDataError,
     FeatureTable,
@@ -37,68 +37,7 @@ from lesionlab.training.features import (
     preprocessing,
 )
 
-MODES = ("frozen", "finetune")
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "lr", "seconds"]
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = "efficientnet_lite0"
-    mode: str = "frozen"
-    lr: float = 1e-3
-    epochs: int = 20
-    batch_size: int = 32
-    seed: int = 0
-    split_seed: int = 0
-    val_fraction: float = 0.2
-    fold: int = 0  # which of the round(1 / val_fraction) group-aware folds is validation (0 = the default split)
-    also_val_fold: int = -1  # >= 0: a second validation fold (the inner runs of a nested cross-fit)
-    optimizer: str = "adam"  # the study's Keras default; "adamw" for the fine-tuning recipe
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # or "cosine" (with linear warm-up)
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    class_weight: bool = False
-    dropout: float = 0.0
-    augment: str = "auto"  # "auto" = on in finetune, off in frozen; or "none" / "dermoscopy"
-    precision: str = "auto"  # finetune only: "bf16" autocast where the CPU has it ("auto"), else "fp32"
-    ema_decay: float = 0.0  # finetune only: >0 evaluates and keeps an exponential moving average of the weights
-
-    def __post_init__(self):
-        if self.precision == "auto":
-            self.precision = "bf16" if self.mode == "finetune" and bf16_supported() else "fp32"
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto or one of {PRECISIONS}, got '{self.precision}'")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got '{self.mode}'")
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("lr must be > 0, epochs >= 1 and batch size >= 1")
-        if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
-            raise ValueError("optimizer must be adam|adamw and schedule constant|cosine")
-        check_fold(self.fold, self.val_fraction, self.second_fold)  # DataError is a ValueError
-        if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
-            raise ValueError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
-
-    @property
-    def second_fold(self) -> int | None:
-        return None if self.also_val_fold < 0 else self.also_val_fold
-
-    @property
-    def augmentation(self) -> str:
-        if self.augment == "auto":
-            return "dermoscopy" if self.mode == "finetune" else "none"
-        return self.augment
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def bf16_supported() -> bool:
-    """bf16 autocast is only a speed-up where the CPU computes in bf16 natively (AVX512-BF16 / AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @dataclass
@@ -174,8 +113,13 @@ def evaluate_head(head: Head, x: torch.Tensor, y: torch.Tensor, loss_fn) -> tupl
 
 
 def fit_head(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cfg: TrainConfig,
-    on_epoch: Callable[..., None] | None = None, state: dict | None = None,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    cfg: TrainConfig,
+    on_epoch: Callable[..., None] | None = None,
+    state: dict | None = None,
     progress: bool = True,
 ) -> Head:
     """Trains the head for ``cfg.epochs``; ``on_epoch`` sees every epoch (checkpoints, sweeps)."""
@@ -194,22 +138,29 @@ def fit_head(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["epoch"]
-    bar = tqdm(range(start + 1, cfg.epochs + 1), desc="train head", disable=not progress, unit="epoch",
-               initial=start, total=cfg.epochs)
+    bar = tqdm(
+        range(start + 1, cfg.epochs + 1),
+        desc="train head",
+        disable=not progress,
+        unit="epoch",
+        initial=start,
+        total=cfg.epochs,
+    )
     for epoch in bar:
         t0 = time.perf_counter()
         head.train()
         perm = torch.randperm(len(xt), generator=epoch_generator(cfg.seed, epoch))
         for i in range(0, len(xt), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
             loss_fn(head(xt[idx]), yt[idx]).backward()
             opt.step()
             sched.step()
         tr_loss, tr_acc, _ = evaluate_head(head, xt, yt, loss_fn)
         va_loss, va_acc, va_auc = evaluate_head(head, xv, yv, loss_fn)
-        result = EpochResult(epoch, tr_loss, tr_acc, va_loss, va_acc, va_auc, sched.get_last_lr()[0],
-                             time.perf_counter() - t0)
+        result = EpochResult(
+            epoch, tr_loss, tr_acc, va_loss, va_acc, va_auc, sched.get_last_lr()[0], time.perf_counter() - t0
+        )
         bar.set_postfix(val_acc=f"{va_acc:.3f}", val_loss=f"{va_loss:.3f}")
         if on_epoch:
             on_epoch(result, head, opt, sched)
@@ -253,9 +204,14 @@ def freeze_batchnorm(model: nn.Module) -> None:
 @torch.inference_mode()
 def model_logits(model: nn.Module, images_hwc: np.ndarray, mean, std, batch_size: int = 64) -> np.ndarray:
     model.eval().to(memory_format=torch.channels_last)
-    out = [model(torch.from_numpy(normalize(images_hwc[i:i + batch_size], mean, std))
-                 .contiguous(memory_format=torch.channels_last)).numpy()
-           for i in range(0, len(images_hwc), batch_size)]
+    out = [
+        model(
+            torch.from_numpy(normalize(images_hwc[i : i + batch_size], mean, std)).contiguous(
+                memory_format=torch.channels_last
+            )
+        ).numpy()
+        for i in range(0, len(images_hwc), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -271,8 +227,15 @@ def make_ema(model: nn.Module, decay: float):
 
 
 def fit_network(
-    model: LesionClassifier, train_imgs: np.ndarray, y_train: np.ndarray, val_imgs: np.ndarray, y_val: np.ndarray,
-    cfg: TrainConfig, weights: ResolvedWeights, on_epoch: Callable | None = None, state: dict | None = None,
+    model: LesionClassifier,
+    train_imgs: np.ndarray,
+    y_train: np.ndarray,
+    val_imgs: np.ndarray,
+    y_val: np.ndarray,
+    cfg: TrainConfig,
+    weights: ResolvedWeights,
+    on_epoch: Callable | None = None,
+    state: dict | None = None,
     progress: bool = True,
 ) -> LesionClassifier:
     """Fine-tunes ``model``; with ``cfg.ema_decay`` the weight average is what is validated, passed to
@@ -297,8 +260,13 @@ def fit_network(
     # bf16 autocast about 1.5x more on CPUs that compute bf16 natively. Weights and optimizer stay fp32.
     model.to(memory_format=torch.channels_last)
     bf16 = cfg.precision == "bf16"
-    bar = tqdm(total=cfg.epochs * steps, initial=start * steps, desc=f"finetune {cfg.backbone}",
-               disable=not progress, unit="batch")
+    bar = tqdm(
+        total=cfg.epochs * steps,
+        initial=start * steps,
+        desc=f"finetune {cfg.backbone}",
+        disable=not progress,
+        unit="batch",
+    )
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -308,7 +276,7 @@ def fit_network(
         perm = torch.randperm(len(chw), generator=g)
         total, correct, seen = 0.0, 0, 0
         for i in range(0, len(chw), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             batch = chw[idx]
             if cfg.augmentation == "dermoscopy":
                 batch = augment_batch(batch, weights.input_size)
@@ -332,8 +300,16 @@ def fit_network(
         vl = model_logits(judged, val_imgs, weights.mean, weights.std)
         va_loss = float(loss_fn(torch.from_numpy(vl), torch.from_numpy(y_val)))
         va_acc = float(((vl > 0) == (y_val > 0.5)).mean())
-        result = EpochResult(epoch, total / seen, correct / seen, va_loss, va_acc, binary_auc(y_val, vl),
-                             sched.get_last_lr()[0], time.perf_counter() - t0)
+        result = EpochResult(
+            epoch,
+            total / seen,
+            correct / seen,
+            va_loss,
+            va_acc,
+            binary_auc(y_val, vl),
+            sched.get_last_lr()[0],
+            time.perf_counter() - t0,
+        )
         bar.set_postfix(epoch=epoch, val_acc=f"{va_acc:.3f}")
         if on_epoch:
             on_epoch(result, model, opt, sched, ema=None if ema is None else ema.module)
@@ -366,8 +342,9 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def write_splits(path: Path, splits: dict[str, list[Sample]]) -> None:
-    lines = ["relpath,label,split"] + [f"{s.relpath},{s.label},{name}" for name in ("train", "val", "test")
-                                       for s in splits[name]]
+    lines = ["relpath,label,split"] + [
+        f"{s.relpath},{s.label},{name}" for name in ("train", "val", "test") for s in splits[name]
+    ]
     files.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -383,8 +360,16 @@ def _check_existing(out: Path, identity: dict) -> None:
         raise rf.RunError(f"{out} already holds a different run ({what}); choose another --out or delete it")
 
 
-def run_config(cfg: TrainConfig, resolved: ResolvedWeights, data: str | Path, classes: tuple[str, str],
-               file_hash: str, splits: dict[str, list[Sample]], n_skipped: int, command: str = "") -> dict:
+def run_config(
+    cfg: TrainConfig,
+    resolved: ResolvedWeights,
+    data: str | Path,
+    classes: tuple[str, str],
+    file_hash: str,
+    splits: dict[str, list[Sample]],
+    n_skipped: int,
+    command: str = "",
+) -> dict:
     """config.json's content: one schema for runs from ``train`` and runs written by the sweep."""
     return {
         **_train_identity(cfg, resolved, file_hash),
@@ -394,20 +379,38 @@ def run_config(cfg: TrainConfig, resolved: ResolvedWeights, data: str | Path, cl
         "weights": resolved.describe(),
         "pretrained": resolved.pretrained,
         "preprocessing": preprocessing(resolved),
-        "data": {"root": str(Path(data).resolve()), "classes": list(classes), "positive_class": classes[1],
-                 "file_list_sha256": file_hash, "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
-                 "fold": cfg.fold, **({"also_val_fold": cfg.also_val_fold} if cfg.second_fold is not None else {}),
-                 "skipped_files": n_skipped, **{f"n_{k}": len(v) for k, v in splits.items()}},
+        "data": {
+            "root": str(Path(data).resolve()),
+            "classes": list(classes),
+            "positive_class": classes[1],
+            "file_list_sha256": file_hash,
+            "split_seed": cfg.split_seed,
+            "val_fraction": cfg.val_fraction,
+            "fold": cfg.fold,
+            **({"also_val_fold": cfg.also_val_fold} if cfg.second_fold is not None else {}),
+            "skipped_files": n_skipped,
+            **{f"n_{k}": len(v) for k, v in splits.items()},
+        },
         "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
         "versions": rf.package_versions(),
         "command": command,
     }
 
 
-def write_run(out: str | Path, cfg: TrainConfig, resolved: ResolvedWeights, data: str | Path,
-              classes: tuple[str, str], file_hash: str, splits: dict[str, list[Sample]],
-              bad: list[tuple[str, str]], history: list[dict], model: LesionClassifier, command: str = "",
-              extra: dict | None = None) -> Path:
+def write_run(
+    out: str | Path,
+    cfg: TrainConfig,
+    resolved: ResolvedWeights,
+    data: str | Path,
+    classes: tuple[str, str],
+    file_hash: str,
+    splits: dict[str, list[Sample]],
+    bad: list[tuple[str, str]],
+    history: list[dict],
+    model: LesionClassifier,
+    command: str = "",
+    extra: dict | None = None,
+) -> Path:
     """A finished run folder from a model trained elsewhere (the sweep), as ``train`` would have left it.
 
     ``model`` is the state after ``cfg.epochs`` epochs, recorded as the run's best epoch.
@@ -421,14 +424,18 @@ def write_run(out: str | Path, cfg: TrainConfig, resolved: ResolvedWeights, data
     meta = {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode, "epoch": cfg.epochs}
     save_model(model, out / rf.MODEL, meta)
     (out / rf.STATE).unlink(missing_ok=True)
-    config = {**run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command),
-              "best_epoch": cfg.epochs, **(extra or {})}
+    config = {
+        **run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command),
+        "best_epoch": cfg.epochs,
+        **(extra or {}),
+    }
     files.atomic_write_json(out / rf.CONFIG, config)
     return out
 
 
-def training_inputs(dataset: Dataset, weights: ResolvedWeights, mode: str, seed: int, skip_bad: bool,
-                    progress: bool) -> tuple[FeatureTable | None, DecodedSet | None, list[tuple[str, str]]]:
+def training_inputs(
+    dataset: Dataset, weights: ResolvedWeights, mode: str, seed: int, skip_bad: bool, progress: bool
+) -> tuple[FeatureTable | None, DecodedSet | None, list[tuple[str, str]]]:
     """Cached features (frozen) or decoded images (finetune), and the unreadable files; or BadDataError."""
     if mode == "frozen":
         table = load_or_compute(dataset, weights, seed, skip_bad, progress)
@@ -440,9 +447,16 @@ def training_inputs(dataset: Dataset, weights: ResolvedWeights, mode: str, seed:
 
 
 def train(
-    cfg: TrainConfig, data: str | Path, out: str | Path, weights: str | Path | None = None,
-    weights_dir: str | Path | None = None, allow_random_init: bool = False, skip_bad: bool = False,
-    progress: bool = True, classes: tuple[str, str] = ("benign", "malignant"), command: str = "",
+    cfg: TrainConfig,
+    data: str | Path,
+    out: str | Path,
+    weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    allow_random_init: bool = False,
+    skip_bad: bool = False,
+    progress: bool = True,
+    classes: tuple[str, str] = ("benign", "malignant"),
+    command: str = "",
 ) -> Path:
     """Trains one model into ``out``. Running it again on an unfinished ``out`` resumes; on a finished one, no-op."""
     out = Path(out)
@@ -487,17 +501,26 @@ def train(
 
     def on_epoch(result: EpochResult, module: nn.Module, opt, sched, ema: nn.Module | None = None) -> None:
         history.append(result.row())
-        better = (result.val_accuracy > best["val_accuracy"]
-                  or (result.val_accuracy == best["val_accuracy"] and result.val_loss < best["val_loss"]))
+        better = result.val_accuracy > best["val_accuracy"] or (
+            result.val_accuracy == best["val_accuracy"] and result.val_loss < best["val_loss"]
+        )
         if better:
             best.update(val_accuracy=result.val_accuracy, val_loss=result.val_loss, epoch=result.epoch)
             save_model(full_model(module if ema is None else ema), out / rf.MODEL, {**meta, "epoch": result.epoch})
         write_history(out / rf.HISTORY, history)
-        files.atomic_save_torch({"model": module.state_dict(), "optimizer": opt.state_dict(),
-                              "ema": None if ema is None else ema.state_dict(),
-                              "scheduler": sched.state_dict(), "epoch": result.epoch, "history": history,
-                              "best": best, "wall_seconds": earlier_seconds + time.perf_counter() - t_start},
-                             state_path)
+        files.atomic_save_torch(
+            {
+                "model": module.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": None if ema is None else ema.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": result.epoch,
+                "history": history,
+                "best": best,
+                "wall_seconds": earlier_seconds + time.perf_counter() - t_start,
+            },
+            state_path,
+        )
 
     if cfg.mode == "frozen":
         x_tr, y_tr = table.rows(splits["train"])
@@ -505,8 +528,10 @@ def train(
         fit_head(x_tr, y_tr, x_va, y_va, cfg, on_epoch, state, progress)
     else:
         index = {s.relpath: i for i, s in enumerate(decoded.samples)}
-        pick = lambda ss: (decoded.images[[index[s.relpath] for s in ss]],  # noqa: E731
-                           np.array([s.label for s in ss], np.float32))
+        pick = lambda ss: (
+            decoded.images[[index[s.relpath] for s in ss]],
+            np.array([s.label for s in ss], np.float32),
+        )
         (tr_img, y_tr), (va_img, y_va) = pick(splits["train"]), pick(splits["val"])
         fit_network(model, tr_img, y_tr, va_img, y_va, cfg, resolved, on_epoch, state, progress)
     config["best_epoch"] = best["epoch"]
@@ -516,7 +541,7 @@ def train(
         "epoch_seconds_total": round(sum(float(h["seconds"]) for h in history), 1),
         "cpu_threads": torch.get_num_threads(),
         "note": "wall_seconds sums every session of a resumed run; data_seconds is decoding plus backbone "
-                "features (near zero when the feature cache already held them)",
+        "features (near zero when the feature cache already held them)",
     }
     files.atomic_write_json(out / rf.CONFIG, config)
     state_path.unlink(missing_ok=True)
