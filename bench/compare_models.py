@@ -3,7 +3,7 @@
     python bench/compare_models.py LABEL=RUN_OR_ENSEMBLE_DIR ...
     python bench/compare_models.py --candidates runs/r2-lite0 runs/r2-lite1 ...
 
-The first form prints one markdown table (docs/results.md, section 3): the study's rows (threshold 0.5,
+The first form prints one markdown table (docs/results.md, section 2.1): the study's rows (threshold 0.5,
 no CIs published) and, per model, test and test_dedup at 0.5 and at the validation-chosen threshold,
 with 95% CIs, ECE after calibration and CPU training time (the sum of the members' measured epoch
 seconds). The second ranks every single run and every ensemble of them by validation ROC-AUC of the

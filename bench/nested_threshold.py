@@ -3,7 +3,7 @@
     python bench/nested_threshold.py runs/xfit --inner runs/nest-f01 runs/nest-f02 ...
 
 A cross-fit ensemble fits its temperature and threshold on out-of-fold scores, each made by ONE fold's members,
-while a test image gets the mean of ALL folds' members (docs/results.md 3f). The inner runs (`lesionlab train
+while a test image gets the mean of ALL folds' members (docs/results.md 3.3). The inner runs (`lesionlab train
 --fold K --also-val-fold L`, one per pair of folds, the ensemble's recipe) fix the mismatch: a training image of
 fold K is scored by the mean of every inner run that held K out (four of them for five folds), an average of
 models none of which saw it, like a test image. This prints, for the out-of-fold and the nested estimate: the

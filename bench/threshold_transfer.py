@@ -1,4 +1,4 @@
-"""Where a cross-fit ensemble's out-of-fold operating threshold lands on test, and why (docs/results.md 3f).
+"""Where a cross-fit ensemble's out-of-fold operating threshold lands on test, and why (docs/results.md 3.3).
 
     python bench/threshold_transfer.py runs/xfit [runs/other-xfit ...]
 

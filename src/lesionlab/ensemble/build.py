@@ -22,7 +22,7 @@ An out-of-fold score still comes from one fold's members while a test image gets
 **Inner runs** (``train --fold K --also-val-fold L``, one per pair of folds, the members' recipe) remove that
 mismatch: with ``inner`` the temperature and threshold are fitted on a *nested* out-of-fold estimate, each
 training image scored by the mean of the inner runs that held its fold out, an ensemble none of whose runs
-saw it (docs/results.md 3g).
+saw it (docs/results.md 3.4).
 """
 
 from __future__ import annotations
