@@ -13,7 +13,8 @@ import torch
 
 from lesionlab.models.backbones import WeightsError
 from lesionlab.sweep import sweep as sw
-from lesionlab.training.loop import TrainConfig, fit_head
+from lesionlab.training.config import TrainConfig
+from lesionlab.training.loop import fit_head
 
 TINY_GRID = dict(backbones=("efficientnet_lite0",), lrs=(1e-3, 5e-3), epochs=(1, 3))
 OUTPUTS = ("results.csv", "table1.md", "table1.csv", "figure1_tuning.png", "figure2_confusion.png", "figure3_roc.png")

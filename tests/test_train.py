@@ -10,8 +10,9 @@ from lesionlab.models.classifier import load_model
 from lesionlab.runs import RunError
 from lesionlab.training import config as train_config
 from lesionlab.training import loop as train_mod
+from lesionlab.training.config import TrainConfig
 from lesionlab.training.features import BadDataError
-from lesionlab.training.loop import TrainConfig, fit_head, train
+from lesionlab.training.loop import fit_head, train
 
 
 @pytest.fixture(scope="module")

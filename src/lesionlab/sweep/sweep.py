@@ -42,9 +42,8 @@ from lesionlab.models.backbones import (
 from lesionlab.models.classifier import Head, LesionClassifier, build_model
 from lesionlab.runtime import keep_freed_memory
 from lesionlab.sweep.report import SELECTION_RULE, write_reports
+from lesionlab.training.config import MODES, TrainConfig
 from lesionlab.training.loop import (
-    MODES,
-    TrainConfig,
     fit_head,
     fit_network,
     train_settings,
