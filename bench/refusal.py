@@ -20,6 +20,7 @@ import numpy as np
 
 from lesionlab.models.detector import LesionDetector
 from lesionlab.refusal import measure as refusal
+from lesionlab.runs import RunFolder
 
 SWEEP = [(k, True) for k in (64, 128, 256, 384, 512, 640, 768)] + [(k, False) for k in (128, 512)]
 
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.write:
             res = refusal.measure_refusal(run, progress=False, features=feats, refit=True)
-            print(json.dumps(refusal.summary(res), indent=2))
+            res.detector.save(run)  # metrics.json's refusal block is refreshed by `lesionlab evaluate RUN`
+            RunFolder(run).write_refusal(res.result, res.scores)
+            print(json.dumps(refusal.summary(res.result), indent=2))
             print("  accepted:", ", ".join(res["non_lesion"]["accepted"]) or "none")
     print(json.dumps(out, indent=2))
     return 0

@@ -38,12 +38,9 @@ from scipy.special import expit
 
 from lesionlab import files
 from lesionlab import runs as rf
-from lesionlab.evaluation.evaluate import (
-    EVAL_SPLITS,
-    SplitScores,
-    score_run,
-    write_evaluation,
-)
+from lesionlab.runs import RunFolder
+from lesionlab.evaluation.evaluate import fitted_metrics, write_evaluation
+from lesionlab.evaluation.scoring import EVAL_SPLITS, SplitScores, score_run
 from lesionlab.evaluation.metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES, check_policy
 from lesionlab.evaluation.report import DISCLAIMER, metrics_table
 from lesionlab.inference.predictor import ENSEMBLE_FILE, mean_probability_logit
@@ -387,17 +384,8 @@ def _evaluate(
         per_inner = [member_scores(r, data, tta, reuse, progress) for r in inner]
         nested = nested_out_of_fold(per_inner, [_temperature(r) for r in inner])
     scores = ensemble_scores(per_member, [_temperature(m) for m in members], groups, nested)
-    names = ", ".join(files.read_json(m / rf.CONFIG)["backbone"] for m in members)
-    metrics = write_evaluation(
-        ensemble_dir,
-        scores,
-        policy,
-        n_resamples,
-        seed,
-        f"ensemble ({names})",
-        f"ensemble-{len(members)}-{ensemble_dir.name}",
-        tta,
-    )
+    names = ", ".join(RunFolder(m).config.backbone for m in members)
+    metrics, probs = fitted_metrics(scores, policy, n_resamples, seed, tta)
     metrics["layout"] = layout
     if layout == CROSS_FIT:
         metrics["threshold"]["chosen_on"] = (
@@ -405,11 +393,15 @@ def _evaluate(
             if inner
             else ("val (out of fold: every training image, scored by the members that held it out)")
         )
-    refusal = combine_refusal(members, ensemble_dir)
+    run = RunFolder(ensemble_dir)
+    refusal = combine_refusal(members)
     if refusal is not None:
         metrics["refusal"] = summary(refusal)
-    files.atomic_write_json(ensemble_dir / rf.METRICS, metrics)
-    files.atomic_write_text(ensemble_dir / rf.REPORT, ensemble_report(members, ensemble_dir, metrics, refusal))
+        run.write_refusal(refusal)
+    report = ensemble_report(members, ensemble_dir, metrics, refusal)
+    write_evaluation(
+        run, scores, probs, metrics, f"ensemble ({names})", f"ensemble-{len(members)}-{ensemble_dir.name}", report
+    )
     return metrics
 
 

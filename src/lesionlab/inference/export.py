@@ -88,13 +88,13 @@ def _run_context(run_dir: Path) -> tuple[dict, dict, int]:
 
 def _splits(run_dir: Path, config: dict, data: Path | None) -> dict[str, list[Sample]] | None:
     """The run's own validation and test samples, or None when its data folder is not here."""
-    from lesionlab.evaluation.evaluate import run_splits
+    from lesionlab.runs import RunFolder
 
     root = Path(data) if data else Path(config["data"]["root"])
     if not (root / "train").is_dir():
         return None
     dataset = load_dataset(root, tuple(config["data"]["classes"]))
-    return run_splits(run_dir, dataset)
+    return RunFolder(run_dir).dataset_splits(dataset)
 
 
 def parity_batch(

@@ -3,28 +3,23 @@
 The detector (``ood.LesionDetector``) is fitted on the run's own backbone features of its training
 images and thresholded on its validation images, so that about 1% of real lesions are refused. It
 is measured on the test lesions against a non-lesion set: the photos scikit-image ships plus
-generated noise, flat colours, gradients, shapes and rendered text. Everything is written into the
-run folder: ``ood.npz``/``ood.json`` (used by every predictor), ``refusal.json``,
-``refusal_scores.csv`` (per image, so ensembles can combine members without recomputing) and a
-``refusal`` block in ``metrics.json``.
+generated noise, flat colours, gradients, shapes and rendered text (``non_lesion.py``). Nothing here
+writes into the run folder: evaluation saves the detector and the measurement (``refusal.json``,
+``refusal_scores.csv``, per image, so ensembles can combine members without recomputing, and a ``refusal``
+block in ``metrics.json``) through ``runs.RunFolder``.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from lesionlab import files
-from lesionlab import runs as rf
 from lesionlab.data.dataset import Dataset, load_dataset
-from lesionlab.data.images import to_rgb
 from lesionlab.models.detector import (
     ENSEMBLE_RULE,
     LesionDetector,
@@ -32,57 +27,32 @@ from lesionlab.models.detector import (
     ensemble_refusal_score,
     image_statistics,
 )
+from lesionlab.refusal.non_lesion import NON_LESION_VERSION, NonLesion, non_lesion_images
+from lesionlab.runs import RunError, RunFolder, ScoreRow
 
-REFUSAL_FILE = "refusal.json"
-SCORES_FILE = "refusal_scores.csv"
 MAX_REFUSAL = 0.01
 #: Chosen with bench/refusal.py on lite0-frozen: 384-768 all give AUROC >= 0.998; 128 gives 0.97.
 N_COMPONENTS = 512
 CONFIDENCE = 0.95
-NON_LESION_VERSION = 1  # bump when the generated set changes, to invalidate cached features
 PIXEL_STATS_VERSION = 2  # bump when ood.image_statistics changes, to invalidate cached statistics
-#: Photos and scientific images bundled in scikit-image's wheel (no download needed).
-SKIMAGE_IMAGES = (
-    "astronaut",
-    "brick",
-    "camera",
-    "cat",
-    "checkerboard",
-    "clock",
-    "coffee",
-    "coins",
-    "colorwheel",
-    "grass",
-    "gravel",
-    "horse",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "logo",
-    "microaneurysms",
-    "moon",
-    "page",
-    "retina",
-    "rocket",
-    "text",
-    "stereo_motorcycle",
-    "cell",
-)
 
 
 # ------------------------------------------------------------------ features of a run's images
 
 
-def _run_weights(run_dir: Path, config: dict):
+def _run_weights(run: RunFolder):
     """Frozen runs share the ImageNet feature cache; a fine-tuned run gets cache entries keyed by its model.pt."""
     from lesionlab.models.backbones import ResolvedWeights, file_sha256
+    from lesionlab.runs import MODEL
 
-    w = config["weights"]
-    if config["mode"] == "frozen":
+    config = run.config
+    w = config.weights
+    if config.mode == "frozen":
         sha, source = w["sha256"], w["source"]
     else:
-        sha, source = "run-" + file_sha256(run_dir / rf.MODEL), f"run:{run_dir.name}"
+        sha, source = "run-" + file_sha256(run / MODEL), f"run:{run.path.name}"
     return ResolvedWeights(
-        config["backbone"], source, w["pretrained"], sha, tuple(w["mean"]), tuple(w["std"]), int(w["input_size"])
+        config.backbone, source, w["pretrained"], sha, tuple(w["mean"]), tuple(w["std"]), int(w["input_size"])
     )
 
 
@@ -121,23 +91,18 @@ def run_features(
     run_dir: str | Path, data: str | Path | None = None, progress: bool = True
 ) -> dict[str, SplitFeatures]:
     """Backbone features of the run's train, val, test and test_dedup images, as the run's own model sees them."""
-    from lesionlab.evaluation.evaluate import run_splits
     from lesionlab.models.classifier import load_model
+    from lesionlab.runs import MODEL
     from lesionlab.training.features import load_or_compute
 
-    run_dir = rf.require_run(run_dir)
-    config = files.read_json(run_dir / rf.CONFIG)
-    dataset: Dataset = load_dataset(data or config["data"]["root"], tuple(config["data"]["classes"]))
-    model, _ = load_model(run_dir / rf.MODEL)
-    table = load_or_compute(
-        dataset, _run_weights(run_dir, config), skip_bad=True, progress=progress, backbone=model.backbone
-    )
-    splits = run_splits(run_dir, dataset)
-    with open(run_dir / "splits.csv", newline="") as f:
-        train_rel = {r["relpath"] for r in csv.DictReader(f) if r["split"] == "train"}
-    splits["train"] = [s for s in dataset.train if s.relpath in train_rel]
+    run = RunFolder(run_dir).require_trained()
+    config = run.config
+    dataset: Dataset = load_dataset(data or config.data_root, config.classes)
+    model, _ = load_model(run / MODEL)
+    table = load_or_compute(dataset, _run_weights(run), skip_bad=True, progress=progress, backbone=model.backbone)
+    splits = run.dataset_splits(dataset)
     index = set(table.relpaths)
-    stats = pixel_statistics(dataset, int(config["weights"]["input_size"]), progress)
+    stats = pixel_statistics(dataset, config.preprocessing.input_size, progress)
     out = {}
     for name, samples in splits.items():
         rel = [s.relpath for s in samples if s.relpath in index]
@@ -153,7 +118,7 @@ def fit_refusal(
     progress: bool = True,
     features: dict[str, SplitFeatures] | None = None,
 ) -> LesionDetector:
-    """Fits the lesion detector on train images, thresholds it on validation and saves it into the run folder.
+    """Fits the lesion detector on train images and thresholds it on validation (the caller saves it).
 
     Two distances (backbone features, input-pixel statistics), each allowed half of ``max_refusal``: a
     union bound keeps the refusal of validation lesions within ``max_refusal``.
@@ -161,7 +126,7 @@ def fit_refusal(
     feats = features or run_features(run_dir, data, progress)
     train, val = feats["train"], feats["val"]
     if len(train.x) < 3 or len(val.x) < 1:
-        raise rf.RunError(f"{run_dir}: too few train/validation images to fit the lesion detector")
+        raise RunError(f"{run_dir}: too few train/validation images to fit the lesion detector")
     use_pixels = train.pixels is not None and len(train.pixels) > train.pixels.shape[1]
     budget = max_refusal / 2 if use_pixels else max_refusal
     detector = LesionDetector.fit(train.x, val.x, max_refusal, n_components)
@@ -169,7 +134,6 @@ def fit_refusal(
     if use_pixels:
         detector.pixels = PixelDistance.fit(train.pixels)
         detector.pixels.threshold = conservative_threshold(detector.pixels.score(val.pixels), budget)
-    detector.save(Path(run_dir))
     return detector
 
 
@@ -197,156 +161,6 @@ def conservative_threshold(
     return float((s[allowed] + s[allowed - 1]) / 2)
 
 
-# ------------------------------------------------------------------ the non-lesion set
-
-
-@dataclass
-class NonLesion:
-    kind: str  # natural | noise | flat | gradient | shapes | text
-    name: str
-    image: Image.Image
-
-
-def _skimage_photos() -> list[NonLesion]:
-    """Photos and scientific images shipped inside scikit-image, plus a zoomed crop of each colour photo."""
-    try:
-        import skimage.data as skd
-    except ImportError:
-        return []
-    out = []
-    for name in SKIMAGE_IMAGES:
-        try:
-            arr = getattr(skd, name)()
-        except Exception:  # a sample that needs a download in this skimage version
-            continue
-        arr = np.asarray(arr[0] if isinstance(arr, tuple) else arr)  # stereo_motorcycle: (left, right, disparity)
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8) * 255
-        img = to_rgb(Image.fromarray(arr))
-        out.append(NonLesion("natural", name, img))
-        if arr.ndim == 3 and min(img.size) >= 256:
-            w, h = img.size
-            s = min(w, h) // 2
-            out.append(
-                NonLesion("natural", f"{name}-crop", img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)))
-            )
-    return out
-
-
-def _noise(rng: np.random.Generator, size: int) -> list[NonLesion]:
-    out = []
-    for i in range(4):
-        out.append(NonLesion("noise", f"uniform-{i}", Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8))))
-        g = np.clip(rng.normal(128, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-        out.append(NonLesion("noise", f"gaussian-{i}", Image.fromarray(g)))
-        low = rng.integers(0, 256, (8, 8, 3), np.uint8)  # smooth blotches: closer to skin texture than white noise
-        out.append(NonLesion("noise", f"blotches-{i}", Image.fromarray(low).resize((size, size), Image.BICUBIC)))
-        sp = np.full((size, size, 3), 128, np.uint8)
-        mask = rng.random((size, size))
-        sp[mask < 0.05], sp[mask > 0.95] = 0, 255
-        out.append(NonLesion("noise", f"salt-pepper-{i}", Image.fromarray(sp)))
-    return out
-
-
-#: Black, white, greys, primaries and a few skin tones (a flat skin-coloured image is still not a lesion).
-FLAT_COLOURS = [
-    (0, 0, 0),
-    (255, 255, 255),
-    (128, 128, 128),
-    (64, 64, 64),
-    (200, 200, 200),
-    (255, 0, 0),
-    (0, 255, 0),
-    (0, 0, 255),
-    (255, 255, 0),
-    (0, 255, 255),
-    (255, 0, 255),
-    (241, 194, 125),
-    (224, 172, 105),
-    (198, 134, 66),
-    (141, 85, 36),
-    (255, 219, 172),
-    (180, 120, 120),
-    (120, 60, 40),
-]
-
-
-def _flat_and_gradients(rng: np.random.Generator, size: int) -> list[NonLesion]:
-    out = [
-        NonLesion("flat", "flat-{:02x}{:02x}{:02x}".format(*c), Image.new("RGB", (size, size), c)) for c in FLAT_COLOURS
-    ]
-    t = np.linspace(0, 1, size, dtype=np.float32)
-    yy, xx = np.meshgrid(t, t, indexing="ij")
-    radial = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.71
-    for i, ramp in enumerate([xx, yy, (xx + yy) / 2, radial, 1 - radial]):
-        for j in range(2):
-            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-            arr = (a[None, None] * (1 - ramp[..., None]) + b[None, None] * ramp[..., None]).astype(np.uint8)
-            out.append(NonLesion("gradient", f"gradient-{i}-{j}", Image.fromarray(arr)))
-    return out
-
-
-def _shapes(rng: np.random.Generator, size: int) -> list[NonLesion]:
-    out = []
-    for i in range(8):
-        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 256, 3)))
-        d = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(1, 6))):
-            x0, y0 = (int(v) for v in rng.integers(0, size - 20, 2))
-            x1, y1 = x0 + int(rng.integers(20, size)), y0 + int(rng.integers(20, size))
-            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-            (d.ellipse if rng.random() < 0.5 else d.rectangle)((x0, y0, x1, y1), fill=fill)
-        out.append(NonLesion("shapes", f"shapes-{i}", img))
-    for i, step in enumerate((8, 16, 28, 56)):
-        arr = ((np.indices((size, size)).sum(0) // step) % 2 * 255).astype(np.uint8)
-        out.append(NonLesion("shapes", f"checker-{step}", Image.fromarray(arr).convert("RGB")))
-    return out
-
-
-TEXTS = (
-    "lesionlab",
-    "The quick brown fox jumps over the lazy dog",
-    "Invoice #2024-117  Total: 42.00 EUR",
-    "def main():\n    return 0",
-    "SKIN CANCER",
-    "0123456789",
-    "Lorem ipsum dolor sit amet,\nconsectetur adipiscing elit",
-    "Hello, world!",
-    "benign? malignant?",
-    "ERROR 422",
-)
-
-
-def _text(rng: np.random.Generator, size: int) -> list[NonLesion]:
-    out = []
-    for i, text in enumerate(TEXTS):
-        for j, font_size in enumerate((18, 40)):
-            dark = rng.random() < 0.5
-            bg = (20, 20, 30) if dark else (250, 250, 245)
-            fg = (
-                tuple(int(v) for v in rng.integers(180, 256, 3))
-                if dark
-                else tuple(int(v) for v in rng.integers(0, 80, 3))
-            )
-            img = Image.new("RGB", (size, size), bg)
-            d = ImageDraw.Draw(img)
-            font = ImageFont.load_default(font_size)
-            y = 10
-            while y < size - font_size:  # fill the page, as a photo of a document would
-                d.multiline_text((8, y), text, fill=fg, font=font)
-                y += (text.count("\n") + 1) * int(font_size * 1.3) + 6
-            out.append(NonLesion("text", f"text-{i}-{font_size}px", img))
-    return out
-
-
-def non_lesion_images(size: int = 256, seed: int = 0) -> list[NonLesion]:
-    """About 140 images that are not dermoscopic lesion photos; deterministic for a seed."""
-    rng = np.random.default_rng(seed)
-    return (
-        _skimage_photos() + _noise(rng, size) + _flat_and_gradients(rng, size) + _shapes(rng, size) + _text(rng, size)
-    )
-
-
 # ------------------------------------------------------------------ measuring
 
 
@@ -367,8 +181,7 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
     from lesionlab.inference.predictor import TorchPredictor
     from lesionlab.training.features import cache_dir, preprocessing
 
-    run_dir = Path(run_dir)
-    weights = _run_weights(run_dir, files.read_json(run_dir / rf.CONFIG))
+    weights = _run_weights(RunFolder(run_dir))
     blob = json.dumps(
         {
             "v": NON_LESION_VERSION,
@@ -392,7 +205,7 @@ def non_lesion_pixels(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
     """Image statistics of the non-lesion set, resized and cropped as the predictor does."""
     from lesionlab.data.images import resize_to_input
 
-    size = int(files.read_json(Path(run_dir) / rf.CONFIG)["weights"]["input_size"])
+    size = RunFolder(run_dir).config.preprocessing.input_size
     return image_statistics(np.stack([resize_to_input(it.image, size) for it in items]))
 
 
@@ -404,12 +217,13 @@ def _rate(refused: np.ndarray) -> dict:
     }
 
 
-def _write_scores(path: Path, rows: list[tuple[str, str, float, bool]]) -> None:
-    buf = io.StringIO()
-    buf.write("set,name,score,refused\n")
-    for s, name, score, refused in rows:
-        buf.write(f"{s},{name},{score:.4f},{int(refused)}\n")
-    files.atomic_write_text(path, buf.getvalue())
+@dataclass
+class Measurement:
+    """A lesion detector and how it did: ``result`` is refusal.json's content, ``scores`` its per-image rows."""
+
+    detector: LesionDetector | None
+    result: dict
+    scores: list[ScoreRow]
 
 
 def measure_refusal(
@@ -418,10 +232,10 @@ def measure_refusal(
     progress: bool = True,
     features: dict[str, SplitFeatures] | None = None,
     refit: bool = False,
-) -> dict:
-    """AUROC (test lesions vs non-lesions) and refusal rates; writes refusal.json, refusal_scores.csv and
-    a ``refusal`` block into metrics.json. Fits the detector first when the run has none (or ``refit``)."""
-    run_dir = rf.require_run(run_dir)
+) -> Measurement:
+    """AUROC (test lesions vs non-lesions) and refusal rates of the run's detector, fitted first when the run has
+    none (or ``refit``). Writes nothing."""
+    run_dir = RunFolder(run_dir).require_trained().path
     feats = features or run_features(run_dir, data, progress)
     detector = None if refit else LesionDetector.load(run_dir)
     if detector is None:
@@ -457,19 +271,14 @@ def measure_refusal(
         },
     }
     rows = [
-        ("non_lesion", f"{it.kind}/{it.name}", float(s), bool(s > detector.threshold)) for s, it in zip(other, items)
+        ScoreRow("non_lesion", f"{it.kind}/{it.name}", float(s), bool(s > detector.threshold))
+        for s, it in zip(other, items)
     ]
     rows += [
-        ("test", r, float(v), bool(v > detector.threshold)) for r, v in zip(feats["test"].relpaths, scores["test"])
+        ScoreRow("test", r, float(v), bool(v > detector.threshold))
+        for r, v in zip(feats["test"].relpaths, scores["test"])
     ]
-    _write_scores(run_dir / SCORES_FILE, rows)
-    files.atomic_write_json(run_dir / REFUSAL_FILE, result)
-    metrics_path = run_dir / rf.METRICS
-    if metrics_path.exists():
-        metrics = files.read_json(metrics_path)
-        metrics["refusal"] = summary(result)
-        files.atomic_write_json(metrics_path, metrics)
-    return result
+    return Measurement(detector, result, rows)
 
 
 def summary(result: dict) -> dict:
@@ -516,15 +325,15 @@ def report_section(result: dict) -> str:
 
 def _read_scores(run_dir: Path) -> dict[tuple[str, str], float] | None:
     """(set, name) -> distance / threshold (> 1 means refused) from a member's refusal_scores.csv."""
-    path, meta = run_dir / SCORES_FILE, run_dir / REFUSAL_FILE
-    if not path.exists() or not meta.exists():
+    run = RunFolder(run_dir)
+    rows = run.refusal_scores()
+    if rows is None:
         return None
-    threshold = float(files.read_json(meta)["threshold"])
-    with open(path, newline="") as f:
-        return {(r["set"], r["name"]): float(r["score"]) / threshold for r in csv.DictReader(f)}
+    threshold = float(run.refusal()["threshold"])
+    return {(r.set, r.name): r.score / threshold for r in rows}
 
 
-def combine_refusal(member_dirs: list[Path], out: Path | None = None) -> dict | None:
+def combine_refusal(member_dirs: list[Path]) -> dict | None:
     """An ensemble refuses when the median member refuses (``ood.ensemble_refusal_score``, as
     EnsemblePredictor.analyze does); measured from the members' refusal_scores.csv without recomputing.
     None when a member has not been measured."""
@@ -554,6 +363,4 @@ def combine_refusal(member_dirs: list[Path], out: Path | None = None) -> dict | 
             },
         },
     }
-    if out is not None:
-        files.atomic_write_json(Path(out) / REFUSAL_FILE, result)
     return result

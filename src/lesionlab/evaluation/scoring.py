@@ -1,0 +1,87 @@
+"""Scores of one run on its evaluation splits: uncalibrated logits of validation, test and test_dedup.
+
+A frozen run is scored by its head on the cached backbone features (the same numbers as a full forward pass,
+without re-running the backbone); anything else through the run's Predictor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lesionlab.data.dataset import Dataset, load_dataset
+from lesionlab.data.images import decode_samples
+from lesionlab.runs import MODEL, RunFolder
+
+EVAL_SPLITS = ("val", "test", "test_dedup")
+
+
+@dataclass
+class SplitScores:
+    relpaths: list[str]
+    y: np.ndarray
+    logits: np.ndarray
+
+
+def _frozen_scores(run: RunFolder, dataset: Dataset, splits, progress: bool) -> dict[str, SplitScores]:
+    """The head on cached backbone features: identical to a full forward pass, without re-running the backbone."""
+    import torch
+
+    from lesionlab.models.backbones import ResolvedWeights
+    from lesionlab.models.classifier import load_model
+    from lesionlab.training.features import load_or_compute
+
+    model, _ = load_model(run / MODEL)
+    w = run.config.weights
+    weights = ResolvedWeights(
+        run.config.backbone,
+        w["source"],
+        w["pretrained"],
+        w["sha256"],
+        tuple(w["mean"]),
+        tuple(w["std"]),
+        int(w["input_size"]),
+    )
+    table = load_or_compute(dataset, weights, skip_bad=True, progress=progress, backbone=model.backbone)
+    out = {}
+    for name, samples in splits.items():
+        x, y = table.rows(samples)
+        with torch.inference_mode():
+            logits = model.head(torch.from_numpy(x)).numpy().astype(np.float64)
+        index = set(table.relpaths)
+        out[name] = SplitScores([s.relpath for s in samples if s.relpath in index], y, logits)
+    return out
+
+
+def _image_scores(predictor, splits, progress: bool, tta: bool) -> dict[str, SplitScores]:
+    out = {}
+    cache: dict[str, float] = {}
+    for name, samples in splits.items():
+        todo = [s for s in samples if s.relpath not in cache]
+        decoded = decode_samples(todo, predictor.info.input_size, progress)
+        if todo:
+            for s, z in zip(decoded.samples, predictor.logits_from_uint8(decoded.images, tta)):
+                cache[s.relpath] = float(z)
+        kept = [s for s in samples if s.relpath in cache]
+        out[name] = SplitScores(
+            [s.relpath for s in kept],
+            np.array([s.label for s in kept], np.float32),
+            np.array([cache[s.relpath] for s in kept]),
+        )
+    return out
+
+
+def score_run(
+    run_dir: str | Path, data: str | Path | None = None, tta: bool = False, progress: bool = True
+) -> dict[str, SplitScores]:
+    """Uncalibrated logits of one run on val, test and test_dedup."""
+    from lesionlab.inference.predictor import TorchPredictor
+
+    run = RunFolder(run_dir).require_trained()
+    dataset = load_dataset(data or run.config.data_root, run.config.classes)
+    splits = {k: v for k, v in run.dataset_splits(dataset).items() if k in EVAL_SPLITS}
+    if run.config.mode == "frozen" and not tta:
+        return _frozen_scores(run, dataset, splits, progress)
+    return _image_scores(TorchPredictor(run.path), splits, progress, tta)
