@@ -1,0 +1,74 @@
+"""The run folder's file names, its schema version and the migration of older config.json files."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+from lesionlab.errors import LesionlabError
+
+CONFIG = "config.json"
+SPLITS = "splits.csv"
+HISTORY = "history.csv"
+MODEL = "model.pt"
+STATE = "train_state.pt"  # resume state; removed when training finishes
+SKIPPED = "skipped_files.txt"
+METRICS = "metrics.json"
+REPORT = "report.md"
+PREDICTIONS = "predictions.csv"
+CALIBRATION = "calibration.json"
+FIGURES = "figures"
+OOD_ARRAYS = "ood.npz"  # the lesion detector
+OOD_META = "ood.json"
+REFUSAL = "refusal.json"  # the detector's measurement
+REFUSAL_SCORES = "refusal_scores.csv"
+ONNX = "model.onnx"
+PREPROCESS = "preprocess.json"
+INT8 = "model.int8.onnx"
+QUANTIZATION = "quantization.json"
+ENSEMBLE = "ensemble.json"
+
+RUN_KIND = "lesionlab-run"
+ENSEMBLE_KIND = "lesionlab-ensemble"
+
+#: 2: config.json records every training option and its ``schema_version``. 1 (no version): options added after
+#: the first release were left out while off (see ``migrate``).
+SCHEMA_VERSION = 2
+#: Training options that schema-1 runs did not record when they were off, and their value then.
+SCHEMA1_TRAIN_DEFAULTS: Mapping[str, Any] = {"ema_decay": 0.0, "fold": 0, "also_val_fold": -1}
+#: Schema-1 runs written before bf16 training existed trained in fp32.
+SCHEMA1_PRECISION = "fp32"
+
+
+class RunError(LesionlabError):
+    """A run folder is missing, incomplete or not the kind the command needs."""
+
+
+def migrate(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json`` content of any schema, brought to ``SCHEMA_VERSION`` (a new dict; the file is not touched)."""
+    out = dict(config)
+    version = int(out.get("schema_version", 1))
+    if version > SCHEMA_VERSION:
+        raise RunError(
+            f"config.json has schema_version {version}, newer than this lesionlab understands ({SCHEMA_VERSION}); "
+            "upgrade lesionlab"
+        )
+    if version < 2 and "train" in out:
+        train = {**SCHEMA1_TRAIN_DEFAULTS, **out["train"]}
+        train.setdefault("precision", SCHEMA1_PRECISION)
+        out["train"] = train
+    out["schema_version"] = SCHEMA_VERSION
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers, for config.json."""
+    out = {"python": platform.python_version()}
+    for pkg in ("lesionlab", "torch", "torchvision", "timm", "numpy", "scikit-learn", "pillow", "onnxruntime"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,131 @@
+"""Typed views of the run folder's files: config.json, the operating point, splits.csv and refusal_scores.csv."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lesionlab.runs.names import RUN_KIND
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that turns a file into the network's input."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "shorter-side-bicubic+center-crop"
+    channels: str = "RGB"
+    layout: str = "NCHW"
+    scale: str = "1/255"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
+        keep = {k: d[k] for k in ("resize", "channels", "layout", "scale") if k in d}
+        return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), **keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(mean=list(self.mean), std=list(self.std))
+        return d
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Temperature and threshold fitted on validation, and whether they were fitted on TTA scores."""
+
+    model_id: str
+    threshold: float
+    policy: str
+    temperature: float = 1.0
+    tta: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], default_id: str = "") -> OperatingPoint:
+        return cls(
+            d.get("model_id") or default_id,
+            float(d["threshold"]),
+            d.get("policy") or d.get("threshold_policy") or "fixed:0.5",
+            float(d.get("temperature", 1.0)),
+            bool(d.get("tta", False)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``config.json``, migrated to the current schema; ``raw`` holds all of it."""
+
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def kind(self) -> str:
+        return str(self.raw.get("kind", RUN_KIND))
+
+    @property
+    def backbone(self) -> str:
+        return str(self.raw["backbone"])
+
+    @property
+    def mode(self) -> str:
+        return str(self.raw["mode"])
+
+    @property
+    def title(self) -> str:
+        return f"{self.backbone} ({self.mode})"
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        return dict(self.raw.get("weights", {}))
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.raw["preprocessing"])
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return dict(self.raw.get("data", {}))
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self.raw["data"]["root"])
+
+    @property
+    def classes(self) -> tuple[str, str]:
+        a, b = self.raw["data"]["classes"]
+        return str(a), str(b)
+
+    @property
+    def train(self) -> dict[str, Any]:
+        return dict(self.raw.get("train", {}))
+
+    @property
+    def val_folds(self) -> list[int]:
+        """The validation folds of a run (one, or two for an inner run of a nested cross-fit)."""
+        d = self.data
+        return sorted({int(d.get("fold", 0))} | ({int(d["also_val_fold"])} if "also_val_fold" in d else set()))
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """One line of splits.csv. ``members`` (cross-fit ensembles only): the members that held the image out."""
+
+    relpath: str
+    label: int
+    split: str
+    members: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One line of refusal_scores.csv: an image of a set (test, non_lesion), its detector score, refused or not."""
+
+    set: str
+    name: str
+    score: float
+    refused: bool
