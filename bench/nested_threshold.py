@@ -20,31 +20,24 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from lesionlab import files
-from lesionlab import runs as rf
-from lesionlab.ensemble.build import (
-    combine,
-    fold_groups,
-    member_dirs,
-    member_scores,
-    nested_out_of_fold,
-    out_of_fold,
-)
-from lesionlab.evaluation.evaluate import SplitScores
+from lesionlab.ensemble.members import fold_groups, member_dirs
+from lesionlab.ensemble.scores import combine, member_scores, nested_out_of_fold, out_of_fold
 from lesionlab.evaluation.metrics import (
     choose_threshold,
     expected_calibration_error,
     fit_temperature,
     point_metrics,
 )
+from lesionlab.evaluation.scoring import SplitScores
+from lesionlab.runs import RunFolder
 
 POLICY = "sensitivity:0.95"
 
 
 def _scored(run: Path) -> tuple[dict, float, bool]:
-    cal = files.read_json(run / rf.CALIBRATION)
-    tta = bool(cal.get("tta"))
-    return member_scores(run, None, tta, reuse=True, progress=False), float(cal.get("temperature", 1.0)), tta
+    """A run's scores (its predictions.csv when current), its temperature and whether it was scored with TTA."""
+    op = RunFolder(run).require_operating_point()
+    return member_scores(run, None, op.tta, reuse=True, progress=False), op.temperature, op.tta
 
 
 def nested(inner: list[Path]) -> tuple[SplitScores, np.ndarray]:

@@ -8,26 +8,26 @@ not met. Nothing is recomputed; CPU training time is the sum of the members' rec
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from lesionlab.ensemble.build import member_dirs
+from lesionlab import runs as rf
+from lesionlab.ensemble.members import member_dirs
 from lesionlab.evaluation.report import fmt
-from lesionlab.inference.predictor import ENSEMBLE_FILE
+from lesionlab.runs import RunFolder
 
 
 def training_minutes(folder: Path) -> float:
     total = 0.0
-    runs = member_dirs(folder) + member_dirs(folder, "inner") if (folder / ENSEMBLE_FILE).exists() else [folder]
+    runs = member_dirs(folder) + member_dirs(folder, "inner") if RunFolder(folder).is_ensemble else [folder]
     for m in runs:  # an ensemble's inner runs (nested calibration) are part of its training
-        timing = json.loads((m / "config.json").read_text()).get("timing", {})
+        timing = RunFolder(m).config.raw.get("timing", {})
         total += float(timing.get("epoch_seconds_total", float("nan")))
     return total / 60
 
 
 def table(folder: Path) -> str:
-    m = json.loads((folder / "metrics.json").read_text())
+    m = RunFolder(folder).read_json(rf.METRICS)  # not .metrics(): a folder never evaluated is an error here
     test, dedup, op = m["test"], m["test_dedup"], m["test"]["at_threshold"]
     ece = m["calibration"]["test"]["ece_after"]
     ref = m.get("refusal", {})

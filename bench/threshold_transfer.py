@@ -18,17 +18,11 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from lesionlab import files
 from lesionlab import runs as rf
-from lesionlab.ensemble.build import (
-    combine,
-    fold_groups,
-    member_dirs,
-    member_scores,
-    out_of_fold,
-)
+from lesionlab.ensemble.members import fold_groups, member_dirs
+from lesionlab.ensemble.scores import combine, member_scores, out_of_fold
 from lesionlab.evaluation.metrics import choose_threshold
-from lesionlab.inference.predictor import ENSEMBLE_FILE
+from lesionlab.runs import RunFolder
 
 
 def sens_spec(y: np.ndarray, prob: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -37,15 +31,15 @@ def sens_spec(y: np.ndarray, prob: np.ndarray, threshold: float) -> tuple[float,
 
 
 def row(folder: Path) -> str:
-    if not (folder / ENSEMBLE_FILE).exists():
-        raise SystemExit(f"{folder} is not an ensemble folder (no {ENSEMBLE_FILE})")
+    if not RunFolder(folder).is_ensemble:
+        raise SystemExit(f"{folder} is not an ensemble folder (no {rf.ENSEMBLE})")
     members = member_dirs(folder)
     groups = fold_groups(members)
     if len(groups) < 2:
         raise SystemExit(f"{folder} is not a cross-fit ensemble (its members share one split)")
-    cals = [files.read_json(m / rf.CALIBRATION) for m in members]  # each member as it was evaluated (TTA or not)
-    scores = [member_scores(m, None, bool(c.get("tta")), reuse=True, progress=False) for m, c in zip(members, cals)]
-    temps = [float(c.get("temperature", 1.0)) for c in cals]
+    ops = [RunFolder(m).require_operating_point() for m in members]  # each member as it was evaluated (TTA or not)
+    scores = [member_scores(m, None, op.tta, reuse=True, progress=False) for m, op in zip(members, ops)]
+    temps = [op.temperature for op in ops]
     oof = out_of_fold(scores, temps, groups)
     # Scores are the mean calibrated probability of the members, without the ensemble's own temperature: that
     # is monotone, so it moves the threshold's value but not which images fall on either side of it.

@@ -12,11 +12,8 @@ from scipy.special import expit
 from typer.testing import CliRunner
 
 from lesionlab.cli import app
-from lesionlab.ensemble.build import (
-    create_ensemble,
-    evaluate_ensemble,
-    scores_from_predictions,
-)
+from lesionlab.ensemble.build import create_ensemble, evaluate_ensemble
+from lesionlab.ensemble.scores import scores_from_predictions
 from lesionlab.inference.predictor import (
     EnsemblePredictor,
     load_predictor,
@@ -138,7 +135,7 @@ def test_bad_member_lists_are_refused(tiny_run, second_run, tmp_path):
     (unevaluated / "calibration.json").unlink()
     with pytest.raises(RunError, match="lesionlab evaluate"):
         create_ensemble([second_run, unevaluated], tmp_path / "e3", progress=False)
-    with pytest.raises(RunError, match="no ensemble.json"):
+    with pytest.raises(RunError, match=r"no ensemble\.json"):
         evaluate_ensemble(tmp_path)
 
 
@@ -228,7 +225,7 @@ def test_members_sharing_a_fold_score_it_together(tiny_run, second_run, fold1_ru
     out = tmp_path / "groups"
     m = create_ensemble([tiny_run, fold1_run, second_run], out, n_resamples=50, progress=False)
     assert m["layout"] == "cross-fit"
-    a, b, c, e = (_predictions(r) for r in (tiny_run, fold1_run, second_run, out))
+    a, _b, c, e = (_predictions(r) for r in (tiny_run, fold1_run, second_run, out))
     fold0 = [k for k in a if k[0] == "val"]
     assert set(fold0) == {k for k in c if k[0] == "val"}  # tiny_run and second_run share fold 0
     for key in fold0[:5]:
