@@ -2,6 +2,16 @@
 
 Nothing else in lesionlab hard-codes a model name, an input size or a mean/std: it asks
 :func:`get_spec` and carries the :class:`ResolvedWeights` it gets from :func:`resolve_weights`.
+
+The hub path: ResNet50V2, EfficientNetV2B0 and VGG16 have no PyPI weights, so on a connected machine
+their ImageNet weights come from timm's Hugging Face hub repo (``timm/<timm name>.<tag>``, file
+``model.safetensors``), downloaded by ``huggingface_hub`` into its cache (``HF_HUB_CACHE`` / ``HF_HOME``).
+Before that, :func:`hub_reachable` makes one TCP connection, with a short timeout, to the endpoint the hub
+client itself will use: ``huggingface_hub.constants.ENDPOINT`` (``HF_ENDPOINT`` as read when huggingface_hub
+was imported; the ``HF_ENDPOINT`` variable if huggingface_hub is missing), http or https, with its port.
+``HF_HUB_OFFLINE`` (the client's constant or the variable) and ``LESIONLAB_OFFLINE`` skip the hub altogether,
+so an offline machine never sits through the client's retries. The weights record timm's pretrained config
+(mean, std, input size), the source ``hub:<hf_hub_id>`` and the sha256 of the tensors as loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import socket
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -67,7 +78,7 @@ class ResolvedWeights:
     """Weights as a value: where they came from, their digest and the preprocessing they expect."""
 
     backbone: str
-    source: str  # "file" | "weights-dir" | "pypi:<package>" | "hub:<tag>" | "random"
+    source: str  # "file" | "weights-dir" | "pypi:<package>" | "hub:<hf_hub_id>" | "random"
     pretrained: bool
     sha256: str
     mean: tuple[float, ...]
@@ -75,6 +86,8 @@ class ResolvedWeights:
     input_size: int
     path: str | None = None
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    #: What timm's pretrained config says of hub weights (mean, std, input and test sizes), recorded as is.
+    pretrained_cfg: dict | None = None
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -182,18 +195,84 @@ def _from_pypi(spec: BackboneSpec) -> ResolvedWeights | None:
     )
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """A quick check, so an offline machine does not sit through the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("LESIONLAB_OFFLINE") == "1":
-        return False
+# How huggingface_hub reads a boolean variable (constants._is_true); LESIONLAB_OFFLINE is read the same way.
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+_DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").upper() in _TRUE_VALUES
+
+
+def hub_endpoint() -> str:
+    """The hub URL that timm's downloads will go to.
+
+    ``huggingface_hub.constants.ENDPOINT`` when huggingface_hub is installed: the client reads ``HF_ENDPOINT``
+    once, at import, so a later change of the variable does not move its downloads and must not move the probe
+    either. Without huggingface_hub: ``HF_ENDPOINT``, else https://huggingface.co.
+    """
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        from huggingface_hub import constants
+    except ImportError:
+        return os.environ.get("HF_ENDPOINT", _DEFAULT_ENDPOINT).rstrip("/")
+    return str(constants.ENDPOINT)
+
+
+def hub_offline() -> bool:
+    """True if a setting forbids the hub: ``LESIONLAB_OFFLINE``, or ``HF_HUB_OFFLINE`` as the variable or as
+    huggingface_hub's constant (read at its import, so set before lesionlab ran; it also covers
+    ``TRANSFORMERS_OFFLINE``). Either reading suffices: being offline by mistake costs a clear error, being
+    online by mistake costs the client's retries."""
+    if _env_true("LESIONLAB_OFFLINE") or _env_true("HF_HUB_OFFLINE"):
         return True
-    except OSError:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
         return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def endpoint_address(endpoint: str) -> tuple[str, int]:
+    """``(host, port)`` of an http(s) endpoint URL, the port defaulting to 80 / 443 by scheme.
+
+    Raises ValueError for anything else (no host, another scheme, a port that is not a number).
+    """
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"hub endpoint {endpoint!r} is not an http(s) URL with a host")
+    return url.hostname, url.port or (443 if url.scheme == "https" else 80)  # .port raises on a bad port
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether the hub at ``endpoint`` (default :func:`hub_endpoint`) accepts a TCP connection within
+    ``timeout`` seconds; False at once when :func:`hub_offline`.
+
+    Only a connect, not an HTTP request: it is there so an offline machine does not sit through the hub
+    client's retries, and the client reports anything past the connect itself. A proxy (``HTTPS_PROXY``) is
+    not consulted: behind one that is the only way out, the probe says unreachable.
+    """
+    if hub_offline():
+        log.info("hub skipped: offline (LESIONLAB_OFFLINE / HF_HUB_OFFLINE)")
+        return False
+    endpoint = endpoint or hub_endpoint()
+    try:
+        host, port = endpoint_address(endpoint)
+        socket.create_connection((host, port), timeout=timeout).close()
+    except (OSError, ValueError) as e:  # socket.timeout and gaierror are OSErrors
+        log.info("hub %s not reachable: %s", endpoint, e)
+        return False
+    return True
 
 
 def _from_hub(spec: BackboneSpec) -> ResolvedWeights | None:
+    """timm's ImageNet weights from its hub repo, or None if the hub is off, unreachable or the download fails.
+
+    Normalises with timm's pretrained mean and std (the spec only where the config is silent) and records its
+    pretrained config, the source ``hub:<hf_hub_id>`` and the sha256 of the tensors as loaded (the classifier
+    is dropped: the backbone is built with ``num_classes=0``). The input size stays the spec's, the study's
+    224 px: timm trained tf_efficientnetv2_b0 at 192 and tests it at 224, and a backbone must see the same size
+    whichever source its weights came from; timm's sizes are in ``pretrained_cfg``.
+    """
     if not hub_reachable():
         return None
     try:
@@ -203,18 +282,20 @@ def _from_hub(spec: BackboneSpec) -> ResolvedWeights | None:
     except Exception as e:  # network errors come in many types; fall through to the next source
         log.warning("hub download of %s failed: %s", spec.timm_name, e)
         return None
-    cfg = model.pretrained_cfg
+    cfg: dict = dict(getattr(model, "pretrained_cfg", None) or {})  # nn.Module's __getattr__ would type it Tensor
     state = model.state_dict()
+    recorded = {k: cfg[k] for k in ("mean", "std", "input_size", "test_input_size", "crop_pct") if k in cfg}
     return ResolvedWeights(
         spec.name,
         f"hub:{cfg.get('hf_hub_id') or spec.timm_name}",
         True,
         tensors_sha256(state),
-        tuple(cfg.get("mean", spec.mean)),
-        tuple(cfg.get("std", spec.std)),
+        tuple(cfg.get("mean") or spec.mean),
+        tuple(cfg.get("std") or spec.std),
         spec.input_size,
         None,
         state,
+        {k: list(v) if isinstance(v, tuple) else v for k, v in recorded.items()},
     )
 
 
@@ -253,8 +334,8 @@ def resolve_weights(
             f"no ImageNet weights found for '{name}' ({spec.timm_name}): tried --weights, the weights folder "
             f"({wdir or 'none; set --weights-dir or LESIONLAB_WEIGHTS_DIR'}), "
             f"{'the PyPI package ' + spec.pypi_package + ', ' if spec.pypi_package else ''}and timm's hub "
-            "(offline). Give a file with --weights, or pass --allow-random-init to train from random weights "
-            "(results will be far worse)."
+            f"at {hub_endpoint()} (offline, unreachable or the download failed; see the log). Give a file with "
+            "--weights, or pass --allow-random-init to train from random weights (results will be far worse)."
         )
     warnings.warn(
         f"'{name}' starts from RANDOM weights (no ImageNet weights found); the run is recorded as "
@@ -277,18 +358,20 @@ def build_backbone(weights: ResolvedWeights, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = _create(spec)
     if weights.state_dict is not None:
-        state = {k: v for k, v in weights.state_dict.items() if k in model.state_dict()}
-        missing = set(model.state_dict()) - set(state)
+        # once: state_dict() walks every module, and once per tensor made this take seconds
+        target = model.state_dict()
+        state = {k: v for k, v in weights.state_dict.items() if k in target}
+        missing = set(target) - set(state)
         if missing:
             raise WeightsError(
                 f"{weights.path or weights.source} does not fit {spec.timm_name}: "
                 f"{len(missing)} tensors missing, e.g. {sorted(missing)[:3]}"
             )
         for k, v in state.items():
-            if model.state_dict()[k].shape != v.shape:
+            if target[k].shape != v.shape:
                 raise WeightsError(
                     f"{weights.path or weights.source}: {k} has shape {tuple(v.shape)}, "
-                    f"{spec.timm_name} expects {tuple(model.state_dict()[k].shape)}"
+                    f"{spec.timm_name} expects {tuple(target[k].shape)}"
                 )
         model.load_state_dict(state, strict=True)
     return model.eval()
