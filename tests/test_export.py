@@ -145,7 +145,12 @@ def test_predictions_use_tta_as_the_threshold_was_fitted(run_copy, small_data, m
     predictor = load_predictor(run_copy, "onnx")
     calls = []
     real = predictor.logits_from_uint8
-    monkeypatch.setattr(predictor, "logits_from_uint8", lambda b, tta=False: calls.append(tta) or real(b, tta))
+
+    def recording(b, tta=False):
+        calls.append(tta)
+        return real(b, tta)
+
+    monkeypatch.setattr(predictor, "logits_from_uint8", recording)
     image = open_image(sorted((small_data / "test" / "benign").iterdir())[0])
     assert predictor.info.tta is True
     assert predictor.predict([image])[0] == pytest.approx(predictor.predict([image], tta=True)[0])

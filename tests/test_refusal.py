@@ -60,7 +60,7 @@ def test_served_predictor_refuses_noise_and_accepts_validation_lesions(tiny_run,
     rng = np.random.default_rng(0)
     junk = [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), Image.new("RGB", (300, 200))]
     for p in predictor.analyze(junk):
-        assert p.refused and p.label == "not_a_lesion" and "does not look like" in p.reason
+        assert p.refused and p.label == "not_a_lesion" and p.reason is not None and "does not look like" in p.reason
 
 
 def test_predict_prints_not_a_lesion(tiny_run, tmp_path):
@@ -86,6 +86,7 @@ def test_detectors_saved_by_older_versions_still_load(key, normalize, tmp_path):
     del meta[key]
     (tmp_path / "ood.json").write_text(json.dumps(meta))
     old = LesionDetector.load(tmp_path)
+    assert old is not None
     assert old.normalize is normalize and old.pixels is None
     x = rng.normal(size=(5, 8))
     np.testing.assert_allclose(old.score(x), det.score(x), rtol=1e-5)  # no images needed
@@ -103,7 +104,7 @@ def test_detector_also_scores_input_pixels(tiny_run):
     meta = json.loads((tiny_run / "ood.json").read_text())
     assert meta["pixel_threshold"] > 0 and "colour and texture" in meta["method"]
     det = LesionDetector.load(tiny_run)
-    assert det.pixels is not None
+    assert det is not None and det.pixels is not None
     feats = np.random.default_rng(0).normal(size=(2, det.center.shape[0]))
     with pytest.raises(ValueError, match="pass the images"):
         det.score(feats)
@@ -155,5 +156,6 @@ def test_ensemble_refusal_is_a_majority_not_a_union(tmp_path):
         )
         dirs.append(d)
     out = combine_refusal(dirs)
+    assert out is not None
     assert out["lesions"]["test"]["refused"] == 0  # a union would refuse both lesions
     assert out["non_lesion"]["refused"] == 1 and "median" in out["method"]

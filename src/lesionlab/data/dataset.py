@@ -18,6 +18,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from lesionlab.data.sample import Sample
 from lesionlab.data.splits import split_train_val
@@ -102,9 +103,9 @@ def load_dataset(root: str | Path, classes: tuple[str, str] = DEFAULT_CLASSES) -
         for label, cls in enumerate(classes):
             if not any(s.label == label for s in parts[split]):
                 raise DataError(f"{root / split / cls} holds no files. {LAYOUT_HELP}")
-    return Dataset(
-        root, tuple(classes), parts["train"], parts["test"], read_near_duplicate_groups(root), read_leaked(root)
-    )
+    # tuple(): callers may pass the list read from a config.json; it holds the two class names
+    pair = cast(tuple[str, str], tuple(classes))
+    return Dataset(root, pair, parts["train"], parts["test"], read_near_duplicate_groups(root), read_leaked(root))
 
 
 def read_near_duplicate_groups(root: Path) -> dict[str, int]:

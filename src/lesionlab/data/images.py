@@ -38,7 +38,7 @@ def open_image(
     if isinstance(source, bytes):
         if not source:
             raise BadImageError(label, "empty (0 bytes)", 400)
-        fp: object = io.BytesIO(source)
+        fp: io.BytesIO | Path = io.BytesIO(source)
     else:
         path = Path(source)
         if not path.is_file():
@@ -49,7 +49,7 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp, formats=SAFE_FORMATS)  # type: ignore[arg-type]
+            img: Image.Image = Image.open(fp, formats=SAFE_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImageError(label, f"{w}x{h} pixels exceeds the cap of {max_pixels:,} pixels", 413)
@@ -121,7 +121,8 @@ def resize_to_input(img: Image.Image, size: int) -> np.ndarray:
 
 def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """uint8 NxHxWx3 -> float32 Nx3xHxW, scaled to [0,1] then standardised."""
-    x = batch_hwc.astype(np.float32) / 255.0
+    # float32 throughout; annotated np.ndarray as numpy's stubs wrongly infer complex128 for the line below
+    x: np.ndarray = batch_hwc.astype(np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 

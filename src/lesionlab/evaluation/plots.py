@@ -43,18 +43,18 @@ def roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: 
 def confusion_matrix(
     cm: Sequence[Sequence[int]], path: Path, title: str, labels: Sequence[str] = ("benign", "malignant")
 ) -> Path:
-    cm = np.asarray(cm)
+    m = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4, 3.6))
-    ax.imshow(cm, cmap="Blues")
+    ax.imshow(m, cmap="Blues")
     for i in range(2):
         for j in range(2):
             ax.text(
                 j,
                 i,
-                str(cm[i, j]),
+                str(m[i, j]),
                 ha="center",
                 va="center",
-                color="white" if cm[i, j] > cm.max() / 2 else "black",
+                color="white" if m[i, j] > m.max() / 2 else "black",
                 fontsize=14,
             )
     ax.set(
@@ -69,7 +69,7 @@ def confusion_matrix(
     return _save(fig, path)
 
 
-def training_curves(history: Sequence[Mapping[str, float]], path: Path, title: str = "training") -> Path:
+def training_curves(history: Sequence[Mapping[str, str | float]], path: Path, title: str = "training") -> Path:
     ep = [int(h["epoch"]) for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, ax in (("loss", a1), ("accuracy", a2)):
@@ -138,12 +138,12 @@ def confusion_grid(items: Mapping[str, Sequence[Sequence[int]]], path: Path, tit
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, cm) in zip(axes.flat, items.items()):
-        cm = np.asarray(cm)
-        ax.imshow(cm, cmap="Blues")
+        m = np.asarray(cm)
+        ax.imshow(m, cmap="Blues")
         for i in range(2):
             for j in range(2):
                 ax.text(
-                    j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+                    j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black"
                 )
         ax.set(
             xticks=[0, 1],

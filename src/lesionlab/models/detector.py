@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from lesionlab.files import atomic_path, atomic_write_json, read_json
 
@@ -158,11 +159,18 @@ class LesionDetector:
         )
 
     def save(self, folder: Path) -> None:
-        arrays = {"center": self.center, "components": self.components}
-        if self.pixels is not None:
-            arrays.update(pixel_center=self.pixels.center, pixel_precision=self.pixels.precision)
+        # keywords spelled out, not **dict: mypy checks an unpacked dict against savez's allow_pickle: bool too
         with atomic_path(Path(folder) / OOD_FILE) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            if self.pixels is None:
+                np.savez_compressed(f, center=self.center, components=self.components)
+            else:
+                np.savez_compressed(
+                    f,
+                    center=self.center,
+                    components=self.components,
+                    pixel_center=self.pixels.center,
+                    pixel_precision=self.pixels.precision,
+                )
         atomic_write_json(
             Path(folder) / OOD_META,
             {
@@ -204,7 +212,7 @@ ENSEMBLE_RULE = (
 )
 
 
-def ensemble_refusal_score(normalized: np.ndarray) -> np.ndarray:
+def ensemble_refusal_score(normalized: npt.ArrayLike) -> np.ndarray:
     """Median over members (axis 0) of each member's distance / threshold; > 1 means refused.
 
     Not "any member refuses": each member's threshold lets about 1% of real lesions through as refused,

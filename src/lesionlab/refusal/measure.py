@@ -132,6 +132,7 @@ def fit_refusal(
     detector = LesionDetector.fit(train.x, val.x, max_refusal, n_components)
     detector.threshold = conservative_threshold(detector.feature_score(val.x), budget)
     if use_pixels:
+        assert train.pixels is not None and val.pixels is not None  # run_features gives every split statistics
         detector.pixels = PixelDistance.fit(train.pixels)
         detector.pixels.threshold = conservative_threshold(detector.pixels.score(val.pixels), budget)
     return detector
@@ -196,6 +197,7 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
         return np.load(path)
     predictor = TorchPredictor(run_dir)
     feats = predictor.forward_uint8(predictor.prepare([it.image for it in items]))[1]
+    assert feats is not None  # a TorchPredictor always returns the backbone's features
     with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, feats)
     return feats
@@ -337,11 +339,12 @@ def combine_refusal(member_dirs: list[Path]) -> dict | None:
     """An ensemble refuses when the median member refuses (``ood.ensemble_refusal_score``, as
     EnsemblePredictor.analyze does); measured from the members' refusal_scores.csv without recomputing.
     None when a member has not been measured."""
-    per_member = [_read_scores(Path(m)) for m in member_dirs]
-    if any(p is None for p in per_member):
+    read = [_read_scores(Path(m)) for m in member_dirs]
+    per_member = [p for p in read if p is not None]
+    if len(per_member) < len(read):
         return None
     keys = [k for k in per_member[0] if all(k in p for p in per_member[1:])]
-    combined = ensemble_refusal_score([[p[k] for k in keys] for p in per_member])  # type: ignore[index]
+    combined = ensemble_refusal_score([[p[k] for k in keys] for p in per_member])
     score = dict(zip(keys, combined.tolist()))
     kind = lambda k: k[1].split("/", 1)[0]
     test = np.array([v for k, v in score.items() if k[0] == "test"])

@@ -79,7 +79,9 @@ def _noise(rng: np.random.Generator, size: int) -> list[NonLesion]:
         g = np.clip(rng.normal(128, 40, (size, size, 3)), 0, 255).astype(np.uint8)
         out.append(NonLesion("noise", f"gaussian-{i}", Image.fromarray(g)))
         low = rng.integers(0, 256, (8, 8, 3), np.uint8)  # smooth blotches: closer to skin texture than white noise
-        out.append(NonLesion("noise", f"blotches-{i}", Image.fromarray(low).resize((size, size), Image.BICUBIC)))
+        out.append(
+            NonLesion("noise", f"blotches-{i}", Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC))
+        )
         sp = np.full((size, size, 3), 128, np.uint8)
         mask = rng.random((size, size))
         sp[mask < 0.05], sp[mask > 0.95] = 0, 255
@@ -117,7 +119,8 @@ def _flat_and_gradients(rng: np.random.Generator, size: int) -> list[NonLesion]:
     t = np.linspace(0, 1, size, dtype=np.float32)
     yy, xx = np.meshgrid(t, t, indexing="ij")
     radial = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.71
-    for i, ramp in enumerate([xx, yy, (xx + yy) / 2, radial, 1 - radial]):
+    ramps: list[np.ndarray] = [xx, yy, (xx + yy) / 2, radial, 1 - radial]
+    for i, ramp in enumerate(ramps):
         for j in range(2):
             a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
             arr = (a[None, None] * (1 - ramp[..., None]) + b[None, None] * ramp[..., None]).astype(np.uint8)
