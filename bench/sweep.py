@@ -59,7 +59,7 @@ def naive_epoch_seconds(backbone_name: str, dataset, weights_dir, n_batches: int
     from lesionlab.models.backbones import build_backbone, num_features, resolve_weights
     from lesionlab.models.classifier import Head
     from lesionlab.training.config import TrainConfig
-    from lesionlab.training.loop import make_loss, make_optimizer
+    from lesionlab.training.optim import make_loss, make_optimizer
 
     weights = resolve_weights(backbone_name, None, weights_dir, allow_random_init=True)
     splits = dataset.splits()

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from lesionlab.models.backbones import WeightsError
+from lesionlab.sweep import local
 from lesionlab.sweep import sweep as sw
 from lesionlab.training.config import TrainConfig
-from lesionlab.training.loop import fit_head
+from lesionlab.training.loop import train_epochs
+from lesionlab.training.sources import FeatureSource
 
 TINY_GRID = dict(backbones=("efficientnet_lite0",), lrs=(1e-3, 5e-3), epochs=(1, 3))
 OUTPUTS = ("results.csv", "table1.md", "table1.csv", "figure1_tuning.png", "figure2_confusion.png", "figure3_roc.png")
@@ -24,7 +26,7 @@ def _features(seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(90, 24)).astype(np.float32)
     y = (x[:, 0] + 0.5 * rng.normal(size=90) > 0).astype(np.float32)
-    return sw.TrialData(x[:70], y[:70], x[70:], y[70:])
+    return FeatureSource(x[:70], y[:70], x[70:], y[70:])
 
 
 def _csv(path, drop=("train_seconds",)) -> list[dict]:
@@ -40,15 +42,9 @@ def test_state_after_E_epochs_of_one_trial_equals_a_separate_E_epoch_run():
     for e in (2, 7):
         rows = []
         with sw.torch_threads(sw.TRIAL_THREADS):  # float sums are bit-identical only at equal thread counts
-            head = fit_head(
-                data.x_train,
-                data.y_train,
-                data.x_val,
-                data.y_val,
-                TrainConfig(lr=5e-3, epochs=e, seed=3),
-                on_epoch=lambda r, *_: rows.append(r.row()),
-                progress=False,
-            )
+            for ep in train_epochs(data, TrainConfig(lr=5e-3, epochs=e, seed=3), progress=False):
+                rows.append(ep.result.row())
+            head = ep.module
         for k, v in head.state_dict().items():
             assert torch.equal(v, result.states[e][k]), (e, k)
         strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
@@ -145,7 +141,7 @@ def test_interrupted_sweep_finishes_without_redoing_finished_trials(local_sweep,
     grid = sw.SweepGrid(**TINY_GRID)
     out = tmp_path / "resumed"
     calls = []
-    real = sw.run_trial
+    real = local.run_trial
 
     def dies_on_second_trial(cfg, data, record, tick=None):
         calls.append(cfg.lr)
@@ -153,7 +149,7 @@ def test_interrupted_sweep_finishes_without_redoing_finished_trials(local_sweep,
             raise KeyboardInterrupt  # as if killed while training the second trial
         return real(cfg, data, record, tick)
 
-    monkeypatch.setattr(sw, "run_trial", dies_on_second_trial)
+    monkeypatch.setattr(local, "run_trial", dies_on_second_trial)
     with pytest.raises(KeyboardInterrupt):
         sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False, workers=1)
     finished = out / "trials" / "efficientnet_lite0" / "lr0.001-s0.json"
@@ -161,7 +157,7 @@ def test_interrupted_sweep_finishes_without_redoing_finished_trials(local_sweep,
     stamp = finished.stat().st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(sw, "run_trial", lambda *a, **k: (calls.append(a[0].lr), real(*a, **k))[1])
+    monkeypatch.setattr(local, "run_trial", lambda *a, **k: (calls.append(a[0].lr), real(*a, **k))[1])
     again = sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False, workers=1)
     assert calls == [5e-3] and again.trained == 1 and finished.stat().st_mtime_ns == stamp
     assert _csv(out / "results.csv") == _csv(local_sweep.out / "results.csv")
@@ -195,3 +191,22 @@ def test_ray_backend_writes_the_same_results_as_local(local_sweep, small_data, t
     assert _csv(got.out / "table1.csv") == _csv(local_sweep.out / "table1.csv")
     for name in OUTPUTS:
         assert (got.out / name).exists(), name
+
+
+def test_trials_recorded_before_schema_2_still_count(tmp_path):
+    """A trial file whose identity left the options added later out while off (schema 1) is still this trial."""
+    from dataclasses import asdict
+
+    from lesionlab.models.backbones import ResolvedWeights
+
+    grid = sw.SweepGrid(**TINY_GRID)
+    trial = grid.trials()[0]
+    cfg = grid.config(trial)
+    weights = ResolvedWeights(trial.backbone, "test", True, "abc", (0.5,) * 3, (0.5,) * 3, 224)
+    identity = sw.trial_identity(cfg, weights, "files")
+    old_train = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "ema_decay", "fold", "also_val_fold")}
+    old_identity = {"train": old_train, "weights_sha256": weights.sha256, "file_list_sha256": "files"}
+    store = sw.TrialStore(tmp_path)
+    store.save(sw.TrialResult(trial, [], {e: {} for e in grid.epochs}), old_identity)
+    assert store.load(trial, identity, grid.epochs) is not None
+    assert store.load(trial, sw.trial_identity(grid.config(trial), weights, "other files"), grid.epochs) is None

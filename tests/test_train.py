@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -6,13 +7,15 @@ import pytest
 import torch
 
 from conftest import make_subset
+from lesionlab import runs
 from lesionlab.models.classifier import load_model
-from lesionlab.runs import RunError
+from lesionlab.runs import RunError, RunFolder
 from lesionlab.training import config as train_config
-from lesionlab.training import loop as train_mod
+from lesionlab.training import record
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.features import BadDataError
-from lesionlab.training.loop import fit_head, train
+from lesionlab.training.loop import train, train_epochs
+from lesionlab.training.sources import FeatureSource
 
 
 @pytest.fixture(scope="module")
@@ -81,28 +84,28 @@ def test_precision_auto_means_bf16_only_for_finetune_on_a_cpu_that_has_it(monkey
 
 def test_runs_from_before_bf16_read_back_as_fp32(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"train": {"backbone": "efficientnet_lite0", "mode": "finetune"}}))
-    assert train_mod.config_from_run(tmp_path).precision == "fp32"
+    assert record.config_from_run(tmp_path).precision == "fp32"
 
 
 def test_resume_after_a_kill_equals_an_unbroken_run(few_images, tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=4, batch_size=4)
     unbroken = train(cfg, few_images, tmp_path / "a", progress=False)
 
-    real = train_mod.write_history
+    real = RunFolder.write_history
     calls = {"n": 0}
 
-    def dies_in_epoch_3(path, rows):
+    def dies_in_epoch_3(run, rows, fields):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # killed before epoch 3 is recorded
-        real(path, rows)
+        real(run, rows, fields)
 
-    monkeypatch.setattr(train_mod, "write_history", dies_in_epoch_3)
+    monkeypatch.setattr(RunFolder, "write_history", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, few_images, tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "train_state.pt").exists()
     assert len(_history(tmp_path / "b")) == 2
-    monkeypatch.setattr(train_mod, "write_history", real)
+    monkeypatch.setattr(RunFolder, "write_history", real)
     resumed = train(cfg, few_images, tmp_path / "b", progress=False)
     assert not (resumed / "train_state.pt").exists()
     assert_same_run(resumed, unbroken)
@@ -124,11 +127,13 @@ def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(
     unbroken = train(cfg, few_images, tmp_path / "a", weights_dir=shared_weights, progress=False)
     assert json.loads((unbroken / "config.json").read_text())["train"]["ema_decay"] == 0.9
 
-    real = train_mod.write_history
+    real = RunFolder.write_history
     monkeypatch.setattr(
-        train_mod,
+        RunFolder,
         "write_history",
-        lambda path, rows: (_ for _ in ()).throw(KeyboardInterrupt) if len(rows) == 2 else real(path, rows),
+        lambda run, rows, fields: (
+            (_ for _ in ()).throw(KeyboardInterrupt) if len(rows) == 2 else real(run, rows, fields)
+        ),
     )
     with pytest.raises(KeyboardInterrupt):
         train(cfg, few_images, tmp_path / "b", weights_dir=shared_weights, progress=False)
@@ -136,24 +141,72 @@ def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(
     assert state["ema"] is not None and state["epoch"] == 1
     k = "conv_stem.weight"
     assert not torch.equal(state["ema"][f"backbone.{k}"], state["model"][f"backbone.{k}"])  # an average, not a copy
-    monkeypatch.setattr(train_mod, "write_history", real)
+    monkeypatch.setattr(RunFolder, "write_history", real)
     resumed = train(cfg, few_images, tmp_path / "b", weights_dir=shared_weights, progress=False)
     assert_same_run(resumed, unbroken)
 
 
-def test_options_added_later_stay_out_of_the_config_while_off():
-    assert "ema_decay" not in train_mod.train_settings(TrainConfig())  # older runs and sweep caches still match
+def test_settings_are_checked_when_the_config_is_built():
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(mode="frozen", ema_decay=0.99)
-    assert "fold" not in train_mod.train_settings(TrainConfig())
-    assert train_mod.train_settings(TrainConfig(fold=2))["fold"] == 2
     with pytest.raises(ValueError, match=r"fold must be in 0..4"):
         TrainConfig(fold=5)
     assert TrainConfig(val_fraction=0.5, fold=1).fold == 1  # 0.5 makes two folds
-    assert "also_val_fold" not in train_mod.train_settings(TrainConfig(fold=2))  # older runs keep their identity
-    assert train_mod.train_settings(TrainConfig(fold=2, also_val_fold=4))["also_val_fold"] == 4
     with pytest.raises(ValueError, match="must differ"):
         TrainConfig(fold=2, also_val_fold=2)
+
+
+def test_a_new_run_records_every_option_and_its_schema_version(few_images, tmp_path):
+    out = train(TrainConfig(epochs=1), few_images, tmp_path / "r", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["schema_version"] == runs.SCHEMA_VERSION
+    assert config["train"] == dataclasses.asdict(TrainConfig(epochs=1))  # options that are off included
+    assert {"ema_decay", "fold", "also_val_fold", "precision"} <= set(config["train"])
+
+
+def _as_schema_1(run) -> None:
+    config = json.loads((run / "config.json").read_text())
+    del config["schema_version"]
+    for key in ("ema_decay", "fold", "also_val_fold", "precision"):
+        del config["train"][key]
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def test_a_schema_1_run_folder_is_still_the_same_run(few_images, tmp_path):
+    """Runs written before schema 2 left ema_decay, fold and also_val_fold out while off, and some predate
+    precision: train with the same settings must see such a folder as finished, not as a different run."""
+    cfg = TrainConfig(epochs=1)
+    out = train(cfg, few_images, tmp_path / "old", progress=False)
+    _as_schema_1(out)
+    before = {name: (out / name).stat().st_mtime_ns for name in ("config.json", "model.pt", "history.csv")}
+
+    assert train(cfg, few_images, out, progress=False) == out  # finished: nothing retrained or rewritten
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == before
+    assert "schema_version" not in json.loads((out / "config.json").read_text())
+    assert record.config_from_run(out) == cfg
+    with pytest.raises(RunError, match="settings differ: lr"):
+        train(TrainConfig(epochs=1, lr=0.5), few_images, out, progress=False)
+
+
+def test_an_unfinished_schema_1_run_resumes(few_images, tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=3, batch_size=4)
+    unbroken = train(cfg, few_images, tmp_path / "a", progress=False)
+    real = RunFolder.write_history
+    monkeypatch.setattr(
+        RunFolder,
+        "write_history",
+        lambda run, rows, fields: (
+            (_ for _ in ()).throw(KeyboardInterrupt) if len(rows) == 2 else real(run, rows, fields)
+        ),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, few_images, tmp_path / "b", progress=False)
+    monkeypatch.setattr(RunFolder, "write_history", real)
+    _as_schema_1(tmp_path / "b")
+    resumed = train(cfg, few_images, tmp_path / "b", progress=False)
+    assert not (resumed / "train_state.pt").exists()
+    assert json.loads((resumed / "config.json").read_text())["schema_version"] == runs.SCHEMA_VERSION
+    assert_same_run(resumed, unbroken)
 
 
 def test_other_settings_in_the_same_folder_are_refused(few_images, tmp_path):
@@ -166,19 +219,12 @@ def test_head_after_e_epochs_equals_a_separate_e_epoch_run():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 16)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.float32)
-    snapshots = {}
-    fit_head(
-        x,
-        y,
-        x,
-        y,
-        TrainConfig(epochs=5, batch_size=8),
-        on_epoch=lambda r, head, *_: snapshots.__setitem__(
-            r.epoch, {k: v.clone() for k, v in head.state_dict().items()}
-        ),
-        progress=False,
-    )
-    short = fit_head(x, y, x, y, TrainConfig(epochs=3, batch_size=8), progress=False)
+    snapshots = {
+        ep.result.epoch: {k: v.clone() for k, v in ep.module.state_dict().items()}
+        for ep in train_epochs(FeatureSource(x, y, x, y), TrainConfig(epochs=5, batch_size=8), progress=False)
+    }
+    *_, last = train_epochs(FeatureSource(x, y, x, y), TrainConfig(epochs=3, batch_size=8), progress=False)
+    short = last.module
     for k, v in short.state_dict().items():
         assert torch.equal(v, snapshots[3][k])
 

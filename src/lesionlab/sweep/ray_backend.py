@@ -1,7 +1,7 @@
 """The sweep's Ray backend: the same trials as the local backend, run as Ray tasks (``pip install 'lesionlab[ray]'``).
 
 The driver prepares features (or images) once per (backbone, seed) and puts each array set in
-Ray's object store once; every task runs :func:`lesionlab.sweep.run_trial`, the function the local
+Ray's object store once; every task runs :func:`lesionlab.sweep.trials.run_trial`, the function the local
 backend runs, with the same thread count, so results.csv is identical. Tasks return their results
 and the driver writes the trial files, so workers need no access to SWEEP_DIR. Workers do need
 lesionlab installed (the same version as the driver).
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lesionlab.sweep.sweep import Backend, Job, SweepError, TrialResult, run_trial
+from lesionlab.sweep.trials import Backend, Job, SweepError, TrialData, TrialResult, run_trial
+from lesionlab.training.config import TrainConfig
 
 
 def _import_ray():
@@ -22,7 +23,7 @@ def _import_ray():
     return ray
 
 
-def _trial_task(cfg, data, record) -> TrialResult:
+def _trial_task(cfg: TrainConfig, data: TrialData, record: tuple[int, ...]) -> TrialResult:
     return run_trial(cfg, data, record)
 
 

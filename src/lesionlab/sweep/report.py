@@ -10,15 +10,13 @@ import csv
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lesionlab import files
 from lesionlab import runs as rf
-
-if TYPE_CHECKING:
-    from lesionlab.sweep.sweep import Choice, SweepGrid
+from lesionlab.sweep.selection import SELECTION_RULE, Choice
+from lesionlab.sweep.trials import SweepGrid
 
 #: Lin & Ghanta 2024, Table 1 (test) and the selected hyper-parameters stated in their Results.
 STUDY_TABLE1 = {
@@ -73,10 +71,6 @@ TABLE_METRICS = (
     ("recall", "Recall"),
     ("f1", "F1-score"),
     ("auc", "AUC"),
-)
-SELECTION_RULE = (
-    "per backbone, the (lr, epochs) with the best validation accuracy after that many epochs "
-    "(mean over seeds); ties: lower validation loss, then fewer epochs"
 )
 
 

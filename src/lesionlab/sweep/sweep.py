@@ -2,181 +2,79 @@
 
 Fast without changing results, for two reasons:
 
-- In frozen mode the heads train on cached backbone features (``features.py``): each backbone runs
+- In frozen mode the heads train on cached backbone features (``training/features.py``): each backbone runs
   over the images once per sweep, or never when an earlier run cached them.
-- A *trial* is one training run per (backbone, lr, seed) up to max(epochs) with the constant
-  schedule; it records validation metrics and the model state at every requested epoch count.
-  ``fit_head`` draws each epoch's randomness from (seed, epoch) only and the constant schedule does
-  not depend on the planned length, so the state after E epochs is, bit for bit, the state a
-  separate E-epoch run ends with at the same thread count (``tests/test_sweep.py`` checks this).
+- A *trial* (``trials.py``) is one training run per (backbone, lr, seed) up to max(epochs) with the constant
+  schedule; it records validation metrics and the model state at every requested epoch count, each equal to a
+  separate run of that length.
 
 SWEEP_DIR holds ``trials/<backbone>/lr<lr>-s<seed>.{pt,json}`` (one finished trial each, written
 atomically: the JSON last, so a killed sweep redoes only unfinished trials), ``results.csv``,
 ``table1.{md,csv}``, ``figure{1,2,3}_*.png`` and ``selected/<backbone>/``, ordinary run folders.
+
+Layers: ``trials.py`` (grid, trial, backend protocol) below ``local.py`` and ``ray_backend.py``, below
+``selection.py`` and ``report.py``, below this module.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
 from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.dataset import Dataset, Sample, load_dataset
-from lesionlab.models.backbones import (
-    ResolvedWeights,
-    WeightsError,
-    build_backbone,
-    get_spec,
-    resolve_weights,
-)
+from lesionlab.models.backbones import ResolvedWeights, WeightsError, build_backbone, get_spec, resolve_weights
 from lesionlab.models.classifier import Head, LesionClassifier, build_model
+from lesionlab.runs import RunFolder
 from lesionlab.runtime import keep_freed_memory
-from lesionlab.sweep.report import SELECTION_RULE, write_reports
-from lesionlab.training.config import MODES, TrainConfig
-from lesionlab.training.loop import (
-    fit_head,
-    fit_network,
-    train_settings,
-    training_inputs,
-    write_run,
+from lesionlab.sweep.local import local_backend
+from lesionlab.sweep.report import write_reports
+from lesionlab.sweep.selection import RESULT_FIELDS, SELECTION_RULE, Choice, result_rows, select, write_results
+from lesionlab.sweep.trials import (
+    STUDY_BACKBONES,
+    STUDY_EPOCHS,
+    STUDY_LRS,
+    TRIAL_THREADS,
+    Backend,
+    Job,
+    SweepError,
+    SweepGrid,
+    Trial,
+    TrialData,
+    TrialResult,
+    run_trial,
+    torch_threads,
 )
+from lesionlab.training.config import TrainConfig
+from lesionlab.training.record import write_run
+from lesionlab.training.sources import read_inputs
 
-STUDY_BACKBONES = ("mobilenetv2", "resnet50v2", "efficientnetv2b0", "vgg16")
-STUDY_LRS = (1e-5, 5e-4, 1e-4, 5e-3, 1e-3)
-STUDY_EPOCHS = (10, 20, 30, 40, 50, 100)
-RESULT_FIELDS = ["backbone", "lr", "epochs", "seed", "val_accuracy", "val_loss", "val_auc", "train_seconds"]
-TRIAL_THREADS = 1  # the same thread count on every backend keeps results bit-identical across them
-
-
-class SweepError(ValueError):
-    """A sweep that cannot start as asked (bad grid, missing optional dependency)."""
-
-
-# ------------------------------------------------------------------ the grid
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One training run: a backbone, a learning rate and a seed, trained to the grid's longest epoch count."""
-
-    backbone: str
-    lr: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"lr{self.lr:g}-s{self.seed}"
-
-
-@dataclass(frozen=True)
-class SweepGrid:
-    backbones: tuple[str, ...] = STUDY_BACKBONES
-    lrs: tuple[float, ...] = STUDY_LRS
-    epochs: tuple[int, ...] = STUDY_EPOCHS
-    seeds: tuple[int, ...] = (0,)
-    mode: str = "frozen"
-    batch_size: int = 32
-    split_seed: int = 0
-    val_fraction: float = 0.2
-
-    def __post_init__(self):
-        if not (self.backbones and self.lrs and self.epochs and self.seeds):
-            raise SweepError("the grid needs at least one backbone, learning rate, epoch count and seed")
-        for name in self.backbones:
-            get_spec(name)  # raises with the list of known backbones
-        if any(lr <= 0 for lr in self.lrs) or any(e < 1 for e in self.epochs):
-            raise SweepError("learning rates must be > 0 and epoch counts >= 1")
-        if self.mode not in MODES:
-            raise SweepError(f"mode must be one of {MODES}, got '{self.mode}'")
-        object.__setattr__(self, "epochs", tuple(sorted(set(self.epochs))))
-        for attr in ("backbones", "lrs", "seeds"):
-            object.__setattr__(self, attr, tuple(dict.fromkeys(getattr(self, attr))))
-
-    @property
-    def max_epochs(self) -> int:
-        return self.epochs[-1]
-
-    def trials(self) -> list[Trial]:
-        return [Trial(b, lr, s) for b in self.backbones for lr in self.lrs for s in self.seeds]
-
-    def config(self, trial: Trial, epochs: int | None = None) -> TrainConfig:
-        return TrainConfig(
-            backbone=trial.backbone,
-            mode=self.mode,
-            lr=trial.lr,
-            epochs=epochs or self.max_epochs,
-            batch_size=self.batch_size,
-            seed=trial.seed,
-            split_seed=self.split_seed,
-            val_fraction=self.val_fraction,
-        )
-
-
-# ------------------------------------------------------------------ one trial
-
-
-@dataclass
-class TrialData:
-    """What a trial trains on: features (frozen) or uint8 images (finetune). Picklable, for Ray."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    weights: ResolvedWeights | None = None  # finetune only: the backbone's starting weights
-
-
-@dataclass
-class TrialResult:
-    trial: Trial
-    history: list[dict]  # every epoch, as in history.csv
-    states: dict[int, dict[str, torch.Tensor]]  # requested epoch -> model state (the head, in frozen mode)
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def run_trial(
-    cfg: TrainConfig, data: TrialData, record: tuple[int, ...], tick: Callable[[int], None] | None = None
-) -> TrialResult:
-    """Trains once to ``cfg.epochs``, keeping a copy of the state at each epoch in ``record``."""
-    history: list[dict] = []
-    states: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_epoch(result, module, opt, sched, ema=None) -> None:
-        history.append(result.row())
-        if result.epoch in record:
-            kept = module if ema is None else ema
-            states[result.epoch] = {k: v.detach().clone() for k, v in kept.state_dict().items()}
-        if tick:
-            tick(1)
-
-    args = (data.x_train, data.y_train, data.x_val, data.y_val, cfg)
-    if cfg.mode == "frozen":
-        with torch_threads(TRIAL_THREADS):
-            fit_head(*args, on_epoch=on_epoch, progress=False)
-    else:
-        model = build_model(data.weights, cfg.seed, dropout=cfg.dropout)
-        fit_network(model, *args, data.weights, on_epoch=on_epoch, progress=False)
-    trial = Trial(cfg.backbone, cfg.lr, cfg.seed)
-    return TrialResult(trial, history, states)
+__all__ = [  # the names the CLI, the benchmarks and the tests import from here
+    "RESULT_FIELDS",
+    "STUDY_BACKBONES",
+    "STUDY_EPOCHS",
+    "STUDY_LRS",
+    "TRIAL_THREADS",
+    "Backend",
+    "Choice",
+    "Job",
+    "SweepError",
+    "SweepGrid",
+    "SweepOutcome",
+    "Trial",
+    "TrialData",
+    "TrialResult",
+    "parse_list",
+    "run_sweep",
+    "run_trial",
+    "select",
+    "torch_threads",
+]
 
 
 # ------------------------------------------------------------------ finished trials on disk (resume)
@@ -192,12 +90,14 @@ class TrialStore:
         return self.root / trial.backbone / f"{trial.name}.{suffix}"
 
     def load(self, trial: Trial, identity: dict, record: tuple[int, ...]) -> dict | None:
-        """The finished trial's record if it was trained with these settings and covers ``record``."""
+        """The finished trial's record if it was trained with these settings and covers ``record``.
+
+        A record of an older schema is compared migrated, as run folders are: its trials still count."""
         path = self._path(trial, "json")
         if not path.exists() or not self._path(trial, "pt").exists():
             return None
         rec = files.read_json(path)
-        if rec.get("identity") != identity or not set(record) <= set(rec.get("recorded_epochs", [])):
+        if rf.migrate(rec.get("identity") or {}) != identity or not set(record) <= set(rec.get("recorded_epochs", [])):
             return None
         return rec
 
@@ -216,10 +116,16 @@ class TrialStore:
         return torch.load(self._path(trial, "pt"), map_location="cpu", weights_only=True)["states"][epoch]
 
 
-def trial_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict:
-    """Everything that decides a trial's numbers except its length (a longer trial covers a shorter one)."""
-    train = {k: v for k, v in train_settings(cfg).items() if k != "epochs"}
-    return {"train": train, "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
+def trial_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict[str, Any]:
+    """Everything that decides a trial's numbers except its length (a longer trial covers a shorter one), in the
+    schema of config.json's train block."""
+    train = {k: v for k, v in asdict(cfg).items() if k != "epochs"}
+    return {
+        "schema_version": rf.SCHEMA_VERSION,
+        "train": train,
+        "weights_sha256": weights.sha256,
+        "file_list_sha256": file_hash,
+    }
 
 
 # ------------------------------------------------------------------ inputs per (backbone, seed)
@@ -257,78 +163,9 @@ def prepare(
     dataset: Dataset, weights: ResolvedWeights, grid: SweepGrid, seed: int, skip_bad: bool, progress: bool
 ) -> Prepared:
     """Features (frozen, from the shared cache) or decoded images (finetune), split as ``train`` splits them."""
-    table, decoded, bad = training_inputs(dataset, weights, grid.mode, seed, skip_bad, progress)
-    splits = dataset.without({p for p, _ in bad}).splits(grid.split_seed, grid.val_fraction)
-    if grid.mode == "frozen":
-        (x_tr, y_tr), (x_va, y_va) = table.rows(splits["train"]), table.rows(splits["val"])
-        return Prepared(weights, splits, bad, TrialData(x_tr, y_tr, x_va, y_va))
-    index = {s.relpath: i for i, s in enumerate(decoded.samples)}
-
-    def pick(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
-        return decoded.images[[index[s.relpath] for s in samples]], np.array([s.label for s in samples], np.float32)
-
-    (x_tr, y_tr), (x_va, y_va) = pick(splits["train"]), pick(splits["val"])
-    return Prepared(weights, splits, bad, TrialData(x_tr, y_tr, x_va, y_va, weights))
-
-
-# ------------------------------------------------------------------ results and selection
-
-
-def result_rows(grid: SweepGrid, records: dict[Trial, dict]) -> list[dict]:
-    """A row per backbone x lr x epochs x seed; train_seconds is the trial's time up to that epoch."""
-    rows = []
-    for trial in grid.trials():
-        history = records[trial]["history"]
-        for e in grid.epochs:
-            h = history[e - 1]
-            rows.append(
-                {
-                    "backbone": trial.backbone,
-                    "lr": trial.lr,
-                    "epochs": e,
-                    "seed": trial.seed,
-                    "val_accuracy": h["val_accuracy"],
-                    "val_loss": h["val_loss"],
-                    "val_auc": h["val_auc"],
-                    "train_seconds": sum(float(x["seconds"]) for x in history[:e]),
-                }
-            )
-    return rows
-
-
-def write_results(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({**r, "lr": f"{r['lr']:g}", "train_seconds": f"{r['train_seconds']:.3f}"})
-    files.atomic_write_text(path, buf.getvalue())
-
-
-@dataclass(frozen=True)
-class Choice:
-    backbone: str
-    lr: float
-    epochs: int
-    seed: int  # the seed whose model is kept (the best on validation among seeds at this lr and epochs)
-    val_accuracy: float  # mean over seeds, the selection criterion
-    val_loss: float
-
-
-def select(rows: list[dict]) -> dict[str, Choice]:
-    """The study's rule: best validation accuracy; ties: lower validation loss, then fewer epochs."""
-    by_cell: dict[tuple[str, float, int], list[dict]] = {}
-    for r in rows:
-        by_cell.setdefault((r["backbone"], r["lr"], r["epochs"]), []).append(r)
-    best: dict[str, tuple] = {}
-    for (bb, lr, ep), rs in by_cell.items():
-        acc = float(np.mean([r["val_accuracy"] for r in rs]))
-        loss = float(np.mean([r["val_loss"] for r in rs]))
-        key = (-acc, loss, ep)
-        if bb not in best or key < best[bb][0]:
-            seed_row = min(rs, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["seed"]))
-            best[bb] = (key, Choice(bb, lr, ep, seed_row["seed"], acc, loss))
-    return {bb: choice for bb, (_, choice) in best.items()}
+    inputs = read_inputs(dataset, weights, grid.mode, seed, skip_bad, progress)
+    splits = dataset.without({p for p, _ in inputs.bad}).splits(grid.split_seed, grid.val_fraction)
+    return Prepared(weights, splits, inputs.bad, inputs.source(splits))
 
 
 # ------------------------------------------------------------------ selected models as run folders
@@ -357,18 +194,18 @@ def write_selected(
     trial = Trial(choice.backbone, choice.lr, choice.seed)
     cfg = grid.config(trial, choice.epochs)
     selection = {"rule": SELECTION_RULE, **asdict(choice)}
-    cfg_path = out / rf.CONFIG
-    if cfg_path.exists() and (out / rf.REPORT).exists():
-        old = files.read_json(cfg_path)
+    run = RunFolder(out)
+    if run.has(rf.CONFIG) and run.has(rf.REPORT):
+        old = run.config.raw  # migrated: a folder of an older schema still holds the same choice
         if (
-            old.get("train") == train_settings(cfg)
+            old.get("train") == asdict(cfg)
             and old.get("weights_sha256") == prep.weights.sha256
             and old.get("file_list_sha256") == file_hash
             and old.get("sweep_selection") == selection
         ):
             return out
     for name in (rf.REPORT, rf.METRICS):  # an interrupted rewrite must not look finished
-        (out / name).unlink(missing_ok=True)
+        (run / name).unlink(missing_ok=True)
     state = store.state(trial, choice.epochs)
     if grid.mode == "frozen":
         head = Head(state["net.1.weight"].shape[1], dropout=cfg.dropout)
@@ -412,39 +249,6 @@ class SweepOutcome:
     selected: dict[str, Path]
     trained: int  # trials trained by this call (the rest were finished earlier)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-Job = tuple[TrainConfig, TrialData, tuple[int, ...]]
-Backend = Callable[[list[Job], Callable[[TrialResult], None], Callable[[int], None]], None]
-
-
-def local_backend(workers: int | None = None) -> Backend:
-    """Trials in this process, or (frozen mode) in ``workers`` processes, one thread each: the same numbers.
-
-    A frozen trial is a small single-threaded loop, so one process per core keeps every core busy.
-    Finetune trials use every thread of one process instead (and their images are too big to copy).
-    """
-
-    def run(jobs: list[Job], on_done: Callable[[TrialResult], None], tick: Callable[[int], None]) -> None:
-        n = min(workers or os.cpu_count() or 1, len(jobs))
-        if n <= 1 or jobs[0][0].mode != "frozen":
-            for cfg, data, record in jobs:
-                on_done(run_trial(cfg, data, record, tick))
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        # spawn, not fork: the parent's OpenMP threads (feature extraction) do not survive a fork safely
-        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            futures = {pool.submit(run_trial, cfg, data, record): cfg.epochs for cfg, data, record in jobs}
-            for fut in as_completed(futures):
-                on_done(fut.result())
-                tick(futures[fut])
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    return run
 
 
 def run_sweep(
@@ -559,7 +363,7 @@ def _backend(name: str, ray_address: str | None, workers: int | None = None) -> 
     if name == "local":
         return local_backend(workers)
     if name == "ray":
-        from lesionlab.sweep.ray_backend import ray_backend
+        from lesionlab.sweep.ray_backend import ray_backend  # Ray is an optional extra: imported only when asked
 
         return ray_backend(ray_address)
     raise SweepError(f"backend must be local or ray, got '{name}'")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from lesionlab.data.dataset import Dataset, Sample
 from lesionlab.data.images import BadImageError, decode_samples, describe_bad, normalize
 from lesionlab.errors import DataError
 from lesionlab.models.backbones import ResolvedWeights, build_backbone
+from lesionlab.models.batching import map_batches
 
 CACHE_VERSION = 1
 
@@ -75,17 +77,18 @@ def extract(
     progress: bool = True,
     desc: str = "features",
 ) -> np.ndarray:
-    """Backbone features in batches. Batches of 16 stay in the CPU's caches: 1.6x faster than 64 on
-    efficientnet_lite0 here, with bit-identical features."""
+    """Backbone features (float32 N x D; 0 x 0 for no images) in batches. Batches of 16 stay in the CPU's
+    caches: 1.6x faster than 64 on efficientnet_lite0 here, with bit-identical features."""
     from tqdm.auto import tqdm
 
     backbone.eval().to(memory_format=torch.channels_last)  # oneDNN's fast CPU kernels, about 2x
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
-        x = torch.from_numpy(normalize(images[i : i + batch_size], mean, std))
-        out.append(backbone(x.contiguous(memory_format=torch.channels_last)).float().numpy())
-    dim = out[0].shape[1] if out else 0
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    def features(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(normalize(batch, mean, std))
+        return backbone(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+
+    bar = partial(tqdm, desc=desc, disable=not progress, unit="batch")
+    return map_batches(features, images, batch_size, empty=np.zeros((0, 0), np.float32), progress=bar)
 
 
 def cache_key(weights: ResolvedWeights, dataset: Dataset) -> str:

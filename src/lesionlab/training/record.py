@@ -1,0 +1,138 @@
+"""What a training run records in its run folder, through :class:`lesionlab.runs.RunFolder` (which owns the file
+names and formats): config.json's content, the identity that tells a resumable run from a different one, a history
+row per epoch, and a finished folder for a model trained elsewhere (the sweep).
+
+config.json records every training option (schema 2). Older folders (schema 1 left options added later out while
+they were off) are compared after :func:`lesionlab.runs.migrate`, so they still resume and are still recognised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lesionlab import runs as rf
+from lesionlab.data.sample import Sample
+from lesionlab.models.backbones import ResolvedWeights
+from lesionlab.models.classifier import LesionClassifier, save_model
+from lesionlab.runs import RunFolder
+from lesionlab.training.config import TrainConfig
+from lesionlab.training.features import preprocessing
+
+
+@dataclass
+class EpochResult:
+    """One line of history.csv."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    val_auc: float
+    lr: float
+    seconds: float
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+HISTORY_FIELDS = [f.name for f in fields(EpochResult)]
+
+
+def train_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict[str, Any]:
+    """What makes two runs the same run: every training option, the weights and the file list."""
+    return {"train": asdict(cfg), "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
+
+
+def check_existing(run: RunFolder, identity: dict[str, Any]) -> None:
+    """RunError when ``run`` already holds a run other than ``identity`` (any schema, compared migrated)."""
+    if not run.has(rf.CONFIG):
+        return
+    old = run.config.raw
+    if {k: old.get(k) for k in identity} != identity:
+        old_train = old.get("train", {})
+        diff = [k for k in identity["train"] if old_train.get(k) != identity["train"][k]]
+        what = f"settings differ: {', '.join(diff)}" if diff else "weights or data files differ"
+        raise rf.RunError(f"{run.path} already holds a different run ({what}); choose another --out or delete it")
+
+
+def run_config(
+    cfg: TrainConfig,
+    resolved: ResolvedWeights,
+    data: str | Path,
+    classes: tuple[str, str],
+    file_hash: str,
+    splits: dict[str, list[Sample]],
+    n_skipped: int,
+    command: str = "",
+) -> dict[str, Any]:
+    """config.json's content (``write_config`` adds the schema version): one schema for runs from ``train`` and
+    runs written by the sweep."""
+    return {
+        **train_identity(cfg, resolved, file_hash),
+        "kind": rf.RUN_KIND,
+        "backbone": cfg.backbone,
+        "mode": cfg.mode,
+        "weights": resolved.describe(),
+        "pretrained": resolved.pretrained,
+        "preprocessing": preprocessing(resolved),
+        "data": {
+            "root": str(Path(data).resolve()),
+            "classes": list(classes),
+            "positive_class": classes[1],
+            "file_list_sha256": file_hash,
+            "split_seed": cfg.split_seed,
+            "val_fraction": cfg.val_fraction,
+            "fold": cfg.fold,
+            # RunConfig.val_folds reads a second validation fold from the key's presence
+            **({"also_val_fold": cfg.also_val_fold} if cfg.second_fold is not None else {}),
+            "skipped_files": n_skipped,
+            **{f"n_{k}": len(v) for k, v in splits.items()},
+        },
+        "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
+        "versions": rf.package_versions(),
+        "command": command,
+    }
+
+
+def model_meta(cfg: TrainConfig, epoch: int) -> dict[str, Any]:
+    """model.pt's metadata: what ``load_model`` needs to rebuild the network, and the epoch it holds."""
+    return {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode, "epoch": epoch}
+
+
+def write_run(
+    out: str | Path,
+    cfg: TrainConfig,
+    resolved: ResolvedWeights,
+    data: str | Path,
+    classes: tuple[str, str],
+    file_hash: str,
+    splits: dict[str, list[Sample]],
+    bad: list[tuple[str, str]],
+    history: list[dict[str, Any]],
+    model: LesionClassifier,
+    command: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """A finished run folder from a model trained elsewhere (the sweep), as ``train`` would have left it.
+
+    ``model`` is the state after ``cfg.epochs`` epochs, recorded as the run's best epoch.
+    """
+    run = RunFolder(out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_skipped(bad)
+    run.write_splits(splits)
+    run.write_history(history, HISTORY_FIELDS)
+    save_model(model, run / rf.MODEL, model_meta(cfg, cfg.epochs))
+    (run / rf.STATE).unlink(missing_ok=True)
+    config = run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command)
+    run.write_config({**config, "best_epoch": cfg.epochs, **(extra or {})})
+    return run.path
+
+
+def config_from_run(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a run folder was trained with (any schema: options it did not record get their old value)."""
+    raw = RunFolder(run_dir).config.train
+    return TrainConfig(**{f.name: raw[f.name] for f in fields(TrainConfig) if f.name in raw})
