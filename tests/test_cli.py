@@ -1,6 +1,7 @@
 """End to end through the command line, as a user runs it: train -> evaluate -> predict, and bad input."""
 
 import json
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -139,3 +140,259 @@ def test_a_bad_threshold_policy_stops_the_command_before_any_work(command, small
     res = invoke(*args[command], "--threshold-policy", "fixed:7")
     assert res.exit_code == 2 and "must lie in (0, 1)" in res.output
     assert not (tmp_path / "never").exists() and not (tmp_path / "e").exists()
+
+
+# ------------------------------------------------------------------ options defined once, in TrainConfig
+
+#: `lesionlab train --help` before its options were derived from TrainConfig: the same flags, no more, no fewer
+TRAIN_FLAGS = {
+    *("--data", "--backbone", "--lr", "--epochs", "--mode", "--batch-size", "--seed", "--split-seed", "--fold"),
+    *("--also-val-fold", "--optimizer", "--weight-decay", "--schedule", "--warmup-epochs", "--label-smoothing"),
+    *("--class-weight", "--augment", "--precision", "--ema-decay", "--weights", "--weights-dir"),
+    *("--allow-random-init", "--skip-bad", "--classes", "--threshold-policy", "--no-eval", "--out", "--quiet"),
+}
+
+
+def _command(name: str) -> Any:
+    import typer
+
+    group: Any = typer.main.get_command(app)  # a click Group, from Typer's own copy of click
+    return group.commands[name]
+
+
+def _params(command: str) -> dict:
+    return {p.name: p for p in _command(command).params}
+
+
+def test_train_options_are_derived_from_train_config():
+    from dataclasses import fields
+
+    from lesionlab.training.config import TrainConfig
+
+    params = _params("train")
+    assert {o for p in params.values() for o in p.opts} == TRAIN_FLAGS
+    offered = [f for f in fields(TrainConfig) if f.metadata["flag"]]
+    # not train options (their defaults are the study's): documented in training/config.py
+    assert {f.name for f in fields(TrainConfig)} - {f.name for f in offered} == {"val_fraction", "dropout"}
+    for f in offered:
+        p = params[f.name]
+        assert p.opts == ["--" + f.name.replace("_", "-")], f.name
+        assert p.help == f.metadata["help"] and p.help, f.name
+        assert p.default == (None if "unset" in f.metadata else f.default), f.name
+    assert params["class_weight"].secondary_opts == ["--no-class-weight"]
+    assert params["also_val_fold"].default is None and TrainConfig().also_val_fold == -1
+    assert params["precision"].default == "auto" and params["backbone"].default == "efficientnet_lite0"
+
+
+def test_sweep_defaults_are_the_grid_and_the_studys():
+    from lesionlab.sweep.sweep import STUDY_BACKBONES, STUDY_EPOCHS, STUDY_LRS, SweepGrid, parse_list
+
+    params, grid = _params("sweep"), SweepGrid()
+    assert params["backbones"].default == "mobilenetv2,resnet50v2,efficientnetv2b0,vgg16"
+    assert params["lrs"].default == "1e-5,5e-4,1e-4,5e-3,1e-3"  # as a user types them
+    assert params["epochs"].default == "10,20,30,40,50,100"
+    assert parse_list(params["lrs"].default, float, "") == STUDY_LRS == grid.lrs
+    assert parse_list(params["backbones"].default, str, "") == STUDY_BACKBONES
+    assert parse_list(params["epochs"].default, int, "") == STUDY_EPOCHS
+    assert (params["mode"].default, params["batch_size"].default) == (grid.mode, grid.batch_size)
+    assert params["seeds"].default == len(grid.seeds) == 1
+
+
+def _fake_train(monkeypatch, tmp_path) -> list:
+    """loop.train replaced: records (cfg, command) and stops before any work."""
+    from lesionlab.runs import RunError
+    from lesionlab.training import loop
+
+    calls = []
+
+    def fake(cfg, data, out, *args):
+        calls.append((cfg, args[-1]))
+        raise RunError("stop here")
+
+    monkeypatch.setattr(loop, "train", fake)
+    return calls
+
+
+def test_the_command_line_spells_out_every_setting(monkeypatch, tmp_path):
+    import shlex
+    from dataclasses import fields
+
+    from lesionlab.training.config import TrainConfig
+
+    calls = _fake_train(monkeypatch, tmp_path)
+    res = invoke("train", "--data", tmp_path, "--mode", "finetune", "--lr", "5e-4", "--also-val-fold", 3)
+    assert res.exit_code == 2 and "stop here" in res.output
+    cfg, command = calls[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["lesionlab", "train"]
+    for f in fields(TrainConfig):
+        if f.metadata["flag"] and not isinstance(f.default, bool):
+            flag = "--" + f.name.replace("_", "-")
+            assert argv[argv.index(flag) + 1] == str(getattr(cfg, f.name)), flag
+    assert argv[argv.index("--precision") + 1] in ("bf16", "fp32")  # resolved, not "auto"
+    assert (
+        "--class-weight" not in argv
+        and argv[argv.index("--out") + 1] == "runs/efficientnet_lite0-finetune-lr0.0005-e20-s0"
+    )
+    # read back by the command itself, it builds the same config
+    ctx = _command("train").make_context("train", argv[2:])
+    assert ctx.params["also_val_fold"] == 3 and ctx.params["mode"] == "finetune" and ctx.params["lr"] == 5e-4
+    calls.clear()
+    assert invoke(*argv[1:]).exit_code == 2 and calls[0][0] == cfg and calls[0][1] == command
+
+    res = invoke("train", "--data", tmp_path, "--class-weight")
+    assert "--class-weight" in shlex.split(calls[-1][1]) and "--also-val-fold" not in calls[-1][1]  # unset: absent
+
+
+def test_config_json_spells_out_every_setting(cli_run):
+    import shlex
+    from dataclasses import fields
+
+    from lesionlab.training.config import TrainConfig
+
+    cfg = json.loads((cli_run / "config.json").read_text())
+    argv = shlex.split(cfg["command"])
+    for f in fields(TrainConfig):
+        if f.metadata["flag"] and not isinstance(f.default, bool) and "unset" not in f.metadata:
+            assert "--" + f.name.replace("_", "-") in argv, f.name
+    assert argv[argv.index("--epochs") + 1] == "5" and argv[argv.index("--out") + 1] == str(cli_run)
+    assert argv[argv.index("--threshold-policy") + 1] and argv[argv.index("--classes") + 1] == "benign,malignant"
+
+
+# ------------------------------------------------------------------ user errors vs bugs
+
+
+def test_a_user_error_is_one_line_and_exit_2(tmp_path):
+    res = invoke("train", "--data", tmp_path, "--mode", "frozzen", "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.strip().splitlines() == ["error: mode must be one of ('frozen', 'finetune'), got 'frozzen'"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_programming_error_keeps_its_traceback(monkeypatch, tmp_path):
+    from lesionlab.evaluation import evaluate as evaluation
+
+    def boom(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(evaluation, "evaluate_run", boom)
+    res = invoke("evaluate", tmp_path)
+    assert isinstance(res.exception, ValueError) and str(res.exception) == "boom"
+    assert res.exit_code == 1 and "error: boom" not in res.output  # not passed off as a user error
+
+
+def test_config_and_settings_errors_are_lesionlab_errors():
+    from lesionlab.errors import LesionlabError
+    from lesionlab.serve.settings import ServeSettings, SettingsError
+    from lesionlab.training.config import ConfigError, TrainConfig
+
+    assert issubclass(ConfigError, LesionlabError) and issubclass(SettingsError, LesionlabError)
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        TrainConfig(lr=0)
+    with pytest.raises(SettingsError, match=r"--runtime \(LESIONLAB_SERVE_RUNTIME\) must be one of"):
+        ServeSettings(runtime="onxx")
+    with pytest.raises(SettingsError, match="is not a valid int"):
+        ServeSettings.from_env({"LESIONLAB_SERVE_MAX_BATCH": "many"})
+
+
+# ------------------------------------------------------------------ one meaning per flag; old spellings still work
+
+DEPRECATED = "warning: --backend is deprecated; use --runtime"
+
+
+def _fake_predictor(monkeypatch) -> list:
+    from lesionlab.inference import predictor
+    from lesionlab.runs import RunError
+
+    calls = []
+
+    def fake(model, runtime, *args):
+        calls.append(runtime)
+        raise RunError("stop here")
+
+    monkeypatch.setattr(predictor, "load_predictor", fake)
+    return calls
+
+
+def test_predict_runtime_and_its_deprecated_backend_alias(monkeypatch, tmp_path):
+    calls = _fake_predictor(monkeypatch)
+    res = invoke("predict", "--runtime", "torch", tmp_path / "x.jpg")
+    assert res.exit_code == 2 and calls == ["torch"] and "deprecated" not in res.stderr
+    res = invoke("predict", "--backend", "onnx", tmp_path / "x.jpg")
+    assert res.exit_code == 2 and calls[-1] == "onnx"
+    assert res.stderr.splitlines()[0] == DEPRECATED  # one line, then the command goes on
+    res = invoke("predict", "--runtime", "onxx", tmp_path / "x.jpg")
+    assert res.exit_code == 2 and "error: --runtime must be one of auto, onnx, torch, got 'onxx'" in res.stderr
+    assert "--backend" not in invoke("predict", "--help").output  # hidden
+
+
+@pytest.fixture
+def fake_uvicorn(monkeypatch):
+    import os
+
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("LESIONLAB_SERVE_")})
+    return calls
+
+
+@pytest.mark.parametrize(
+    "args, env, warning",
+    [
+        (["--runtime", "torch"], {}, None),
+        ([], {"LESIONLAB_SERVE_RUNTIME": "torch"}, None),
+        (["--backend", "torch"], {}, DEPRECATED),
+        (
+            [],
+            {"LESIONLAB_SERVE_BACKEND": "torch"},
+            "warning: LESIONLAB_SERVE_BACKEND is deprecated; use LESIONLAB_SERVE_RUNTIME",
+        ),
+        (["--runtime", "torch", "--backend", "onnx"], {}, DEPRECATED),  # the new spelling wins
+    ],
+)
+def test_serve_runtime_and_its_deprecated_spellings(cli_run, fake_uvicorn, args, env, warning):
+    import os
+
+    from lesionlab.serve.settings import ServeSettings
+
+    os.environ.update(env)
+    res = runner.invoke(app, ["serve", "--model", str(cli_run), *args])
+    assert res.exit_code == 0 and fake_uvicorn, res.output
+    assert os.environ["LESIONLAB_SERVE_RUNTIME"] == "torch"  # what the workers read
+    assert ServeSettings.from_env(os.environ).runtime == "torch"
+    assert (warning in res.stderr.splitlines()) if warning else "deprecated" not in res.stderr
+
+
+def test_serve_settings_read_the_deprecated_backend_variable():
+    from lesionlab.serve.settings import ServeSettings
+
+    with pytest.warns(FutureWarning, match="LESIONLAB_SERVE_BACKEND is deprecated; set LESIONLAB_SERVE_RUNTIME"):
+        s = ServeSettings.from_env({"LESIONLAB_SERVE_BACKEND": "torch"})
+    assert s.runtime == s.backend == "torch"  # .backend: the old attribute name still reads
+    s = ServeSettings.from_env({"LESIONLAB_SERVE_BACKEND": "torch", "LESIONLAB_SERVE_RUNTIME": "onnx"})
+    assert s.runtime == "onnx" and ServeSettings(runtime="onnx").to_env()["LESIONLAB_SERVE_RUNTIME"] == "onnx"
+    assert "LESIONLAB_SERVE_BACKEND" not in ServeSettings().to_env()
+
+
+def test_sweep_trial_workers_and_its_deprecated_workers_alias(monkeypatch, tmp_path):
+    from lesionlab.sweep import sweep as sw
+
+    calls = []
+
+    def fake(*args):
+        calls.append(args[-1])
+        raise sw.SweepError("stop here")
+
+    monkeypatch.setattr(sw, "run_sweep", fake)
+    base = ["sweep", "--data", tmp_path, "--out", tmp_path / "s", "--backbones", "vgg16", "--lrs", "1e-3"]
+    res = invoke(*base, "--trial-workers", 3)
+    assert res.exit_code == 2 and "stop here" in res.output and calls == [3] and "deprecated" not in res.stderr
+    res = invoke(*base, "--workers", 2)
+    assert res.exit_code == 2 and calls[-1] == 2
+    assert res.stderr.splitlines()[0] == "warning: --workers is deprecated; use --trial-workers"
+    invoke(*base)
+    assert calls[-1] is None  # 0: one process per core
+    help_text = invoke("sweep", "--help").output
+    assert "--trial-workers" in help_text and "--workers " not in help_text and "--backend" in help_text
