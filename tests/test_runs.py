@@ -78,12 +78,12 @@ def test_splits_round_trip_and_a_missing_file_is_named(tmp_path):
     run.write_splits(s)
     assert run.relpaths("val") == ["val/0.jpg", "val/1.jpg", "val/2.jpg"]
     assert [r.label for r in run.split_rows() if r.split == "train"] == [0, 1, 0]
-    with pytest.raises(RunError, match="val/0.jpg"):
+    with pytest.raises(RunError, match=r"val/0\.jpg"):
         run.samples("val", s["train"])
 
 
 def test_require_trained_says_how_to_make_a_run(tmp_path):
-    with pytest.raises(RunError, match="lesionlab train --out"):
+    with pytest.raises(RunError, match=r"lesionlab train --out"):
         RunFolder(tmp_path).require_trained()
 
 

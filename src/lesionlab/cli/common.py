@@ -12,18 +12,15 @@ from typing import Any, NoReturn, TypeVar
 import typer
 
 from lesionlab.data.dataset import default_data_dir
-from lesionlab.data.images import BadImageError
 from lesionlab.errors import LesionlabError
-from lesionlab.evaluation.metrics import DEFAULT_POLICY, check_policy
-from lesionlab.models.backbones import WeightsError
+from lesionlab.evaluation.metrics import DEFAULT_POLICY, PolicyError, check_policy
 
 T = TypeVar("T")
 
-#: What the commands catch and print as one line. LesionlabError covers the data, run, config and settings
-#: errors; the others are user-facing errors that do not derive from it (yet): WeightsError (a RuntimeError:
-#: unknown backbone, no ImageNet weights), BadImageError (an unreadable image), FileNotFoundError (a path the
-#: user gave, e.g. --weights, that is not there). A bare ValueError is a bug and shows its traceback.
-USER_ERRORS = (LesionlabError, WeightsError, BadImageError, FileNotFoundError)
+#: What the commands catch and print as one line: LesionlabError (data, run, config, weights, image, policy,
+#: settings and sweep errors) and FileNotFoundError (a path the user gave, e.g. --weights, that is not there).
+#: A bare ValueError is a bug and shows its traceback.
+USER_ERRORS = (LesionlabError, FileNotFoundError)
 
 DATA_HELP = "Data folder (default: $LESIONLAB_DATA or ../shared/data/isic-kaggle)."
 WEIGHTS_DIR_HELP = "Folder of <timm name>*.pth (default: $LESIONLAB_WEIGHTS_DIR or ../shared/weights)."
@@ -61,7 +58,7 @@ def _policy(value: str) -> str:
     """Checked when the command starts, not after an hour of training."""
     try:
         return check_policy(value)
-    except ValueError as e:  # check_policy's contract: a ValueError says what is wrong with the policy
+    except PolicyError as e:
         raise typer.BadParameter(str(e)) from None
 
 

@@ -130,7 +130,7 @@ def sweep(
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """The study's grid search: select per backbone on validation, evaluate on test; writes Table 1 and Figures 1-3."""
-    from lesionlab.sweep.sweep import SweepError, parse_list, run_sweep
+    from lesionlab.sweep.sweep import parse_list, run_sweep
 
     trial_workers = prefer(ctx, "trial_workers", trial_workers, workers)
     try:
@@ -178,7 +178,7 @@ def sweep(
             command,
             trial_workers or None,
         )
-    except (SweepError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         fail(str(e))
     typer.echo(
         f"trained {result.trained} of {len(grid.trials())} trials in {result.seconds['total']:.0f} s; "

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lesionlab.data.sample import Sample
+from lesionlab.errors import LesionlabError
 
 MIN_SIDE = 32
 #: 64 megapixels: a 48 MP phone photo passes, a decompression bomb does not.
@@ -20,7 +21,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 SAFE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")  # JPEG also opens MPO phone photos
 
 
-class BadImageError(ValueError):
+class BadImageError(LesionlabError):
     """One image cannot be used; ``reason`` says why and ``status`` maps it to HTTP."""
 
     def __init__(self, path: str, reason: str, status: int = 415):

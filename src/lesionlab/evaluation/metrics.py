@@ -12,6 +12,8 @@ from scipy.special import expit
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from lesionlab.errors import LesionlabError
+
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 DEFAULT_RESAMPLES = 1000
 DEFAULT_POLICY = "sensitivity:0.95"
@@ -103,25 +105,29 @@ def _gap_midpoint(thr: np.ndarray, i: int) -> float:
     return float(thr[i]) if i + 1 >= len(thr) else float((thr[i] + thr[i + 1]) / 2)
 
 
+class PolicyError(LesionlabError):
+    """A threshold policy that is misspelt, out of range, or cannot be met on this validation set."""
+
+
 POLICY_HELP = "use fixed:0.5, youden, sensitivity:0.95 or sensitivity-lcb:0.95"
 
 
 def check_policy(policy: str) -> str:
-    """Raises ValueError for a policy ``choose_threshold`` would not accept, before any work is done."""
+    """Raises PolicyError for a policy ``choose_threshold`` would not accept, before any work is done."""
     kind, sep, arg = policy.partition(":")
     if kind == "youden" and not sep:
         return policy
     if kind not in ("fixed", "sensitivity", "sensitivity-lcb"):
-        raise ValueError(f"unknown threshold policy '{policy}'; {POLICY_HELP}")
+        raise PolicyError(f"unknown threshold policy '{policy}'; {POLICY_HELP}")
     try:
         value = float(arg)
     except ValueError:
-        raise ValueError(f"threshold policy '{policy}' needs a number after '{kind}:'; {POLICY_HELP}") from None
+        raise PolicyError(f"threshold policy '{policy}' needs a number after '{kind}:'; {POLICY_HELP}") from None
     # A fixed threshold of 0 or 1 labels every image the same; a sensitivity of 1 is reachable, its bound is not.
     ok = 0 < value <= 1 if kind == "sensitivity" else 0 < value < 1
     if not ok:
         interval = "(0, 1]" if kind == "sensitivity" else "(0, 1)"
-        raise ValueError(f"threshold policy '{policy}': the value must lie in {interval}; {POLICY_HELP}")
+        raise PolicyError(f"threshold policy '{policy}': the value must lie in {interval}; {POLICY_HELP}")
     return policy
 
 
@@ -141,7 +147,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
         return float(arg)
     n_pos = int(np.sum(np.asarray(y) == 1))
     if n_pos == 0 or n_pos == len(y):
-        raise ValueError(
+        raise PolicyError(
             f"policy '{policy}' needs validation images of both classes, got {n_pos} positive of "
             f"{len(y)}; use fixed:0.5 or a larger validation split"
         )
@@ -156,7 +162,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
         target = float(arg)
         ok = np.flatnonzero(sensitivity_lower_bound(np.round(tpr * n_pos), n_pos) >= target)
         if not len(ok):
-            raise ValueError(
+            raise PolicyError(
                 f"with {n_pos} validation positives no threshold gives a 95% lower bound of the "
                 f"sensitivity >= {target}; use sensitivity:{target} or a larger validation set"
             )

@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from lesionlab.errors import LesionlabError
+
 log = logging.getLogger(__name__)
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -62,7 +64,7 @@ REGISTRY: dict[str, BackboneSpec] = {
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(LesionlabError):
     """No usable weights, or a weights file that does not fit the backbone."""
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from lesionlab.errors import LesionlabError
 from lesionlab.models.backbones import get_spec
 from lesionlab.training.config import MODES, TrainConfig
 from lesionlab.training.loop import train_epochs
@@ -27,7 +28,7 @@ STUDY_EPOCHS = (10, 20, 30, 40, 50, 100)
 TRIAL_THREADS = 1  # the same thread count on every backend keeps results bit-identical across them
 
 
-class SweepError(ValueError):
+class SweepError(LesionlabError):
     """A sweep that cannot start as asked (bad grid, missing optional dependency)."""
 
 
