@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from lesionlab.cli.common import POLICY_OPTION, RESAMPLES_HELP, USER_ERRORS, command_line, fail, print_summary
+from lesionlab.runs import REPORT
 
 
 def evaluate(
@@ -19,17 +20,12 @@ def evaluate(
     quiet: bool = typer.Option(False),
 ) -> None:
     """Write metrics.json (with 95% bootstrap CIs), figures and report.md into RUN_DIR."""
-    from lesionlab.evaluation.evaluate import evaluate_run
+    from lesionlab.ensemble.build import evaluate_model
 
     try:
-        if (run_dir / "ensemble.json").exists():
-            from lesionlab.ensemble.build import evaluate_ensemble
-
-            metrics = evaluate_ensemble(run_dir, data, threshold_policy, tta, resamples, progress=not quiet)
-        else:
-            metrics = evaluate_run(run_dir, data, threshold_policy, tta, resamples, progress=not quiet)
+        metrics = evaluate_model(run_dir, data, threshold_policy, tta, resamples, progress=not quiet)
         print_summary(metrics)
-        typer.echo(f"report: {run_dir / 'report.md'}")
+        typer.echo(f"report: {run_dir / REPORT}")
     except USER_ERRORS as e:
         fail(str(e))
 
@@ -70,4 +66,4 @@ def ensemble(
     except USER_ERRORS as e:
         fail(str(e))
     print_summary(metrics)
-    typer.echo(f"report: {out / 'report.md'}")
+    typer.echo(f"report: {out / REPORT}")

@@ -30,7 +30,7 @@ from lesionlab.cli.common import (
     resolve_data,
 )
 from lesionlab.cli.options import flag_values, options_from
-from lesionlab.runs import METRICS, MODEL, STATE
+from lesionlab.runs import REPORT, RunFolder
 from lesionlab.sweep.sweep import STUDY_BACKBONES, STUDY_EPOCHS, STUDY_LRS, SweepGrid
 from lesionlab.training.config import TrainConfig
 
@@ -73,7 +73,7 @@ def train(
             threshold_policy=threshold_policy,
             out=out,
         )
-        evaluated = all((out / f).exists() for f in (MODEL, METRICS)) and not (out / STATE).exists()
+        evaluated = RunFolder(out).state == "evaluated"
         run_dir = run_train(
             cfg,
             data,
@@ -88,11 +88,11 @@ def train(
         )
         typer.echo(f"trained: {run_dir}")
         if evaluated:  # finished and evaluated earlier: keep that evaluation (it may have used --tta)
-            typer.echo(f"already evaluated: {run_dir / 'report.md'} (`lesionlab evaluate {run_dir}` evaluates again)")
+            typer.echo(f"already evaluated: {run_dir / REPORT} (`lesionlab evaluate {run_dir}` evaluates again)")
         elif not no_eval:
             metrics = evaluate_run(run_dir, policy=threshold_policy, progress=not quiet)
             print_summary(metrics)
-            typer.echo(f"report: {run_dir / 'report.md'}")
+            typer.echo(f"report: {run_dir / REPORT}")
     except USER_ERRORS as e:
         fail(str(e))
 

@@ -40,6 +40,7 @@ from lesionlab.ensemble.scores import (
     out_of_fold,
     scores_from_predictions,
 )
+from lesionlab.evaluation import evaluate
 from lesionlab.evaluation.evaluate import fitted_metrics, write_evaluation
 from lesionlab.evaluation.metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES, check_policy
 from lesionlab.refusal.measure import combine_refusal, summary
@@ -134,6 +135,22 @@ def evaluate_ensemble(
     return _evaluate(
         run_dir, members, fold_groups(members), data, policy, tta, n_resamples, seed, progress, reuse=False, inner=inner
     )
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data: str | Path | None = None,
+    policy: str = DEFAULT_POLICY,
+    tta: bool = False,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Evaluates any model folder: an ensemble with :func:`evaluate_ensemble`, a run with
+    ``evaluation.evaluate.evaluate_run``; returns metrics.json's content."""
+    if RunFolder(model_dir).is_ensemble:
+        return evaluate_ensemble(model_dir, data, policy, tta, n_resamples, seed, progress)
+    return evaluate.evaluate_run(model_dir, data, policy, tta, n_resamples, seed, progress)
 
 
 # ------------------------------------------------------------------ writing the folder
