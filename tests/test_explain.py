@@ -1,5 +1,6 @@
 """Grad-CAM explanations: a heatmap of the image's size that says something, and a PNG that decodes."""
 
+import base64
 import io
 import json
 
@@ -11,13 +12,15 @@ from typer.testing import CliRunner
 
 from lesionlab.cli import app
 from lesionlab.data.images import normalize, open_image, resize_to_input
+from lesionlab.inference import predictor as predictor_module
 from lesionlab.inference.explain import (
-    _predictor,
+    Explainer,
     explain_image,
     explainable_dir,
     gradcam,
     overlay_png,
 )
+from lesionlab.inference.predictor import TorchPredictor, load_predictor
 from lesionlab.runs import RunError
 
 
@@ -28,7 +31,7 @@ def lesion(small_data):
 
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_run, small_data):
-    predictor = _predictor(tiny_run)
+    predictor = TorchPredictor(tiny_run)
     files = (
         sorted((small_data / "test" / "benign").iterdir())[:1]
         + sorted((small_data / "test" / "malignant").iterdir())[:1]
@@ -69,7 +72,10 @@ def test_overlay_png_decodes(tiny_run, lesion):
     assert img.format == "PNG" and img.size == (224, 224) and img.mode == "RGB"
     e = explain_image(tiny_run, lesion)
     assert e.prediction.label in ("benign", "malignant", "not_a_lesion") and e.model_dir == tiny_run
-    assert _predictor(tiny_run) is _predictor(tiny_run)  # loaded once per folder
+    explainer = Explainer(tiny_run)
+    assert explainer.network is explainer.answering  # one network loaded: it is drawn and it answers
+    again = explainer.explain(lesion)
+    assert again.prediction.probability == e.prediction.probability and again.target == e.target
 
 
 def _operating_point(folder, threshold: float = 0.5) -> None:
@@ -111,3 +117,75 @@ def test_explain_command_writes_a_png(tiny_run, small_data, tmp_path):
     assert Image.open(out).size == (224, 224) and "wrote" in res.output
     res = CliRunner().invoke(app, ["explain", "--model", str(tmp_path), str(img), "--out", str(out)])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def _counting_loads(monkeypatch) -> list[str]:
+    """Every TorchPredictor built from now on (a member, a model, or the network an explainer draws)."""
+    built: list[str] = []
+    real = TorchPredictor.__init__
+
+    def init(self, model_dir, *args, **kwargs):
+        built.append(str(model_dir))
+        real(self, model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(TorchPredictor, "__init__", init)
+    return built
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_run, tmp_path_factory):
+    """Two copies of tiny_run as an evaluated ensemble folder (no training)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("twin")
+    for name in ("a", "b"):
+        shutil.copytree(tiny_run, root / name)
+    (root / "ens").mkdir()
+    (root / "ens" / "ensemble.json").write_text(json.dumps({"members": ["../a", "../b"]}))
+    _operating_point(root / "ens")
+    return root / "ens"
+
+
+def test_an_explainer_reuses_the_served_predictor(twin, lesion, monkeypatch):
+    served = load_predictor(twin)
+    assert isinstance(served, predictor_module.EnsemblePredictor)
+    built = _counting_loads(monkeypatch)
+    explainer = Explainer(twin, served)
+    assert built == [] and explainer.network is served.members[0] and explainer.answering is served
+    e = explainer.explain(lesion)
+    assert e.prediction.probability == pytest.approx(served.analyze([lesion])[0].probability, abs=1e-9)
+    assert built == []
+
+
+def test_two_explain_requests_on_an_ensemble_load_the_members_once(twin, small_data, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from lesionlab.serve import create_app
+
+    built = _counting_loads(monkeypatch)
+    loads: list[str] = []
+    real_load = predictor_module.load_predictor
+
+    def counted_load(model_dir, *args, **kwargs):
+        loads.append(str(model_dir))
+        return real_load(model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "load_predictor", counted_load)
+    with TestClient(create_app(twin)) as c:
+        service = c.app.state.service  # type: ignore[attr-defined]
+        service.load()  # the background load, awaited here
+        assert service.ready, service.error
+        at_start = list(built)
+        assert len(at_start) == 2  # the two members, by the service
+        accepted = next(  # a refused image answers 422 before any explanation is drawn
+            f
+            for f in sorted((small_data / "test" / "malignant").iterdir())
+            if not service.predictor.analyze([open_image(f)])[0].refused
+        )
+        body = {"image": base64.b64encode(accepted.read_bytes()).decode()}
+        for _ in range(2):
+            r = c.post("/v1/predict?explain=true", json=body)
+            assert r.status_code == 200, r.json()
+            assert base64.b64decode(r.json()["explanation_png"]).startswith(b"\x89PNG")
+    assert built == at_start  # the explainer drew the served first member: nothing reloaded per request
+    assert len(loads) == 2  # the members, while the service loaded; none per request

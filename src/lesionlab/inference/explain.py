@@ -9,9 +9,7 @@ research, not a segmentation of the lesion.
 from __future__ import annotations
 
 import io
-import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from lesionlab.inference.predictor import (
     DEFAULT_MODEL_DIR,
     ENSEMBLE_FILE,
     Prediction,
+    Predictor,
     TorchPredictor,
     load_predictor,
     require_operating_point,
@@ -100,20 +99,6 @@ def explainable_dir(model_dir: str | Path | None) -> Path:
     return model_dir
 
 
-_lock = threading.Lock()
-
-
-@lru_cache(maxsize=4)
-def _cached_predictor(path: str, mtime_ns: int) -> TorchPredictor:
-    return TorchPredictor(path)
-
-
-def _predictor(run_dir: Path) -> TorchPredictor:
-    """One loaded model per folder (reloaded when model.pt changes), shared by every request."""
-    with _lock:
-        return _cached_predictor(str(run_dir.resolve()), (run_dir / rf.MODEL).stat().st_mtime_ns)
-
-
 @dataclass
 class Explanation:
     heatmap: np.ndarray  # H x W in [0, 1], at the model's input size
@@ -126,24 +111,69 @@ class Explanation:
         return blend(self.image, self.heatmap, alpha)
 
 
+def _drawn_network(predictor: Predictor, run_dir: Path) -> TorchPredictor | None:
+    """The already loaded PyTorch network of ``run_dir`` inside ``predictor`` (itself, or an ensemble's first
+    member), or None when it runs elsewhere (e.g. on ONNX Runtime)."""
+    members: list[Predictor] = getattr(predictor, "members", [])
+    for candidate in [predictor, *members[:1]]:
+        if isinstance(candidate, TorchPredictor) and Path(candidate.info.path).resolve() == run_dir.resolve():
+            return candidate
+    return None
+
+
+class Explainer:
+    """Grad-CAM for one model folder, built once and then shared by every request (thread-safe: ``gradcam``
+    leaves the network untouched).
+
+    ``network`` is the PyTorch model drawn (the folder's, or an ensemble's first member's: ``explainable_dir``)
+    and ``answering`` the predictor whose answer is explained. Pass the predictor already loaded (a service's):
+    it answers, and its own PyTorch network is drawn when it has the right one, so nothing is loaded twice.
+    Without it, the folder is loaded here (an ensemble: every member). Raises RunError when the folder cannot be
+    explained (no operating point, no model.pt).
+    """
+
+    def __init__(self, model_dir: str | Path | None, predictor: Predictor | None = None):
+        self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+        self.run_dir = explainable_dir(self.model_dir)
+        if predictor is None and not (self.model_dir / ENSEMBLE_FILE).exists():
+            predictor = TorchPredictor(self.run_dir)  # a single run: the drawn network answers too
+        self.answering = predictor if predictor is not None else load_predictor(self.model_dir)
+        self.network = _drawn_network(self.answering, self.run_dir) or TorchPredictor(self.run_dir)
+
+    def explain(self, image: Image.Image, target: str = "predicted") -> Explanation:
+        """The heatmap of the evidence for ``target`` (``predicted``: the label the answering predictor gives at
+        its operating threshold, which need not be the logit's sign), with that predictor's answer."""
+        prediction = self.answering.analyze([image])[0]
+        if target == "predicted":
+            target = self.answering.label(prediction.probability)
+        arr, heatmap = self._draw(image, target)
+        return Explanation(heatmap, arr, prediction, target, self.run_dir)
+
+    def overlay_png(self, image: Image.Image, target: str = "predicted") -> bytes:
+        """PNG bytes of the image at the model's input size with its Grad-CAM heatmap blended in.
+
+        With ``target`` benign or malignant (a service passes the label it served) no answer is computed."""
+        if target == "predicted":
+            overlay = self.explain(image, target).overlay()
+        else:
+            overlay = blend(*self._draw(image, target))
+        buf = io.BytesIO()
+        overlay.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def _draw(self, image: Image.Image, target: str) -> tuple[np.ndarray, np.ndarray]:
+        """(the network's uint8 input, its heatmap for ``target``)."""
+        info = self.network.info
+        arr = resize_to_input(image.convert("RGB"), info.input_size)
+        x = torch.from_numpy(normalize(arr[None], info.mean, info.std))
+        return arr, gradcam(self.network.model, x, target)[0]
+
+
 def explain_image(model_dir: str | Path | None, image: Image.Image, target: str = "predicted") -> Explanation:
-    run_dir = explainable_dir(model_dir)
-    predictor = _predictor(run_dir)
-    info = predictor.info
-    arr = resize_to_input(image.convert("RGB"), info.input_size)
-    x = torch.from_numpy(normalize(arr[None], info.mean, info.std))
-    answering = predictor
-    if model_dir is not None and (Path(model_dir) / ENSEMBLE_FILE).exists():
-        answering = load_predictor(model_dir)  # the ensemble answers; its first member is drawn
-    prediction = answering.analyze([image])[0]
-    if target == "predicted":  # the label at the operating threshold, which need not be the logit's sign
-        target = answering.label(prediction.probability)
-    heatmap = gradcam(predictor.model, x, target)[0]
-    return Explanation(heatmap, arr, prediction, target, run_dir)
+    """One explanation, loading the folder for it (the CLI's one image); a server keeps an Explainer instead."""
+    return Explainer(model_dir).explain(image, target)
 
 
 def overlay_png(model_dir: str | Path | None, image: Image.Image, target: str = "predicted") -> bytes:
-    """PNG bytes of the image at the model's input size with its Grad-CAM heatmap blended in."""
-    buf = io.BytesIO()
-    explain_image(model_dir, image, target).overlay().save(buf, format="PNG")
-    return buf.getvalue()
+    """PNG bytes of one explanation, loading the folder for it; a server keeps an Explainer instead."""
+    return Explainer(model_dir).overlay_png(image, target)

@@ -22,7 +22,8 @@ from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.dataset import Sample, load_dataset
 from lesionlab.data.images import decode_samples, normalize
-from lesionlab.inference.predictor import ENSEMBLE_FILE, ONNX_FILE, PREPROCESS_FILE
+from lesionlab.inference.predictor import ENSEMBLE_FILE, ONNX_FILE, PREPROCESS_FILE, onnx_session
+from lesionlab.models.batching import map_batches
 
 INT8_FILE = "model.int8.onnx"
 QUANT_REPORT = "quantization.json"
@@ -163,19 +164,11 @@ def _torch_to_onnx(module, size: int, path: Path, opset: int) -> None:
                 ) from dynamo_error
 
 
-def _onnx_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def onnx_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """float64 logits of a normalised NCHW batch, ``batch`` images per run; an empty ``x`` gives shape (0,)."""
     name = session.get_inputs()[0].name
-    out = [session.run([OUTPUT_NAMES[0]], {name: x[i : i + batch]})[0].reshape(-1) for i in range(0, len(x), batch)]
-    return np.concatenate(out).astype(np.float64)
+    run = lambda b: session.run([OUTPUT_NAMES[0]], {name: b})[0].reshape(-1)
+    return np.asarray(map_batches(run, x, batch, empty=np.zeros(0)), np.float64)
 
 
 def check_parity(model, session, x: np.ndarray, temperature: float) -> float:
@@ -229,7 +222,7 @@ def export_run(
     target = run_dir / ONNX_FILE
     with files.atomic_path(target) as tmp:
         _torch_to_onnx(_export_module(model), size, tmp, opset)
-        max_dp = check_parity(model, _onnx_session(tmp), x, float(calibration["temperature"]))
+        max_dp = check_parity(model, onnx_session(tmp), x, float(calibration["temperature"]))
         log(f"parity on {len(x)} {source} images: max |dP(malignant)| = {max_dp:.2e} (limit {PARITY_TOLERANCE:.0e})")
         if not max_dp <= PARITY_TOLERANCE:
             raise ExportError(
@@ -285,8 +278,8 @@ def quantize_run(
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".int8-") as tmp_dir:
         tmp = Path(tmp_dir) / INT8_FILE
         _quantize(run_dir / ONNX_FILE, tmp, calib)
-        auc_float = _auc(y, onnx_logits(_onnx_session(run_dir / ONNX_FILE), x_test))
-        auc_int8 = _auc(y, onnx_logits(_onnx_session(tmp), x_test))
+        auc_float = _auc(y, onnx_logits(onnx_session(run_dir / ONNX_FILE), x_test))
+        auc_int8 = _auc(y, onnx_logits(onnx_session(tmp), x_test))
         kept = abs(auc_int8 - auc_float) <= MAX_AUC_DROP
         if kept:
             os.replace(tmp, target)

@@ -17,6 +17,8 @@ from scipy.special import expit
 from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.images import normalize, resize_to_input
+from lesionlab.errors import LesionlabError
+from lesionlab.models.batching import map_batches
 from lesionlab.models.detector import LesionDetector, ensemble_refusal_score
 
 LABELS = ("benign", "malignant")
@@ -29,10 +31,13 @@ BACKENDS = ("auto", "onnx", "torch")
 
 @dataclass
 class ModelInfo:
+    """What a predictor is and how it reads an image. For an ensemble, ``members`` holds each member's info:
+    members may differ in input size and normalisation, and each prepares its own input (see ``preprocessing``)."""
+
     model_id: str
     backbone: str
-    input_size: int
-    mean: tuple[float, ...]
+    input_size: int  # the uint8 input size; an ensemble's is its largest member's, so no member upsamples
+    mean: tuple[float, ...]  # an ensemble's: its members' when they all agree, else () (see ``preprocessing``)
     std: tuple[float, ...]
     threshold: float = 0.5
     threshold_policy: str = "fixed:0.5"
@@ -41,15 +46,43 @@ class ModelInfo:
     path: str = ""
     runtime: str = ""
     extra: dict = field(default_factory=dict)
+    members: list[ModelInfo] = field(default_factory=list)
+
+    @property
+    def preprocessing(self) -> list[dict]:
+        """How each network's input is built, one entry per network: the model itself, or every member of an
+        ensemble in order (nested ensembles flattened)."""
+        if self.members:
+            return [entry for m in self.members for entry in m.preprocessing]
+        return [
+            {
+                "model_id": self.model_id,
+                "backbone": self.backbone,
+                "input_size": self.input_size,
+                "mean": list(self.mean),
+                "std": list(self.std),
+            }
+        ]
+
+    @property
+    def uniform_preprocessing(self) -> bool:
+        """True when every network reads the same input size and normalisation (always, for a single model)."""
+        return len({(d["input_size"], tuple(d["mean"]), tuple(d["std"])) for d in self.preprocessing}) == 1
 
 
 def tta_views(batch_hwc: np.ndarray) -> list[np.ndarray]:
-    """Dermoscopy has no canonical orientation: the 8 flips/rotations of the square input."""
+    """Dermoscopy has no canonical orientation: the 8 flips/rotations of the square input.
+
+    The first view is the batch itself (no rotation, no flip): its features feed the lesion detector."""
     views = []
     for k in range(4):
         r = np.rot90(batch_hwc, k, axes=(1, 2))
         views += [r, r[:, :, ::-1]]
     return [np.ascontiguousarray(v) for v in views]
+
+
+#: What every scoring method accepts: PIL images (any size), or a uint8 N x H x W x 3 batch.
+Images = Sequence[Image.Image] | np.ndarray
 
 
 @dataclass
@@ -68,18 +101,77 @@ class Prediction:
         return {k: v for k, v in self.__dict__.items()}
 
 
+@dataclass
+class Scores:
+    """What ``Predictor._score`` computes for a batch, before calibration and labels."""
+
+    logits: np.ndarray  # uncalibrated float64 (N,): P(malignant) = sigmoid(logit / temperature)
+    ood: np.ndarray | None = None  # lesion-detector score per image; refused above ``refusal_threshold``
+    why: list[str] | None = None  # per image, the reason given when it is refused
+
+
 class Predictor:
-    """Subclasses implement ``_forward``: a normalised float32 NCHW batch -> (logits, backbone features)."""
+    """The contract every consumer (CLI, service, evaluation, ensembles) uses.
+
+    ``predict_proba(images, tta=None)`` gives calibrated P(malignant) and ``analyze(images, tta=None)`` one
+    :class:`Prediction` per image (labels at the operating threshold, refusals); ``tta=None`` means as the
+    operating point was fitted. Both go through one scoring hook, ``_score``, which a single network
+    implements with its ``_forward`` (a normalised float32 NCHW batch -> (logits, backbone features or
+    None)) over :func:`map_batches`, and an ensemble by combining its members' scores.
+    ``predict``, ``predict_logits``, ``logits_from_uint8`` and ``forward_uint8`` are the older names.
+    """
 
     info: ModelInfo
     detector: LesionDetector | None = None
     batch_size = 32
 
+    # ------------------------------------------------------------ what subclasses provide
+
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        return self._forward(x)[0]
+    def _score(self, images: Images, tta: bool, with_ood: bool) -> Scores:
+        """The one scoring path of a single network: TTA costs 8 passes, the identity view's features
+        feeding the lesion detector (``with_ood``), and no TTA costs one (per ``batch_size`` images)."""
+        batch = self.prepare(images)
+        logits, feats = self._forward_views(batch, tta)
+        if not with_ood or self.detector is None or feats is None:
+            return Scores(logits)
+        ood = self.detector.score(feats, batch)
+        limit = self.detector.threshold
+        why = [f"does not look like a dermoscopic lesion image (score {s:.1f} > {limit:.1f})" for s in ood]
+        return Scores(logits, ood, why)
+
+    # ------------------------------------------------------------ the contract
+
+    def predict_proba(self, images: Images, tta: bool | None = None) -> np.ndarray:
+        """Calibrated P(malignant) = sigmoid(logit / temperature), one per image (float64, shape (N,))."""
+        return expit(self.predict_logits(images, tta) / self.info.temperature)
+
+    def analyze(self, images: Images, tta: bool | None = None) -> list[Prediction]:
+        """Probabilities, labels and, when the model has a lesion detector, refusals; one per image."""
+        if not len(images):
+            return []
+        scores = self._score(images, self.use_tta(tta), with_ood=True)
+        probs = expit(scores.logits / self.info.temperature)
+        limit = self.refusal_threshold
+        out = []
+        for i, (z, p) in enumerate(zip(scores.logits, probs)):
+            pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
+            if scores.ood is not None and limit is not None:
+                pred.ood_score = float(scores.ood[i])
+                if scores.ood[i] > limit:
+                    pred.refused, pred.label = True, "not_a_lesion"
+                    pred.reason = scores.why[i] if scores.why else None
+            out.append(pred)
+        return out
+
+    def use_tta(self, tta: bool | None) -> bool:
+        """None: as the operating point was fitted (its threshold belongs to those scores)."""
+        return self.info.tta if tta is None else bool(tta)
+
+    def label(self, probability: float) -> str:
+        return LABELS[int(probability >= self.info.threshold)]
 
     @property
     def refuses_non_lesions(self) -> bool:
@@ -90,67 +182,56 @@ class Predictor:
         """An image whose ``ood_score`` is above this is refused; None without a lesion detector."""
         return None if self.detector is None else float(self.detector.threshold)
 
-    def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return np.stack([resize_to_input(im, self.info.input_size) for im in images])
+    def prepare(self, images: Images) -> np.ndarray:
+        """uint8 N x S x S x 3 at ``info.input_size`` S: PIL images are resized (shorter side) and centre-cropped;
+        a uint8 batch already at S passes through untouched, one at another size is resized image by image
+        the same way (a second resampling: pass the PIL images when you have them)."""
+        size = self.info.input_size
+        if isinstance(images, np.ndarray):
+            if images.shape[1:3] == (size, size):
+                return images
+            images = [Image.fromarray(im) for im in images]
+        if not len(images):
+            return np.zeros((0, size, size, 3), np.uint8)
+        return np.stack([resize_to_input(im, size) for im in images])
 
-    def logits_from_uint8(self, batch_hwc: np.ndarray, tta: bool = False) -> np.ndarray:
-        """Uncalibrated logits; with ``tta``, the mean logit over the 8 dihedral views."""
-        if tta:
-            return np.mean([self.logits_from_uint8(v) for v in tta_views(batch_hwc)], axis=0)
-        out = [
-            self._logits(normalize(batch_hwc[i : i + self.batch_size], self.info.mean, self.info.std))
-            for i in range(0, len(batch_hwc), self.batch_size)
-        ]
-        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+    # ------------------------------------------------------------ older names, kept for their callers
 
-    def use_tta(self, tta: bool | None) -> bool:
-        """None: as the operating point was fitted (its threshold belongs to those scores)."""
-        return self.info.tta if tta is None else bool(tta)
+    def predict(self, images: Images, tta: bool | None = None) -> np.ndarray:
+        """``predict_proba``."""
+        return self.predict_proba(images, tta)
 
-    def predict_logits(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
-        if not images:
+    def predict_logits(self, images: Images, tta: bool | None = None) -> np.ndarray:
+        """Uncalibrated logits (float64, shape (N,)); ``tta`` None: as fitted."""
+        if not len(images):
             return np.zeros(0)
-        return self.logits_from_uint8(self.prepare(images), self.use_tta(tta))
+        # through logits_from_uint8, so that a caller wrapping it sees every scoring call
+        return self.logits_from_uint8(images, self.use_tta(tta))
 
-    def predict(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
-        """Calibrated P(malignant) = sigmoid(logit / temperature)."""
-        return expit(self.predict_logits(images, tta) / self.info.temperature)
-
-    def label(self, probability: float) -> str:
-        return LABELS[int(probability >= self.info.threshold)]
+    def logits_from_uint8(self, batch_hwc: Images, tta: bool = False) -> np.ndarray:
+        """Uncalibrated logits of a uint8 batch (any size; PIL images too); with ``tta``, the mean over the 8
+        dihedral views. ``tta`` defaults to False here: evaluation scores raw logits to fit the operating point."""
+        return self._score(batch_hwc, bool(tta), with_ood=False).logits
 
     def forward_uint8(self, batch_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outs = [
-            self._forward(normalize(batch_hwc[i : i + self.batch_size], self.info.mean, self.info.std))
-            for i in range(0, len(batch_hwc), self.batch_size)
-        ]
-        logits = np.concatenate([o[0] for o in outs]).astype(np.float64)
-        feats = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
-        return logits, feats
+        """(float64 logits, backbone features or None) of one network, without TTA (a single network only: an
+        ensemble has no one feature space, and raises NotImplementedError)."""
+        return self._forward_views(self.prepare(batch_hwc), tta=False)
 
-    def analyze(self, images: Sequence[Image.Image], tta: bool | None = None) -> list[Prediction]:
-        """Probabilities, labels and, when the model folder has a lesion detector, refusals."""
-        if not images:
-            return []
-        batch = self.prepare(images)
-        logits, feats = self.forward_uint8(batch)
-        if self.use_tta(tta):
-            logits = self.logits_from_uint8(batch, tta=True)
-        probs = expit(logits / self.info.temperature)
-        scores = self.detector.score(feats, batch) if self.detector is not None and feats is not None else None
-        out = []
-        for i, (z, p) in enumerate(zip(logits, probs)):
-            pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
-            if scores is not None:
-                pred.ood_score = float(scores[i])
-                if scores[i] > self.detector.threshold:
-                    pred.refused, pred.label = True, "not_a_lesion"
-                    pred.reason = (
-                        f"does not look like a dermoscopic lesion image (score {scores[i]:.1f} "
-                        f"> {self.detector.threshold:.1f})"
-                    )
-            out.append(pred)
-        return out
+    # ------------------------------------------------------------ the forward path
+
+    def _forward_uint8_batch(self, batch_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._forward(normalize(batch_hwc, self.info.mean, self.info.std))
+
+    def _forward_views(self, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(float64 logits, features of the batch itself) with the logits averaged over the 8 views under ``tta``;
+        one ``_forward`` per view and ``batch_size`` images. ``batch`` is at the input size."""
+        views = tta_views(batch) if tta else [batch]
+        nothing: tuple[np.ndarray, np.ndarray | None] = (np.zeros(0), None)  # an empty batch: the model is not run
+        outs = [map_batches(self._forward_uint8_batch, v, self.batch_size, empty=nothing) for v in views]
+        logits = [np.asarray(z, np.float64) for z, _ in outs]
+        feats = outs[0][1]  # the first view is the batch itself: its features are the detector's
+        return (logits[0] if len(logits) == 1 else np.mean(logits, axis=0)), feats
 
 
 def _read_operating_point(model_dir: Path) -> dict:
@@ -228,16 +309,23 @@ class TorchPredictor(Predictor):
             return self.model.head(feats).numpy(), feats.numpy()
 
 
+def onnx_session(path: str | Path, num_threads: int | None = None):
+    """The one ONNX Runtime set-up, for serving and for export's parity and int8 checks alike (so a check
+    runs the model as it will be served): all graph optimisations, CPU provider, ``num_threads`` intra-op
+    threads (None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if num_threads:
+        opts.intra_op_num_threads = num_threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxPredictor(Predictor):
     def __init__(self, model_dir: str | Path, num_threads: int | None = None):
-        import onnxruntime as ort
-
         model_dir = Path(model_dir)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if num_threads:
-            opts.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(str(model_dir / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(model_dir / ONNX_FILE, num_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.info = _info(model_dir, "onnxruntime")
         self.detector = LesionDetector.load(model_dir)
@@ -248,35 +336,34 @@ class OnnxPredictor(Predictor):
 
 
 class EnsemblePredictor(Predictor):
-    """Mean of the members' calibrated probabilities; threshold from the ensemble's own calibration.json."""
+    """Mean of the members' calibrated probabilities; threshold from the ensemble's own calibration.json.
+
+    It stands in for a model everywhere: only scoring (``_score``) is its own. Members may read different
+    input sizes and normalisations; each prepares its own input from what it is given (PIL images: from the
+    originals; a uint8 batch: resized where its size differs). Refusal: the median member's detector.
+    """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", num_threads: int | None = None):
         model_dir = Path(model_dir)
         spec = files.read_json(model_dir / ENSEMBLE_FILE)
         self.members = [load_predictor(_member_path(model_dir, m), backend, num_threads) for m in spec["members"]]
         op = _read_operating_point(model_dir)
-        first = self.members[0].info
+        infos = [m.info for m in self.members]
+        same_norm = len({(i.mean, i.std) for i in infos}) == 1
         self.info = ModelInfo(
             model_id=op.get("model_id") or model_dir.name,
-            backbone="ensemble(" + ",".join(m.info.backbone for m in self.members) + ")",
-            input_size=first.input_size,
-            mean=first.mean,
-            std=first.std,
+            backbone="ensemble(" + ",".join(i.backbone for i in infos) + ")",
+            input_size=max(i.input_size for i in infos),
+            mean=infos[0].mean if same_norm else (),
+            std=infos[0].std if same_norm else (),
             threshold=float(op.get("threshold", 0.5)),
             threshold_policy=op.get("policy") or "fixed:0.5",
             temperature=float(op.get("temperature", 1.0)),
             tta=bool(op.get("tta", False)),
             path=str(model_dir),
-            runtime="+".join(sorted({m.info.runtime for m in self.members})),
+            runtime="+".join(sorted({i.runtime for i in infos})),
+            members=infos,
         )
-
-    def predict_logits(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
-        """The logit of the mean of the members' calibrated probabilities (TTA as the ensemble was fitted)."""
-        tta = self.use_tta(tta)
-        return mean_probability_logit([m.predict(images, tta) for m in self.members])
-
-    def logits_from_uint8(self, batch_hwc: np.ndarray, tta: bool = False) -> np.ndarray:
-        raise TypeError("ensemble members may differ in input size; call predict() with images")
 
     @property
     def refuses_non_lesions(self) -> bool:
@@ -287,35 +374,23 @@ class EnsemblePredictor(Predictor):
         """``ood_score`` is the median member's distance / threshold, so the threshold is 1."""
         return 1.0 if self.refuses_non_lesions else None
 
-    def analyze(self, images: Sequence[Image.Image], tta: bool | None = None) -> list[Prediction]:
-        """Mean of member probabilities; refused when the median member's lesion detector refuses
-        (``ood.ensemble_refusal_score``); ``ood_score`` is then that median of distance / threshold."""
-        if not images:
-            return []
-        tta = self.use_tta(tta)
-        per_member = [m.analyze(images, tta) for m in self.members]
-        logits = mean_probability_logit([[p.probability for p in preds] for preds in per_member])
-        probs = expit(logits / self.info.temperature)
-        judges = [
-            (m.refusal_threshold, preds)
-            for m, preds in zip(self.members, per_member)
-            if m.refusal_threshold is not None and all(p.ood_score is not None for p in preds)
+    def _score(self, images: Images, tta: bool, with_ood: bool) -> Scores:
+        """The logit of the mean of the members' calibrated probabilities (each member scoring with ``tta``);
+        ``ood``: the median over the members with a detector of distance / threshold
+        (``ensemble_refusal_score``), refused above 1."""
+        scored = [(m, m._score(images, tta, with_ood)) for m in self.members]
+        logits = mean_probability_logit([expit(s.logits / m.info.temperature) for m, s in scored])
+        judges = [(t, s.ood) for m, s in scored if (t := m.refusal_threshold) is not None and s.ood is not None]
+        if not judges:  # with_ood is off, or no member has a lesion detector
+            return Scores(logits)
+        combined = ensemble_refusal_score([ood / t for t, ood in judges])
+        refusing = np.sum([ood > t for t, ood in judges], axis=0)
+        why = [
+            f"does not look like a dermoscopic lesion image ({n} of {len(judges)} members' detectors refuse; "
+            f"median score/threshold {c:.2f} > 1)"
+            for n, c in zip(refusing, combined)
         ]
-        combined = ensemble_refusal_score([[p.ood_score / t for p in preds] for t, preds in judges]) if judges else None
-        out = []
-        for i, (z, p) in enumerate(zip(logits, probs)):
-            pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
-            if combined is not None:
-                pred.ood_score = float(combined[i])
-                if combined[i] > 1.0:
-                    n_refusing = sum(preds[i].refused for _, preds in judges)
-                    pred.refused, pred.label = True, "not_a_lesion"
-                    pred.reason = (
-                        f"does not look like a dermoscopic lesion image ({n_refusing} of {len(judges)} "
-                        f"members' detectors refuse; median score/threshold {combined[i]:.2f} > 1)"
-                    )
-            out.append(pred)
-        return out
+        return Scores(logits, combined, why)
 
 
 def mean_probability_logit(member_probs: Sequence[np.ndarray]) -> np.ndarray:
@@ -331,9 +406,11 @@ def _member_path(ensemble_dir: Path, member: str) -> Path:
 def load_predictor(
     model_dir: str | Path | None = None, backend: str = "auto", num_threads: int | None = None
 ) -> Predictor:
-    """``auto`` prefers ONNX Runtime when the folder has model.onnx; ``None`` means the bundled default."""
+    """``auto`` prefers ONNX Runtime when the folder has model.onnx; ``None`` means the bundled default.
+
+    Raises LesionlabError for an unknown backend, RunError (a LesionlabError) for a folder that cannot be served."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+        raise LesionlabError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
     model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
     if not model_dir.is_dir():
         raise rf.RunError(f"model folder {model_dir} does not exist")

@@ -26,7 +26,7 @@ def _get_service() -> tuple[ModelService, ServeSettings]:
     if _loaded is None:
         limit_blas_threads()
         s = ServeSettings.from_env(os.environ)
-        service = ModelService(s.model_dir, backend=s.backend, num_threads=s.num_threads, max_pixels=s.max_pixels)
+        service = ModelService(s.model_dir, backend=s.runtime, num_threads=s.num_threads, max_pixels=s.max_pixels)
         service.load()
         _loaded = service, s
     return _loaded
@@ -61,7 +61,8 @@ def _answer(event: Any, service: ModelService, max_body_bytes: int) -> dict:
                 413, "body_too_large", f"request body exceeds {max_body_bytes:,} bytes; send a smaller image"
             )
         service.require_ready()
-        outcome = service.classify_blocking([study_image(raw)], False)[0][0]
+        # tta None: as the operating point was fitted, like POST /predict (its threshold belongs to those scores)
+        outcome = service.classify_blocking([study_image(raw)], None)[0][0]
         if outcome.error:
             raise outcome.error
         return study_success(outcome.prediction, service.predictor.info, service.version)  # type: ignore[arg-type,union-attr]

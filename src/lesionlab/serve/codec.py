@@ -16,6 +16,17 @@ from lesionlab.serve.errors import ServiceError
 
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")
+_B64 = "[A-Za-z0-9+/_-]"
+
+#: The base64 text the OpenAPI document promises to read (an ECMA-262 regex, as JSON Schema's ``pattern``):
+#: an optional ``data:...;base64,`` prefix, then standard or URL-safe base64 of at least one byte, padded
+#: or not. Every string it matches decodes (:func:`decode_base64`) to non-empty bytes, so a schema-valid
+#: request is never answered 400 for its encoding. :func:`decode_base64` also reads more than this (line
+#: breaks and spaces, an upper-case ``DATA:`` prefix); the pattern stays the plain form a client should send.
+BASE64_PATTERN = (
+    r"^(data:[A-Za-z0-9.+/-]*(;[A-Za-z0-9=.+-]+)*;base64,)?"
+    rf"({_B64}{{4}})*({_B64}{{4}}|{_B64}{{3}}=?|{_B64}{{2}}(==?)?)$"
+)
 
 
 def decode_base64(text: str | bytes, label: str = "image") -> bytes:

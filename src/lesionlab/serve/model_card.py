@@ -64,7 +64,11 @@ def training_data(config: dict) -> dict:
 
 
 def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
+    """GET /v1/model's body. ``preprocessing`` lists each network's input size and normalisation (one entry, or
+    one per ensemble member); the top-level ``input_size``, ``mean`` and ``std`` are that shared value, or null
+    for an ensemble whose members read their inputs differently."""
     info = predictor.info
+    uniform = info.uniform_preprocessing
     config, metrics = _read(model_dir / rf.CONFIG), _read(model_dir / rf.METRICS)
     card = model_dir / MODEL_CARD_FILE
     return _finite(
@@ -75,9 +79,10 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
             "runtime": info.runtime,
             "transfer_mode": config.get("mode"),
             "weights_source": config.get("weights", {}).get("source"),
-            "input_size": info.input_size,
-            "mean": list(info.mean),
-            "std": list(info.std),
+            "input_size": info.input_size if uniform else None,
+            "mean": list(info.mean) if uniform else None,
+            "std": list(info.std) if uniform else None,
+            "preprocessing": info.preprocessing,  # each member resizes and normalises the upload its own way
             "threshold": {
                 "value": info.threshold,
                 "policy": info.threshold_policy,

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from lesionlab.evaluation.report import DISCLAIMER
 from lesionlab.inference.predictor import ModelInfo, Prediction
+from lesionlab.serve.codec import BASE64_PATTERN
 from lesionlab.serve.errors import ServiceError
 
 STUDY_PATH = "/predict"
@@ -24,7 +25,15 @@ Label = Literal["benign", "malignant", "not_a_lesion"]
 
 
 class StudyRequest(BaseModel):
-    image: str = Field(description="The image file (JPEG, PNG, ...) as base64; a data:image/...;base64, prefix is fine")
+    """The JSON request of /predict and /v1/predict (the app adds ``maxLength`` from its body cap)."""
+
+    image: str = Field(
+        description="The image file (JPEG, PNG, BMP, GIF, TIFF, WebP) as base64, standard or URL-safe, padded or "
+        "not; a data:image/...;base64, prefix is fine",
+        min_length=2,  # the shortest base64 of one byte: an empty string is no image
+        pattern=BASE64_PATTERN,
+        json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"},
+    )
 
 
 class StudyBody(BaseModel):
@@ -91,11 +100,27 @@ class BatchOut(BaseModel):
 
 
 class RefusalOut(ErrorBody):
+    """/v1/predict's 422 for an image the lesion detector refused (error ``not_a_lesion``)."""
+
     label: Label = "not_a_lesion"
     probability: float
     ood_score: float | None = None
     model_id: str
     model_version: str
+
+
+class LiveOut(BaseModel):
+    status: Literal["live"]
+    live: bool
+
+
+class ReadyOut(BaseModel):
+    """/health/ready: 200 with ``model_id`` once ready, 503 while loading or after a failed load (``detail``)."""
+
+    status: Literal["ready", "loading", "failed"]
+    ready: bool
+    model_id: str | None = None
+    detail: str | None = Field(None, description="Why the model failed to load")
 
 
 # ------------------------------------------------------------------ encoders

@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from PIL import Image
 
@@ -108,6 +110,17 @@ def _file_digest(path: Path) -> bytes:
     return h.digest()
 
 
+@dataclass
+class _ModuleExplainer:
+    """An explain module without ``Explainer``: its module-level ``overlay_png`` per request."""
+
+    module: ModuleType
+    model_dir: Path
+
+    def overlay_png(self, image: Image.Image, target: str) -> bytes:
+        return self.module.overlay_png(self.model_dir, image, target)
+
+
 class ModelService:
     def __init__(
         self,
@@ -130,6 +143,8 @@ class ModelService:
         self.error: str | None = None
         self._lock = threading.Lock()
         self._task: asyncio.Task | None = None
+        self._explainer: tuple[ModuleType, Any] | None = None  # (explain module, its Explainer), built once
+        self._explainer_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -206,12 +221,35 @@ class ModelService:
         return outcomes, elapsed_ms
 
     def _explain(self, data: bytes, target: str) -> bytes:
-        return self.require_explainer().overlay_png(self.model_dir, self._decode(data, "image"), target)
+        return self.explainer().overlay_png(self._decode(data, "image"), target)
 
-    def require_explainer(self):
-        """lesionlab.inference.explain, or 501 unless a Grad-CAM can be drawn (it needs a PyTorch checkpoint, model.pt)."""
+    def explainer(self) -> Any:
+        """The service's one Explainer, built on first use around the loaded predictor and kept for every later
+        request (an ensemble's members are not loaded again). Raises ServiceError like ``require_explainer``.
+
+        Built again only if the explain module itself is replaced (a reload). A module without ``Explainer``
+        (an older build, or a stand-in) is asked through its ``overlay_png(model_dir, image, target)``."""
+        explain = self.require_explainer()
+        predictor = self.require_ready()
+        with self._explainer_lock:
+            if self._explainer is None or self._explainer[0] is not explain:
+                build = getattr(explain, "Explainer", None)
+                if build is None:
+                    made: Any = _ModuleExplainer(explain, self.model_dir)
+                else:
+                    try:
+                        made = build(self.model_dir, predictor)
+                    except (rf.RunError, ValueError) as e:
+                        raise ServiceError(
+                            501, "explain_unavailable", f"explanations are not available for this model ({e})"
+                        ) from None
+                self._explainer = (explain, made)
+            return self._explainer[1]
+
+    def require_explainer(self) -> ModuleType:
+        """lesionlab.inference.explain, or 501 unless a Grad-CAM can be drawn (it needs the PyTorch model.pt)."""
         try:
-            # import_module asks sys.modules, as the import inside _explain would: one answer for both
+            # import_module asks sys.modules on every call: the check before a request and the explainer agree
             explain = importlib.import_module("lesionlab.inference.explain")
         except ImportError as e:
             raise ServiceError(
