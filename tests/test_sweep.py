@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -18,7 +19,14 @@ from lesionlab.training.config import TrainConfig
 from lesionlab.training.loop import train_epochs
 from lesionlab.training.sources import FeatureSource
 
-TINY_GRID = dict(backbones=("efficientnet_lite0",), lrs=(1e-3, 5e-3), epochs=(1, 3))
+
+class GridArgs(TypedDict):
+    backbones: tuple[str, ...]
+    lrs: tuple[float, ...]
+    epochs: tuple[int, ...]
+
+
+TINY_GRID = GridArgs(backbones=("efficientnet_lite0",), lrs=(1e-3, 5e-3), epochs=(1, 3))
 OUTPUTS = ("results.csv", "table1.md", "table1.csv", "figure1_tuning.png", "figure2_confusion.png", "figure3_roc.png")
 
 
@@ -157,7 +165,12 @@ def test_interrupted_sweep_finishes_without_redoing_finished_trials(local_sweep,
     stamp = finished.stat().st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(local, "run_trial", lambda *a, **k: (calls.append(a[0].lr), real(*a, **k))[1])
+
+    def counted(*a, **k):
+        calls.append(a[0].lr)
+        return real(*a, **k)
+
+    monkeypatch.setattr(local, "run_trial", counted)
     again = sw.run_sweep(grid, small_data, out, n_resamples=100, progress=False, workers=1)
     assert calls == [5e-3] and again.trained == 1 and finished.stat().st_mtime_ns == stamp
     assert _csv(out / "results.csv") == _csv(local_sweep.out / "results.csv")

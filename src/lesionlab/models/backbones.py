@@ -381,4 +381,6 @@ def build_backbone(weights: ResolvedWeights, seed: int = 0) -> nn.Module:
 
 def num_features(model: nn.Module) -> int:
     """Width of the pooled output; VGG's pre-logits MLP makes it differ from ``num_features``."""
-    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+    # getattr, not ``model.num_features``: timm sets plain int attributes, which nn.Module's typing (its
+    # ``__getattr__``) would read as a submodule or tensor
+    return int(getattr(model, "head_hidden_size", None) or getattr(model, "num_features"))  # noqa: B009

@@ -106,7 +106,7 @@ def table1_markdown(
     grid: SweepGrid, choices: dict[str, Choice], metrics: dict[str, dict], configs: dict[str, dict]
 ) -> str:
     """The study's layout (a column per model, a row per metric), each selected model beside the study's."""
-    cols: list[tuple[str, Callable[[str], str]]] = []
+    cols: list[tuple[str, Callable[[str], str | None]]] = []  # (name, cell per row key; None: blank)
     for bb in choices:
         m, c, ch = metrics[bb]["test"], configs[bb], choices[bb]
         cols.append(
@@ -158,7 +158,7 @@ def table1_markdown(
     )
 
 
-def _study_column(bb: str) -> tuple[str, Callable[[str], str]]:
+def _study_column(bb: str) -> tuple[str, Callable[[str], str | None]]:
     s = STUDY_TABLE1[bb]
     cells = {
         "weights": "ImageNet (Keras)",

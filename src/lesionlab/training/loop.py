@@ -27,7 +27,7 @@ from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.dataset import load_dataset
 from lesionlab.models.backbones import build_backbone, resolve_weights
-from lesionlab.models.classifier import LesionClassifier, save_model
+from lesionlab.models.classifier import Head, LesionClassifier, save_model
 from lesionlab.runs import RunFolder
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.optim import epoch_generator, make_ema, make_loss, make_optimizer
@@ -121,6 +121,7 @@ def train_epochs(
                 train_loss, train_acc = total / seen, correct / seen
             val_loss, val_acc, val_auc = source.score(judged, "val", loss_fn)
             lr = sched.get_last_lr()[0]
+            assert isinstance(lr, float)  # a tensor only for a tensor cfg.lr
             result = EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, val_auc, lr, time.perf_counter() - t0)
             bar.set_postfix(epoch=epoch, val_acc=f"{val_acc:.3f}", val_loss=f"{val_loss:.3f}")
             yield Epoch(result, module, judged, opt, sched, None if ema is None else ema.module)
@@ -181,7 +182,12 @@ def train(
             r.val_accuracy == best["val_accuracy"] and r.val_loss < best["val_loss"]
         ):
             best.update(val_accuracy=r.val_accuracy, val_loss=r.val_loss, epoch=r.epoch)
-            model = ep.judged if backbone is None else LesionClassifier(backbone, ep.judged)
+            if backbone is None:  # finetune: the whole classifier trained
+                assert isinstance(ep.judged, LesionClassifier)
+                model = ep.judged
+            else:  # frozen: the head alone trained
+                assert isinstance(ep.judged, Head)
+                model = LesionClassifier(backbone, ep.judged)
             save_model(model, run / rf.MODEL, model_meta(cfg, r.epoch))
         run.write_history(history, HISTORY_FIELDS)
         resume = {

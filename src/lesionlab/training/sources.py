@@ -148,7 +148,7 @@ class ImageSource:
 
     def train_mode(self, module: nn.Module) -> None:
         module.train()
-        freeze_batchnorm(module.backbone)
+        freeze_batchnorm(module.get_submodule("backbone"))
 
     def order(self, g: torch.Generator) -> torch.Tensor:
         # the augmentation draws (torch's global generator) are seeded from the epoch's generator first, so they
