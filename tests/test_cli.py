@@ -301,7 +301,7 @@ DEPRECATED = "warning: --backend is deprecated; use --runtime"
 
 
 def _fake_predictor(monkeypatch) -> list:
-    from lesionlab.inference import predictor
+    from lesionlab.inference import loading
     from lesionlab.runs import RunError
 
     calls = []
@@ -310,7 +310,7 @@ def _fake_predictor(monkeypatch) -> list:
         calls.append(runtime)
         raise RunError("stop here")
 
-    monkeypatch.setattr(predictor, "load_predictor", fake)
+    monkeypatch.setattr(loading, "load_predictor", fake)
     return calls
 
 

@@ -14,11 +14,8 @@ from typer.testing import CliRunner
 from lesionlab.cli import app
 from lesionlab.ensemble.build import create_ensemble, evaluate_ensemble
 from lesionlab.ensemble.scores import scores_from_predictions
-from lesionlab.inference.predictor import (
-    EnsemblePredictor,
-    load_predictor,
-    mean_probability_logit,
-)
+from lesionlab.inference.ensemble import EnsemblePredictor, mean_probability_logit
+from lesionlab.inference.loading import load_predictor
 from lesionlab.runs import RunError
 
 runner = CliRunner()

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from lesionlab.cli import app
 from lesionlab.data.images import normalize, open_image, resize_to_input
-from lesionlab.inference import predictor as predictor_module
+from lesionlab.inference import loading
+from lesionlab.inference.ensemble import EnsemblePredictor
 from lesionlab.inference.explain import (
     Explainer,
     explain_image,
@@ -20,7 +21,8 @@ from lesionlab.inference.explain import (
     gradcam,
     overlay_png,
 )
-from lesionlab.inference.predictor import TorchPredictor, load_predictor
+from lesionlab.inference.loading import load_predictor
+from lesionlab.inference.predictor import TorchPredictor
 from lesionlab.runs import RunError
 
 
@@ -148,7 +150,7 @@ def twin(tiny_run, tmp_path_factory):
 
 def test_an_explainer_reuses_the_served_predictor(twin, lesion, monkeypatch):
     served = load_predictor(twin)
-    assert isinstance(served, predictor_module.EnsemblePredictor)
+    assert isinstance(served, EnsemblePredictor)
     built = _counting_loads(monkeypatch)
     explainer = Explainer(twin, served)
     assert built == [] and explainer.network is served.members[0] and explainer.answering is served
@@ -164,13 +166,13 @@ def test_two_explain_requests_on_an_ensemble_load_the_members_once(twin, small_d
 
     built = _counting_loads(monkeypatch)
     loads: list[str] = []
-    real_load = predictor_module.load_predictor
+    real_load = loading.load_predictor
 
     def counted_load(model_dir, *args, **kwargs):
         loads.append(str(model_dir))
         return real_load(model_dir, *args, **kwargs)
 
-    monkeypatch.setattr(predictor_module, "load_predictor", counted_load)
+    monkeypatch.setattr(loading, "load_predictor", counted_load)
     with TestClient(create_app(twin)) as c:
         service = c.app.state.service  # type: ignore[attr-defined]
         service.load()  # the background load, awaited here

@@ -15,7 +15,7 @@ from lesionlab import runs as rf
 from lesionlab.cli import app
 from lesionlab.data.images import open_image
 from lesionlab.inference import export as ex
-from lesionlab.inference.predictor import load_predictor
+from lesionlab.inference.loading import load_predictor
 
 
 def _quiet(_: str) -> None:
@@ -53,13 +53,13 @@ def test_onnx_predictor_matches_torch(onnx_run, small_data):
 
 
 def test_parity_uses_validation_images(onnx_run):
-    config = files.read_json(onnx_run / rf.CONFIG)
+    config = rf.RunFolder(onnx_run).config
     images, source = ex.parity_batch(onnx_run, config, 224, None)
     assert source == "validation" and images.shape[1:] == (224, 224, 3) and len(images) >= 1
 
 
 def test_parity_falls_back_to_generated_images(onnx_run, tmp_path):
-    config = files.read_json(onnx_run / rf.CONFIG)
+    config = rf.RunFolder(onnx_run).config
     images, source = ex.parity_batch(onnx_run, config, 224, tmp_path / "no-such-data")
     assert source == "generated" and images.shape == (32, 224, 224, 3)
 
@@ -92,13 +92,13 @@ def test_int8_is_kept_only_within_the_auc_margin(run_copy, monkeypatch):
     with monkeypatch.context() as m:  # a "quantizer" that changes nothing: same AUC, so kept
         m.setattr(ex, "_quantize", lambda src, dst, calib: shutil.copy(src, dst))
         kept = ex.quantize_run(run_copy, log=messages.append)
-    assert kept.kept and (run_copy / ex.INT8_FILE).exists() and kept.auc_int8 == kept.auc_float
+    assert kept.kept and (run_copy / rf.INT8).exists() and kept.auc_int8 == kept.auc_float
     monkeypatch.setattr(ex, "MAX_AUC_DROP", -1.0)  # real quantization; nothing is within a negative margin
     dropped = ex.quantize_run(run_copy, log=messages.append)
-    assert not dropped.kept and not (run_copy / ex.INT8_FILE).exists()  # the stale int8 file went too
+    assert not dropped.kept and not (run_copy / rf.INT8).exists()  # the stale int8 file went too
     assert "kept model.int8.onnx" in messages[0] and "discarded" in messages[1]
     assert f"{dropped.auc_int8:.4f}" in messages[1] and f"{dropped.auc_float:.4f}" in messages[1]
-    report = json.loads((run_copy / ex.QUANT_REPORT).read_text())
+    report = json.loads((run_copy / rf.QUANTIZATION).read_text())
     assert report["kept"] is False and report["n_test"] == 24 and 0 <= report["auc_int8"] <= 1
     assert not [p for p in run_copy.iterdir() if p.name.startswith(".int8-")]
 

@@ -10,6 +10,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import schemathesis
@@ -22,7 +23,7 @@ from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, StopReason, events
 
-from lesionlab.inference.predictor import DEFAULT_MODEL_DIR
+from lesionlab.inference.loading import DEFAULT_MODEL_DIR
 from lesionlab.serve import create_app
 from lesionlab.serve.app import example_image
 from lesionlab.serve.codec import BASE64_PATTERN, decode_base64
@@ -44,7 +45,7 @@ EXCLUDED_CHECKS: dict[str, str] = {}
 EXAMPLES_PER_OPERATION = 25
 SEED = 20261201
 
-CONFIG = {
+CONFIG: dict[str, Any] = {
     "seed": SEED,
     "generation": {"max-examples": EXAMPLES_PER_OPERATION, "deterministic": True, "database": "none"},
     "continue-on-failure": True,  # every failure of an operation, not only its first
@@ -128,7 +129,7 @@ def fast_explainer(monkeypatch):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, "PNG")
     fake = types.ModuleType("lesionlab.inference.explain")
-    fake.overlay_png = lambda model_dir, image, target: buf.getvalue()
+    monkeypatch.setattr(fake, "overlay_png", lambda model_dir, image, target: buf.getvalue(), raising=False)
     monkeypatch.setitem(sys.modules, "lesionlab.inference.explain", fake)
 
 
@@ -179,8 +180,9 @@ def test_max_items_is_the_configured_batch_limit(max_batch):
 
 def test_too_many_images_get_the_declared_413():
     """max_batch + 1 items violate maxItems; the answer is 413 batch_too_large, declared with its body."""
-    with TestClient(create_app(max_batch=2, load_before_accepting=True)) as c:
-        responses = c.app.openapi()["paths"]["/v1/predict/batch"]["post"]["responses"]
+    app = create_app(max_batch=2, load_before_accepting=True)
+    with TestClient(app) as c:
+        responses = app.openapi()["paths"]["/v1/predict/batch"]["post"]["responses"]
         assert responses["413"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
         image = example_image()
         for r in (

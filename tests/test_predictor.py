@@ -21,15 +21,9 @@ from typer.testing import CliRunner
 from lesionlab.data.images import normalize, open_image
 from lesionlab.errors import LesionlabError
 from lesionlab.inference import predictor as predictor_module
-from lesionlab.inference.predictor import (
-    EnsemblePredictor,
-    ModelInfo,
-    Predictor,
-    TorchPredictor,
-    load_predictor,
-    mean_probability_logit,
-    tta_views,
-)
+from lesionlab.inference.ensemble import EnsemblePredictor, mean_probability_logit
+from lesionlab.inference.loading import load_predictor
+from lesionlab.inference.predictor import ModelInfo, Predictor, TorchPredictor, tta_views
 from lesionlab.models.batching import map_batches
 
 # ------------------------------------------------------------------ the batching helper

@@ -194,7 +194,12 @@ def test_v1_refusal_is_422_with_reason(client, lesion_jpeg, monkeypatch):
 def test_v1_tta_reaches_the_predictor(client, lesion_jpeg, monkeypatch):
     predictor = client.app.state.service.predictor
     seen, analyze = [], predictor.analyze
-    monkeypatch.setattr(predictor, "analyze", lambda images, tta=False: seen.append(tta) or analyze(images, tta))
+
+    def spy(images, tta=False):
+        seen.append(tta)
+        return analyze(images, tta)
+
+    monkeypatch.setattr(predictor, "analyze", spy)
     r = client.post("/v1/predict?tta=true", json={"image": b64(lesion_jpeg)})
     assert r.status_code == 200 and r.json()["tta"] is True and seen == [True]
 
@@ -223,7 +228,12 @@ def test_explain_is_501_without_the_module(client, lesion_jpeg, monkeypatch):
 def test_explain_returns_an_overlay(client, lesion_jpeg, monkeypatch):
     calls = []
     fake = types.ModuleType("lesionlab.inference.explain")
-    fake.overlay_png = lambda model_dir, image, target: calls.append((Path(model_dir), target)) or png((8, 8))
+
+    def overlay_png(model_dir, image, target):
+        calls.append((Path(model_dir), target))
+        return png((8, 8))
+
+    monkeypatch.setattr(fake, "overlay_png", overlay_png, raising=False)
     monkeypatch.setitem(sys.modules, "lesionlab.inference.explain", fake)
     r = client.post("/v1/predict?explain=true", files={"file": ("x.jpg", lesion_jpeg, "image/jpeg")})
     assert r.status_code == 200
@@ -245,7 +255,7 @@ def twin_ensemble(tiny_run, tmp_path_factory) -> Path:
 def test_ensemble_explains_the_ensemble_label(twin_ensemble, lesion_jpeg, monkeypatch):
     explain = pytest.importorskip("lesionlab.inference.explain")
     from lesionlab.data.images import open_image
-    from lesionlab.inference.predictor import load_predictor
+    from lesionlab.inference.loading import load_predictor
 
     member = load_predictor(twin_ensemble.parent / "a").analyze([open_image(lesion_jpeg)])[0]
     assert not member.refused
@@ -253,9 +263,12 @@ def test_ensemble_explains_the_ensemble_label(twin_ensemble, lesion_jpeg, monkey
     (twin_ensemble / "calibration.json").write_text(json.dumps({"threshold": 1.01 if flipped == "benign" else 0.0}))
     targets = []
     real = explain.gradcam
-    monkeypatch.setattr(
-        explain, "gradcam", lambda model, x, target="predicted": targets.append(target) or real(model, x, target)
-    )
+
+    def gradcam(model, x, target="predicted"):
+        targets.append(target)
+        return real(model, x, target)
+
+    monkeypatch.setattr(explain, "gradcam", gradcam)
     with TestClient(create_app(twin_ensemble)) as c:
         wait_ready(c)
         r = c.post("/v1/predict?explain=true", json={"image": b64(lesion_jpeg)})
@@ -325,7 +338,7 @@ def test_onnx_only_folder_like_the_bundled_model(onnx_only, lesion_jpeg, monkeyp
 
 
 def test_bundled_default_model(lesion_jpeg):
-    from lesionlab.inference.predictor import DEFAULT_MODEL_DIR
+    from lesionlab.inference.loading import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "model.onnx").exists():
         pytest.skip("no bundled default model in this checkout")
@@ -339,11 +352,19 @@ def test_bundled_default_model(lesion_jpeg):
         assert card["metrics"]["test"]["auc"]["ci95"][0] > 0.5
 
 
-def test_torch_backend_when_no_onnx(tiny_run, lesion_jpeg):
-    with TestClient(create_app(tiny_run, backend="torch")) as c:
+def test_torch_runtime_when_no_onnx(tiny_run, lesion_jpeg):
+    with TestClient(create_app(tiny_run, runtime="torch")) as c:
         wait_ready(c)
         assert c.get("/v1/model").json()["runtime"] == "pytorch"
         assert c.post("/v1/predict", json={"image": b64(lesion_jpeg)}).status_code == 200
+
+
+def test_backend_keyword_is_a_deprecated_alias_of_runtime(tiny_run):
+    with pytest.deprecated_call(match="runtime="):
+        app = create_app(tiny_run, backend="torch")
+    assert app.state.service.backend == "torch"  # ModelService still calls it backend
+    with pytest.raises(TypeError, match="runtime= only"):
+        create_app(tiny_run, runtime="onnx", backend="torch")
 
 
 # ------------------------------------------------------------------ health, page, docs
@@ -377,7 +398,12 @@ def test_load_before_accepting_is_ready_when_startup_ends(onnx_run, monkeypatch)
     from lesionlab.serve import service as service_module
 
     real = service_module.load_predictor
-    monkeypatch.setattr(service_module, "load_predictor", lambda *a: time.sleep(0.5) or real(*a))
+
+    def slow_load(*a):
+        time.sleep(0.5)
+        return real(*a)
+
+    monkeypatch.setattr(service_module, "load_predictor", slow_load)
     with TestClient(create_app(onnx_run, load_before_accepting=True)) as c:
         assert c.get("/health/ready").status_code == 200  # no waiting: start-up already loaded it
 
@@ -451,14 +477,15 @@ def _blocking(client, monkeypatch, seconds: float | None = None) -> threading.Ev
 
 
 def test_concurrency_cap_answers_503_with_retry_after(onnx_run, lesion_jpeg, monkeypatch):
-    with TestClient(create_app(onnx_run, max_concurrency=1)) as c:
+    app = create_app(onnx_run, max_concurrency=1)
+    with TestClient(app) as c:
         wait_ready(c)
         gate = _blocking(c, monkeypatch)
         first: list = []
         t = threading.Thread(target=lambda: first.append(c.post("/predict", json={"image": b64(lesion_jpeg)})))
         t.start()
         deadline = time.monotonic() + 10
-        while c.app.state.service.admission.active < 1 and time.monotonic() < deadline:
+        while app.state.service.admission.active < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         r = c.post("/predict", json={"image": b64(lesion_jpeg)})
         gate.set()
@@ -470,16 +497,17 @@ def test_concurrency_cap_answers_503_with_retry_after(onnx_run, lesion_jpeg, mon
 
 
 def test_request_timeout(onnx_run, lesion_jpeg, monkeypatch):
-    with TestClient(create_app(onnx_run, timeout_s=0.2, max_concurrency=1)) as c:
+    app = create_app(onnx_run, timeout_s=0.2, max_concurrency=1)
+    with TestClient(app) as c:
         wait_ready(c)
         _blocking(c, monkeypatch, seconds=0.6)
         r = c.post("/v1/predict", json={"image": b64(lesion_jpeg)})
         assert r.status_code == 503 and r.json()["error"] == "timeout" and r.headers["Retry-After"]
         # the slot stays taken until the work really ends, then frees itself
         deadline = time.monotonic() + 5
-        while c.app.state.service.admission.active and time.monotonic() < deadline:
+        while app.state.service.admission.active and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert c.app.state.service.admission.active == 0
+        assert app.state.service.admission.active == 0
 
 
 def test_timed_out_jobs_that_never_started_never_run():
@@ -843,11 +871,17 @@ def test_tta_follows_the_operating_point_unless_the_request_says(onnx_only, lesi
     shutil.copytree(onnx_only, folder)
     cal = json.loads((folder / "calibration.json").read_text())
     (folder / "calibration.json").write_text(json.dumps(cal | {"tta": True}))
-    with TestClient(create_app(folder)) as c:
+    app = create_app(folder)
+    with TestClient(app) as c:
         wait_ready(c)
-        predictor = c.app.state.service.predictor
+        predictor = app.state.service.predictor
         seen, analyze = [], predictor.analyze
-        monkeypatch.setattr(predictor, "analyze", lambda images, tta=None: seen.append(tta) or analyze(images, tta))
+
+        def spy(images, tta=None):
+            seen.append(tta)
+            return analyze(images, tta)
+
+        monkeypatch.setattr(predictor, "analyze", spy)
         assert c.get("/v1/model").json()["tta"] is True
         assert c.post("/v1/predict", json={"image": b64(lesion_jpeg)}).json()["tta"] is True
         assert c.post("/v1/predict?tta=false", json={"image": b64(lesion_jpeg)}).json()["tta"] is False

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lesionlab.evaluation.report import DISCLAIMER, metrics_table
-from lesionlab.inference.predictor import DEFAULT_MODEL_DIR
+from lesionlab.inference.loading import DEFAULT_MODEL_DIR
 
 MAX_ONNX_BYTES = 25 * 1024 * 1024
 COPY = (

@@ -25,6 +25,10 @@ USER_ERRORS = (LesionlabError, FileNotFoundError)
 DATA_HELP = "Data folder (default: $LESIONLAB_DATA or ../shared/data/isic-kaggle)."
 WEIGHTS_DIR_HELP = "Folder of <timm name>*.pth (default: $LESIONLAB_WEIGHTS_DIR or ../shared/weights)."
 CLASSES_HELP = "Class folder names, negative first."
+TAXONOMY_HELP = (
+    "JSON file extending or replacing the diagnosis taxonomy (which diagnoses are malignant; aliases); "
+    "default: lesionlab.data.taxonomy.DEFAULT_TAXONOMY."
+)
 RESAMPLES_HELP = "Bootstrap resamples for the 95% CIs."
 RUNTIME_HELP = "auto (ONNX Runtime when model.onnx exists) | onnx | torch"
 

@@ -26,7 +26,7 @@ def predict(
 ) -> None:
     """Probability of malignant and the label at the model's operating threshold, per image."""
     from lesionlab.data.images import open_image
-    from lesionlab.inference.predictor import BACKENDS, load_predictor
+    from lesionlab.inference.loading import BACKENDS, load_predictor
 
     runtime = prefer(ctx, "runtime", runtime, backend)
     if runtime not in BACKENDS:  # a user error, whatever load_predictor raises for it

@@ -48,7 +48,7 @@ def serve(
 
     import uvicorn
 
-    from lesionlab.inference.predictor import require_operating_point
+    from lesionlab.inference.loading import require_operating_point
     from lesionlab.serve.service import resolve_model_dir
     from lesionlab.serve.settings import default_threads
 

@@ -18,7 +18,7 @@ from scipy.special import expit
 from lesionlab import runs as rf
 from lesionlab.ensemble.members import pool_rows
 from lesionlab.evaluation.scoring import EVAL_SPLITS, SplitScores, score_run
-from lesionlab.inference.predictor import mean_probability_logit
+from lesionlab.inference.ensemble import mean_probability_logit
 from lesionlab.runs import RunFolder
 
 COMBINE = "mean of the members' calibrated probabilities"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -19,19 +20,20 @@ from PIL import Image
 
 from lesionlab import runs as rf
 from lesionlab.data.images import normalize, resize_to_input
-from lesionlab.inference.predictor import (
-    DEFAULT_MODEL_DIR,
-    ENSEMBLE_FILE,
-    Prediction,
-    Predictor,
-    TorchPredictor,
-    load_predictor,
-    require_operating_point,
-)
+from lesionlab.inference.loading import DEFAULT_MODEL_DIR, load_predictor
+from lesionlab.inference.predictor import Prediction, Predictor, TorchPredictor
 from lesionlab.models.classifier import LesionClassifier
 
 TARGETS = ("predicted", "malignant", "benign")
 ALPHA = 0.45
+
+
+class _TimmBackbone(Protocol):
+    """The two halves of a timm model's forward pass that Grad-CAM splits it into."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def gradcam(model: LesionClassifier, x: torch.Tensor, target: str = "predicted") -> np.ndarray:
@@ -45,9 +47,10 @@ def gradcam(model: LesionClassifier, x: torch.Tensor, target: str = "predicted")
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got '{target}'")
     single = x.dim() == 3
     x = x.unsqueeze(0) if single else x
-    backbone = model.backbone
-    if not hasattr(backbone, "forward_features") or not hasattr(backbone, "forward_head"):
-        raise TypeError(f"{type(backbone).__name__} has no forward_features/forward_head; Grad-CAM needs a timm model")
+    if not hasattr(model.backbone, "forward_features") or not hasattr(model.backbone, "forward_head"):
+        name = type(model.backbone).__name__
+        raise TypeError(f"{name} has no forward_features/forward_head; Grad-CAM needs a timm model")
+    backbone = cast(_TimmBackbone, model.backbone)  # checked just above
     model.eval()
     with torch.no_grad():
         fmap = backbone.forward_features(x)  # N x C x h x w, the last conv block
@@ -82,14 +85,13 @@ def blend(image: np.ndarray, heatmap: np.ndarray, alpha: float = ALPHA, cmap: st
 
 def explainable_dir(model_dir: str | Path | None) -> Path:
     """The run folder whose PyTorch model is explained: the folder itself, or an ensemble's first member."""
-    model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
-    require_operating_point(model_dir)  # "predicted" means the label at the validation-chosen threshold
-    if (model_dir / ENSEMBLE_FILE).exists():
-        from lesionlab.ensemble.build import member_dirs
-
-        members = member_dirs(model_dir)
+    folder = rf.RunFolder(model_dir if model_dir else DEFAULT_MODEL_DIR)
+    folder.require_operating_point()  # "predicted" means the label at the validation-chosen threshold
+    model_dir = folder.path
+    if folder.is_ensemble:
+        members = folder.members()
         if not members:
-            raise rf.RunError(f"{model_dir / ENSEMBLE_FILE} lists no members")
+            raise rf.RunError(f"{folder / rf.ENSEMBLE} lists no members")
         model_dir = members[0]
     if not (model_dir / rf.MODEL).exists():
         raise rf.RunError(
@@ -135,7 +137,7 @@ class Explainer:
     def __init__(self, model_dir: str | Path | None, predictor: Predictor | None = None):
         self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
         self.run_dir = explainable_dir(self.model_dir)
-        if predictor is None and not (self.model_dir / ENSEMBLE_FILE).exists():
+        if predictor is None and not rf.RunFolder(self.model_dir).is_ensemble:
             predictor = TorchPredictor(self.run_dir)  # a single run: the drawn network answers too
         self.answering = predictor if predictor is not None else load_predictor(self.model_dir)
         self.network = _drawn_network(self.answering, self.run_dir) or TorchPredictor(self.run_dir)

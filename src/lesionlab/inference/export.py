@@ -22,11 +22,9 @@ from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.dataset import Sample, load_dataset
 from lesionlab.data.images import decode_samples, normalize
-from lesionlab.inference.predictor import ENSEMBLE_FILE, ONNX_FILE, PREPROCESS_FILE, onnx_session
+from lesionlab.inference.predictor import onnx_session
 from lesionlab.models.batching import map_batches
 
-INT8_FILE = "model.int8.onnx"
-QUANT_REPORT = "quantization.json"
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logit", "features")
 OPSET = 17
@@ -61,7 +59,7 @@ class QuantizeResult:
     def message(self) -> str:
         verdict = (
             f"kept {self.path.name}"
-            if self.kept
+            if self.kept and self.path is not None  # a kept model always has its path
             else f"discarded (AUC drop above {MAX_AUC_DROP}); serve the float model"
         )
         return (
@@ -73,33 +71,32 @@ class QuantizeResult:
 # ------------------------------------------------------------------ inputs
 
 
-def _run_context(run_dir: Path) -> tuple[dict, dict, int]:
+def _run_context(run_dir: Path) -> tuple[rf.RunConfig, rf.OperatingPoint, int]:
     """config, calibration and input size of an evaluated single run; refuses anything else."""
-    if (run_dir / ENSEMBLE_FILE).exists():
+    run = rf.RunFolder(run_dir)
+    if run.is_ensemble:
         raise rf.RunError(f"{run_dir} is an ensemble; export its member runs one by one")
-    rf.require_run(run_dir)
-    if not (run_dir / rf.CALIBRATION).exists():
+    run.require_trained()
+    if not run.has(rf.CALIBRATION):
         raise rf.RunError(
             f"{run_dir} has no {rf.CALIBRATION}; run `lesionlab evaluate {run_dir}` first so the "
             "exported model carries its temperature and threshold"
         )
-    config = files.read_json(run_dir / rf.CONFIG)
-    return config, files.read_json(run_dir / rf.CALIBRATION), int(config["preprocessing"]["input_size"])
+    config = run.config
+    return config, run.require_operating_point(), config.preprocessing.input_size
 
 
-def _splits(run_dir: Path, config: dict, data: Path | None) -> dict[str, list[Sample]] | None:
+def _splits(run_dir: Path, config: rf.RunConfig, data: Path | None) -> dict[str, list[Sample]] | None:
     """The run's own validation and test samples, or None when its data folder is not here."""
-    from lesionlab.runs import RunFolder
-
-    root = Path(data) if data else Path(config["data"]["root"])
+    root = Path(data) if data else config.data_root
     if not (root / "train").is_dir():
         return None
-    dataset = load_dataset(root, tuple(config["data"]["classes"]))
-    return RunFolder(run_dir).dataset_splits(dataset)
+    dataset = load_dataset(root, config.classes)
+    return rf.RunFolder(run_dir).dataset_splits(dataset)
 
 
 def parity_batch(
-    run_dir: Path, config: dict, size: int, data: Path | None, n: int = PARITY_IMAGES
+    run_dir: Path, config: rf.RunConfig, size: int, data: Path | None, n: int = PARITY_IMAGES
 ) -> tuple[np.ndarray, str]:
     """uint8 NxHxWx3: the run's first ``n`` validation images, else seeded synthetic ones."""
     splits = _splits(run_dir, config, data)
@@ -138,13 +135,19 @@ def _torch_to_onnx(module, size: int, path: Path, opset: int) -> None:
     import torch
 
     dummy = torch.zeros(2, 3, size, size)
-    names = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}}
             torch.onnx.export(
-                module, (dummy,), str(path), opset_version=opset, dynamic_axes=axes, dynamo=False, **names
+                module,
+                (dummy,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                opset_version=opset,
+                dynamic_axes=axes,
+                dynamo=False,
             )
         except Exception as legacy_error:
             try:
@@ -155,8 +158,11 @@ def _torch_to_onnx(module, size: int, path: Path, opset: int) -> None:
                     dynamic_shapes={"x": {0: batch}},
                     opset_version=max(opset, 18),
                     dynamo=True,
-                    **names,
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
                 )
+                if program is None:  # only the TorchScript exporter returns None
+                    raise ExportError("the dynamo exporter returned no program")
                 program.save(str(path), external_data=False)
             except Exception as dynamo_error:
                 raise ExportError(
@@ -184,26 +190,27 @@ def check_parity(model, session, x: np.ndarray, temperature: float) -> float:
     return float(max(dp.max(), dp_single.max()))
 
 
-def preprocess_spec(config: dict, calibration: dict, size: int, opset: int = OPSET) -> dict:
-    pre = config["preprocessing"]
+def preprocess_spec(config: rf.RunConfig, calibration: rf.OperatingPoint, size: int, opset: int = OPSET) -> dict:
+    """preprocess.json: how any runtime builds the input and reads the logit (a copy of the operating point)."""
+    pre = config.preprocessing
     return {
         "input_size": size,
-        "mean": list(pre["mean"]),
-        "std": list(pre["std"]),
-        "resize": pre.get("resize", "shorter-side-bicubic+center-crop"),
-        "channels": pre.get("channels", "RGB"),
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "resize": pre.resize,
+        "channels": pre.channels,
         "layout": "NCHW",
-        "scale": pre.get("scale", "1/255"),
+        "scale": pre.scale,
         "dtype": "float32",
         "input_name": INPUT_NAME,
         "output_names": list(OUTPUT_NAMES),
         "probability": "sigmoid(logit / temperature)",
-        "backbone": config["backbone"],
-        "model_id": calibration.get("model_id"),
-        "threshold": float(calibration["threshold"]),
-        "threshold_policy": calibration.get("policy"),
-        "temperature": float(calibration["temperature"]),
-        "tta": bool(calibration.get("tta", False)),  # threshold and temperature fitted on the mean logit of 8 views
+        "backbone": config.backbone,
+        "model_id": calibration.model_id,
+        "threshold": calibration.threshold,
+        "threshold_policy": calibration.policy,
+        "temperature": calibration.temperature,
+        "tta": calibration.tta,  # threshold and temperature fitted on the mean logit of 8 views
         "opset": opset,
     }
 
@@ -218,11 +225,11 @@ def export_run(
     config, calibration, size = _run_context(run_dir)
     model, _ = load_model(run_dir / rf.MODEL)
     images, source = parity_batch(run_dir, config, size, Path(data) if data else None)
-    x = normalize(images, config["preprocessing"]["mean"], config["preprocessing"]["std"])
-    target = run_dir / ONNX_FILE
+    x = normalize(images, config.preprocessing.mean, config.preprocessing.std)
+    target = run_dir / rf.ONNX
     with files.atomic_path(target) as tmp:
         _torch_to_onnx(_export_module(model), size, tmp, opset)
-        max_dp = check_parity(model, onnx_session(tmp), x, float(calibration["temperature"]))
+        max_dp = check_parity(model, onnx_session(tmp), x, calibration.temperature)
         log(f"parity on {len(x)} {source} images: max |dP(malignant)| = {max_dp:.2e} (limit {PARITY_TOLERANCE:.0e})")
         if not max_dp <= PARITY_TOLERANCE:
             raise ExportError(
@@ -230,8 +237,8 @@ def export_run(
                 f"on {len(x)} {source} images; nothing was written. Check the opset and the "
                 "onnxruntime version, or report the backbone as not exportable."
             )
-    files.atomic_write_json(run_dir / PREPROCESS_FILE, preprocess_spec(config, calibration, size, opset))
-    return ExportResult(target, run_dir / PREPROCESS_FILE, max_dp, len(x), source)
+    rf.RunFolder(run_dir).write_json(rf.PREPROCESS, preprocess_spec(config, calibration, size, opset))
+    return ExportResult(target, run_dir / rf.PREPROCESS, max_dp, len(x), source)
 
 
 # ------------------------------------------------------------------ int8
@@ -262,23 +269,21 @@ def quantize_run(
     """Static int8 quantization calibrated on validation images; kept only if test AUC moves <= 0.005."""
     run_dir = Path(run_dir)
     config, _, size = _run_context(run_dir)
-    if not (run_dir / ONNX_FILE).exists():
-        raise rf.RunError(f"{run_dir} has no {ONNX_FILE}; export it first")
+    if not (run_dir / rf.ONNX).exists():
+        raise rf.RunError(f"{run_dir} has no {rf.ONNX}; export it first")
     splits = _splits(run_dir, config, Path(data) if data else None)
     if not splits:
-        raise rf.RunError(
-            f"int8 calibration needs the run's images; {config['data']['root']} is not here (pass --data DIR)"
-        )
-    mean, std = config["preprocessing"]["mean"], config["preprocessing"]["std"]
+        raise rf.RunError(f"int8 calibration needs the run's images; {config.data_root} is not here (pass --data DIR)")
+    mean, std = config.preprocessing.mean, config.preprocessing.std
     calib = normalize(decode_samples(splits["val"][:n_calibration], size, progress=False).images, mean, std)
     test = decode_samples(splits["test"], size, progress=False)
     y = np.array([s.label for s in test.samples])
     x_test = normalize(test.images, mean, std)
-    target = run_dir / INT8_FILE
+    target = run_dir / rf.INT8
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".int8-") as tmp_dir:
-        tmp = Path(tmp_dir) / INT8_FILE
-        _quantize(run_dir / ONNX_FILE, tmp, calib)
-        auc_float = _auc(y, onnx_logits(onnx_session(run_dir / ONNX_FILE), x_test))
+        tmp = Path(tmp_dir) / rf.INT8
+        _quantize(run_dir / rf.ONNX, tmp, calib)
+        auc_float = _auc(y, onnx_logits(onnx_session(run_dir / rf.ONNX), x_test))
         auc_int8 = _auc(y, onnx_logits(onnx_session(tmp), x_test))
         kept = abs(auc_int8 - auc_float) <= MAX_AUC_DROP
         if kept:
@@ -286,8 +291,8 @@ def quantize_run(
         else:
             target.unlink(missing_ok=True)  # a stale int8 file from an earlier export must not survive
     result = QuantizeResult(kept, auc_float, auc_int8, len(y), target if kept else None)
-    files.atomic_write_json(
-        run_dir / QUANT_REPORT,
+    rf.RunFolder(run_dir).write_json(
+        rf.QUANTIZATION,
         {
             "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax "
             "calibration on validation images",
@@ -297,7 +302,7 @@ def quantize_run(
             "n_test": len(y),
             "max_auc_change": MAX_AUC_DROP,
             "kept": kept,
-            "file": INT8_FILE if kept else None,
+            "file": rf.INT8 if kept else None,
         },
     )
     log(result.message)

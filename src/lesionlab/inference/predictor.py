@@ -1,7 +1,9 @@
 """One contract for every consumer (CLI, service, evaluation, ensembles): images in, P(malignant) out.
 
 A predictor owns its preprocessing, its calibration temperature and its operating threshold, all
-read from the model folder, so every caller gets the same numbers for the same image.
+read from the model folder, so every caller gets the same numbers for the same image. This module holds the
+contract and the single networks (PyTorch, ONNX Runtime); ``inference.ensemble`` the ensemble of them and
+``inference.loading`` the choice of which to build for a folder (``load_predictor``).
 """
 
 from __future__ import annotations
@@ -14,19 +16,12 @@ import numpy as np
 from PIL import Image
 from scipy.special import expit
 
-from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.images import normalize, resize_to_input
-from lesionlab.errors import LesionlabError
 from lesionlab.models.batching import map_batches
-from lesionlab.models.detector import LesionDetector, ensemble_refusal_score
+from lesionlab.models.detector import LesionDetector
 
 LABELS = ("benign", "malignant")
-ONNX_FILE = "model.onnx"
-PREPROCESS_FILE = "preprocess.json"
-ENSEMBLE_FILE = "ensemble.json"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
-BACKENDS = ("auto", "onnx", "torch")
 
 
 @dataclass
@@ -234,54 +229,31 @@ class Predictor:
         return (logits[0] if len(logits) == 1 else np.mean(logits, axis=0)), feats
 
 
-def _read_operating_point(model_dir: Path) -> dict:
-    """calibration.json (written by evaluate), else the copy in preprocess.json (a folder holding only the
-    exported model); {} when neither exists (raw scoring during evaluation needs no operating point)."""
-    path = model_dir / rf.CALIBRATION
-    if path.exists():
-        return files.read_json(path)
-    pre = model_dir / PREPROCESS_FILE
-    if pre.exists():
-        spec = files.read_json(pre)
-        if "threshold" in spec:
-            return {
-                "model_id": spec.get("model_id"),
-                "threshold": spec["threshold"],
-                "tta": spec.get("tta", False),
-                "policy": spec.get("threshold_policy"),
-                "temperature": spec.get("temperature", 1.0),
-            }
-    return {}
-
-
-def require_operating_point(model_dir: Path) -> None:
-    """A model without its validation-chosen threshold would silently label at 0.5: refuse to load it."""
-    if not _read_operating_point(model_dir):
-        raise rf.RunError(
-            f"{model_dir} has no operating point ({rf.CALIBRATION}): it was trained with --no-eval "
-            f"or its evaluation failed; run `lesionlab evaluate {model_dir}` first"
-        )
+def operating_point_or_default(model_dir: Path) -> rf.OperatingPoint:
+    """The folder's operating point (``RunFolder.operating_point``), else threshold 0.5 at temperature 1: raw
+    scoring during evaluation needs none (``load_predictor`` refuses a folder without one)."""
+    return rf.RunFolder(model_dir).operating_point() or rf.OperatingPoint(model_dir.name, 0.5, "fixed:0.5")
 
 
 def _info(model_dir: Path, runtime: str) -> ModelInfo:
-    pre_path = model_dir / PREPROCESS_FILE
-    if (model_dir / rf.CONFIG).exists():
-        cfg = files.read_json(model_dir / rf.CONFIG)
-        pre, backbone = cfg["preprocessing"], cfg["backbone"]
+    """A single network's info: preprocessing from config.json, else from preprocess.json (an exported model)."""
+    folder = rf.RunFolder(model_dir)
+    if folder.has(rf.CONFIG):
+        pre, backbone = folder.config.preprocessing, folder.config.backbone
     else:
-        pre = files.read_json(pre_path)
-        backbone = pre.get("backbone", "unknown")
-    op = _read_operating_point(model_dir)
+        spec = folder.read_json(rf.PREPROCESS)
+        pre, backbone = rf.Preprocessing.from_dict(spec), spec.get("backbone", "unknown")
+    op = operating_point_or_default(model_dir)
     return ModelInfo(
-        model_id=op.get("model_id") or model_dir.name,
+        model_id=op.model_id,
         backbone=backbone,
-        input_size=int(pre["input_size"]),
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
-        threshold=float(op.get("threshold", 0.5)),
-        threshold_policy=op.get("policy") or "fixed:0.5",
-        temperature=float(op.get("temperature", 1.0)),
-        tta=bool(op.get("tta", False)),
+        input_size=pre.input_size,
+        mean=pre.mean,
+        std=pre.std,
+        threshold=op.threshold,
+        threshold_policy=op.policy,
+        temperature=op.temperature,
+        tta=op.tta,
         path=str(model_dir),
         runtime=runtime,
     )
@@ -325,7 +297,7 @@ def onnx_session(path: str | Path, num_threads: int | None = None):
 class OnnxPredictor(Predictor):
     def __init__(self, model_dir: str | Path, num_threads: int | None = None):
         model_dir = Path(model_dir)
-        self.session = onnx_session(model_dir / ONNX_FILE, num_threads)
+        self.session = onnx_session(model_dir / rf.ONNX, num_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.info = _info(model_dir, "onnxruntime")
         self.detector = LesionDetector.load(model_dir)
@@ -333,95 +305,3 @@ class OnnxPredictor(Predictor):
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outs = self.session.run(None, {self.input_name: x})
         return outs[0].reshape(-1), (outs[1] if len(outs) > 1 else None)
-
-
-class EnsemblePredictor(Predictor):
-    """Mean of the members' calibrated probabilities; threshold from the ensemble's own calibration.json.
-
-    It stands in for a model everywhere: only scoring (``_score``) is its own. Members may read different
-    input sizes and normalisations; each prepares its own input from what it is given (PIL images: from the
-    originals; a uint8 batch: resized where its size differs). Refusal: the median member's detector.
-    """
-
-    def __init__(self, model_dir: str | Path, backend: str = "auto", num_threads: int | None = None):
-        model_dir = Path(model_dir)
-        spec = files.read_json(model_dir / ENSEMBLE_FILE)
-        self.members = [load_predictor(_member_path(model_dir, m), backend, num_threads) for m in spec["members"]]
-        op = _read_operating_point(model_dir)
-        infos = [m.info for m in self.members]
-        same_norm = len({(i.mean, i.std) for i in infos}) == 1
-        self.info = ModelInfo(
-            model_id=op.get("model_id") or model_dir.name,
-            backbone="ensemble(" + ",".join(i.backbone for i in infos) + ")",
-            input_size=max(i.input_size for i in infos),
-            mean=infos[0].mean if same_norm else (),
-            std=infos[0].std if same_norm else (),
-            threshold=float(op.get("threshold", 0.5)),
-            threshold_policy=op.get("policy") or "fixed:0.5",
-            temperature=float(op.get("temperature", 1.0)),
-            tta=bool(op.get("tta", False)),
-            path=str(model_dir),
-            runtime="+".join(sorted({i.runtime for i in infos})),
-            members=infos,
-        )
-
-    @property
-    def refuses_non_lesions(self) -> bool:
-        return any(m.refuses_non_lesions for m in self.members)
-
-    @property
-    def refusal_threshold(self) -> float | None:
-        """``ood_score`` is the median member's distance / threshold, so the threshold is 1."""
-        return 1.0 if self.refuses_non_lesions else None
-
-    def _score(self, images: Images, tta: bool, with_ood: bool) -> Scores:
-        """The logit of the mean of the members' calibrated probabilities (each member scoring with ``tta``);
-        ``ood``: the median over the members with a detector of distance / threshold
-        (``ensemble_refusal_score``), refused above 1."""
-        scored = [(m, m._score(images, tta, with_ood)) for m in self.members]
-        logits = mean_probability_logit([expit(s.logits / m.info.temperature) for m, s in scored])
-        judges = [(t, s.ood) for m, s in scored if (t := m.refusal_threshold) is not None and s.ood is not None]
-        if not judges:  # with_ood is off, or no member has a lesion detector
-            return Scores(logits)
-        combined = ensemble_refusal_score([ood / t for t, ood in judges])
-        refusing = np.sum([ood > t for t, ood in judges], axis=0)
-        why = [
-            f"does not look like a dermoscopic lesion image ({n} of {len(judges)} members' detectors refuse; "
-            f"median score/threshold {c:.2f} > 1)"
-            for n, c in zip(refusing, combined)
-        ]
-        return Scores(logits, combined, why)
-
-
-def mean_probability_logit(member_probs: Sequence[np.ndarray]) -> np.ndarray:
-    p = np.clip(np.mean(member_probs, axis=0), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
-
-
-def _member_path(ensemble_dir: Path, member: str) -> Path:
-    p = Path(member)
-    return p if p.is_absolute() else (ensemble_dir / p).resolve()
-
-
-def load_predictor(
-    model_dir: str | Path | None = None, backend: str = "auto", num_threads: int | None = None
-) -> Predictor:
-    """``auto`` prefers ONNX Runtime when the folder has model.onnx; ``None`` means the bundled default.
-
-    Raises LesionlabError for an unknown backend, RunError (a LesionlabError) for a folder that cannot be served."""
-    if backend not in BACKENDS:
-        raise LesionlabError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
-    model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
-    if not model_dir.is_dir():
-        raise rf.RunError(f"model folder {model_dir} does not exist")
-    require_operating_point(model_dir)
-    if (model_dir / ENSEMBLE_FILE).exists():
-        return EnsemblePredictor(model_dir, backend, num_threads)
-    has_onnx = (model_dir / ONNX_FILE).exists()
-    if backend == "onnx" or (backend == "auto" and has_onnx):
-        if not has_onnx:
-            raise rf.RunError(f"{model_dir} has no {ONNX_FILE}; run `lesionlab export {model_dir}` first")
-        return OnnxPredictor(model_dir, num_threads)
-    if not (model_dir / rf.MODEL).exists():
-        raise rf.RunError(f"{model_dir} holds neither {rf.MODEL} nor {ONNX_FILE}; is it a lesionlab run folder?")
-    return TorchPredictor(model_dir, num_threads)

@@ -22,9 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lesionlab.files import atomic_path, atomic_write_json, read_json
-
-OOD_FILE = "ood.npz"
-OOD_META = "ood.json"
+from lesionlab.runs import OOD_ARRAYS, OOD_META
 
 
 def image_statistics(batch_hwc: np.ndarray) -> np.ndarray:
@@ -160,7 +158,7 @@ class LesionDetector:
 
     def save(self, folder: Path) -> None:
         # keywords spelled out, not **dict: mypy checks an unpacked dict against savez's allow_pickle: bool too
-        with atomic_path(Path(folder) / OOD_FILE) as tmp, open(tmp, "wb") as f:
+        with atomic_path(Path(folder) / OOD_ARRAYS) as tmp, open(tmp, "wb") as f:
             if self.pixels is None:
                 np.savez_compressed(f, center=self.center, components=self.components)
             else:
@@ -185,9 +183,9 @@ class LesionDetector:
     @classmethod
     def load(cls, folder: Path) -> LesionDetector | None:
         folder = Path(folder)
-        if not (folder / OOD_FILE).exists() or not (folder / OOD_META).exists():
+        if not (folder / OOD_ARRAYS).exists() or not (folder / OOD_META).exists():
             return None
-        arrays = np.load(folder / OOD_FILE)
+        arrays = np.load(folder / OOD_ARRAYS)
         meta = read_json(folder / OOD_META)
         pixels = None
         if "pixel_center" in arrays.files and meta.get("pixel_threshold") is not None:

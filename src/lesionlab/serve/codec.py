@@ -11,8 +11,12 @@ import base64
 import binascii
 import json
 import re
+from typing import TYPE_CHECKING
 
 from lesionlab.serve.errors import ServiceError
+
+if TYPE_CHECKING:  # python_multipart defines its callback TypedDict for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")
@@ -126,15 +130,15 @@ def multipart_files(body: bytes, content_type: str) -> list[bytes]:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         parts[-1]["data"].extend(data[start:end])
 
-    callbacks = dict(
-        on_part_begin=on_part_begin,
-        on_header_field=on_header_field,
-        on_header_value=on_header_value,
-        on_header_end=on_header_end,
-        on_part_data=on_part_data,
-    )
+    callbacks: MultipartCallbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
     try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser = MultipartParser(boundary, callbacks)
         parser.write(body)
         parser.finalize()
     except (MultipartParseError, ValueError) as e:

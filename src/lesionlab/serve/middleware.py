@@ -78,7 +78,7 @@ class BearerAuth:
         self.tokens = [t.encode() for t in tokens if t]
 
     def _authorized(self, header: bytes | None) -> bool:
-        if not header or not header[:7].lower() == b"bearer ":
+        if not header or header[:7].lower() != b"bearer ":
             return False
         given = header[7:].strip()
         # compare against every token, always, so timing says nothing about which prefix matched

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.evaluation.metrics import METRICS
 from lesionlab.evaluation.report import DISCLAIMER
@@ -48,10 +47,6 @@ def _split_metrics(block: dict) -> dict:
     return out
 
 
-def _read(path: Path) -> dict:
-    return files.read_json(path) if path.exists() else {}
-
-
 def training_data(config: dict) -> dict:
     data = config.get("data", {})
     return {
@@ -69,7 +64,8 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
     for an ensemble whose members read their inputs differently."""
     info = predictor.info
     uniform = info.uniform_preprocessing
-    config, metrics = _read(model_dir / rf.CONFIG), _read(model_dir / rf.METRICS)
+    run = rf.RunFolder(model_dir)
+    config, metrics = (run.config.raw if run.has(rf.CONFIG) else {}), run.metrics()
     card = model_dir / MODEL_CARD_FILE
     return _finite(
         {

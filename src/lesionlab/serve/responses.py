@@ -6,7 +6,7 @@ The study's clients read ``statusCode`` and ``body`` from the JSON; the HTTP sta
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
@@ -42,7 +42,7 @@ class StudyBody(BaseModel):
     threshold: float
     model_id: str
     model_version: str
-    reason: str | None = Field(None, description="Why the image was refused (predicted_label not_a_lesion)")
+    reason: str | None = Field(default=None, description="Why the image was refused (predicted_label not_a_lesion)")
     disclaimer: str
 
 
@@ -74,7 +74,7 @@ class PredictionOut(BaseModel):
     model_version: str
     inference_ms: float
     tta: bool = False
-    explanation_png: str | None = Field(None, description="Grad-CAM overlay, base64 PNG (explain=true)")
+    explanation_png: str | None = Field(default=None, description="Grad-CAM overlay, base64 PNG (explain=true)")
     disclaimer: str
 
 
@@ -120,18 +120,23 @@ class ReadyOut(BaseModel):
     status: Literal["ready", "loading", "failed"]
     ready: bool
     model_id: str | None = None
-    detail: str | None = Field(None, description="Why the model failed to load")
+    detail: str | None = Field(default=None, description="Why the model failed to load")
 
 
 # ------------------------------------------------------------------ encoders
 
 
+def label_of(p: Prediction) -> Label:
+    """``p.label`` as the schemas' Literal: the Predictor only makes these three, and the models still check it."""
+    return cast(Label, p.label)
+
+
 def study_success(p: Prediction, info: ModelInfo, version: str) -> dict:
     """statusCode 200 also for a refusal: the study's clients branch on predicted_label."""
     body = StudyBody(
-        predicted_label=p.label,
+        predicted_label=label_of(p),
         probability=p.probability,
-        threshold=p.threshold,  # type: ignore[arg-type]
+        threshold=p.threshold,
         model_id=info.model_id,
         model_version=version,
         reason=p.reason,

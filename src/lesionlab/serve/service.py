@@ -22,15 +22,8 @@ from PIL import Image
 
 from lesionlab import runs as rf
 from lesionlab.data.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
-from lesionlab.inference.predictor import (
-    DEFAULT_MODEL_DIR,
-    ENSEMBLE_FILE,
-    ONNX_FILE,
-    Prediction,
-    Predictor,
-    load_predictor,
-)
-from lesionlab.models.detector import OOD_FILE, OOD_META
+from lesionlab.inference.loading import DEFAULT_MODEL_DIR, load_predictor
+from lesionlab.inference.predictor import Prediction, Predictor
 from lesionlab.serve.admission import Admission
 from lesionlab.serve.errors import ServiceError, from_bad_image
 
@@ -55,10 +48,8 @@ def resolve_model_dir(model_dir: str | Path | None) -> Path:
             else "pass the folder written by `lesionlab train` (export it with `lesionlab export`)"
         )
         raise rf.RunError(f"model folder {path} does not exist: {hint}")
-    if not any((path / f).exists() for f in (ONNX_FILE, rf.MODEL, ENSEMBLE_FILE)):
-        raise rf.RunError(
-            f"{path} holds no {ONNX_FILE}, {rf.MODEL} or {ENSEMBLE_FILE}; is it a lesionlab model folder?"
-        )
+    if not any((path / f).exists() for f in (rf.ONNX, rf.MODEL, rf.ENSEMBLE)):
+        raise rf.RunError(f"{path} holds no {rf.ONNX}, {rf.MODEL} or {rf.ENSEMBLE}; is it a lesionlab model folder?")
     return path
 
 
@@ -76,7 +67,7 @@ def limit_blas_threads() -> None:
 
 
 #: Besides the weights, the files that decide a label: threshold and temperature, and the lesion detector.
-LABEL_FILES = (rf.CALIBRATION, OOD_META, OOD_FILE)
+LABEL_FILES = (rf.CALIBRATION, rf.OOD_META, rf.OOD_ARRAYS)
 
 
 def artifact_files(predictor: Predictor) -> list[Path]:
@@ -84,10 +75,10 @@ def artifact_files(predictor: Predictor) -> list[Path]:
     ensemble.json) and the LABEL_FILES present; for an ensemble, then the same for each member in turn."""
     folder = Path(predictor.info.path)
     members: list[Predictor] = getattr(predictor, "members", [])
-    if (folder / ENSEMBLE_FILE).exists():
-        head = ENSEMBLE_FILE
+    if (folder / rf.ENSEMBLE).exists():
+        head = rf.ENSEMBLE
     else:
-        head = ONNX_FILE if predictor.info.runtime == "onnxruntime" else rf.MODEL
+        head = rf.ONNX if predictor.info.runtime == "onnxruntime" else rf.MODEL
     files = [folder / head] + [folder / name for name in LABEL_FILES if (folder / name).exists()]
     return files + [f for m in members for f in artifact_files(m)]
 

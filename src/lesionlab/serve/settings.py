@@ -17,7 +17,7 @@ from typing import Any
 
 from lesionlab.data.images import DEFAULT_MAX_PIXELS
 from lesionlab.errors import LesionlabError
-from lesionlab.inference.predictor import BACKENDS
+from lesionlab.inference.loading import BACKENDS
 
 PREFIX = "LESIONLAB_SERVE_"
 MODEL_ENV = "LESIONLAB_MODEL"
