@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run}: {len(items)} non-lesion images, features {t_feat:.0f}s")
         for r in rows:
             print(
-                f"  k={r['n_components']:4d} l2={r['l2_normalize']!s:5}  AUROC={r['auroc']:.4f}  test refused={r['test_refused']:.2%}  "
-                f"non-lesion refused={r['non_lesion_refused']:.2%}"
+                f"  k={r['n_components']:4d} l2={r['l2_normalize']!s:5}  AUROC={r['auroc']:.4f}  "
+                f"test refused={r['test_refused']:.2%}  non-lesion refused={r['non_lesion_refused']:.2%}"
             )
         if args.write:
             res = refusal.measure_refusal(run, progress=False, features=feats, refit=True)

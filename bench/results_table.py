@@ -30,7 +30,7 @@ def describe(run: Path) -> str:
     m = json.loads((run / "metrics.json").read_text())
     timing = cfg.get("timing", {})
     wall = timing.get("wall_seconds")
-    epochs = sum(1 for _ in open(run / "history.csv")) - 1
+    epochs = len((run / "history.csv").read_text().splitlines()) - 1
     lines = [
         f"### {run.name}: `{cfg['backbone']}` {cfg['mode']} "
         f"({'ImageNet weights, ' + cfg['weights']['source'] if cfg['pretrained'] else 'RANDOM init'})",

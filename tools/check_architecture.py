@@ -84,7 +84,7 @@ def problems(src: Path) -> list[str]:
     mods = modules(src)
     graph = {m: imports(m, p, mods) for m, p in mods.items()}
     out = [f"import cycle: {' <-> '.join(c)}" for c in cycles(graph)]
-    for name, path in mods.items():
+    for path in mods.values():
         n = len(path.read_text().splitlines())
         if n > MAX_LINES:
             out.append(f"{path}: {n} lines (more than {MAX_LINES}: usually two concepts, split it)")

@@ -54,8 +54,8 @@ def model_card(run: Path, command: str) -> str:
         f"> {DISCLAIMER}",
         "",
         "## What it is",
-        f"- `{cfg['backbone']}` ({cfg['weights']['source']}, ImageNet weights sha256 `{cfg['weights']['sha256'][:16]}...`), "
-        f"transfer mode `{cfg['mode']}`, head Dense(100, ReLU) -> Dense(1) -> sigmoid = P(malignant).",
+        f"- `{cfg['backbone']}` ({cfg['weights']['source']}, ImageNet weights sha256 "
+        f"`{cfg['weights']['sha256'][:16]}...`), transfer mode `{cfg['mode']}`, head Dense(100, ReLU) -> Dense(1) -> sigmoid = P(malignant).",
         f"- Training: {t['optimizer']} lr {t['lr']}, {t['schedule']} schedule, {t['warmup_epochs']} warm-up epoch(s), "
         f"{t['epochs']} epochs, batch {t['batch_size']}, label smoothing {t['label_smoothing']}, seed {t['seed']}; "
         f"checkpoint of the best validation accuracy (epoch {cfg.get('best_epoch')}).",
@@ -63,7 +63,8 @@ def model_card(run: Path, command: str) -> str:
         f"{cfg.get('timing', {}).get('epoch_seconds_total', float('nan')) / 60:.1f} min of training on "
         f"{cfg.get('timing', {}).get('cpu_threads', '?')} CPU threads.",
         f"- Input: RGB, shorter side resized to {cfg['preprocessing']['input_size']} px (bicubic) and centre-cropped, "
-        f"scaled to [0, 1] then normalised with mean {cfg['preprocessing']['mean']} and std {cfg['preprocessing']['std']}.",
+        f"scaled to [0, 1] then normalised with mean {cfg['preprocessing']['mean']} and std "
+        f"{cfg['preprocessing']['std']}.",
         f"- Files: `model.onnx` ({onnx_mb:.1f} MB, float32, served by ONNX Runtime), `model.pt` (float16 copy used "
         "only for Grad-CAM explanations), `calibration.json`, `ood.npz` (lesion detector).",
         "",
