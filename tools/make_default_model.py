@@ -55,7 +55,8 @@ def model_card(run: Path, command: str) -> str:
         "",
         "## What it is",
         f"- `{cfg['backbone']}` ({cfg['weights']['source']}, ImageNet weights sha256 "
-        f"`{cfg['weights']['sha256'][:16]}...`), transfer mode `{cfg['mode']}`, head Dense(100, ReLU) -> Dense(1) -> sigmoid = P(malignant).",
+        f"`{cfg['weights']['sha256'][:16]}...`), transfer mode `{cfg['mode']}`, "
+        "head Dense(100, ReLU) -> Dense(1) -> sigmoid = P(malignant).",
         f"- Training: {t['optimizer']} lr {t['lr']}, {t['schedule']} schedule, {t['warmup_epochs']} warm-up epoch(s), "
         f"{t['epochs']} epochs, batch {t['batch_size']}, label smoothing {t['label_smoothing']}, seed {t['seed']}; "
         f"checkpoint of the best validation accuracy (epoch {cfg.get('best_epoch')}).",
