@@ -92,10 +92,11 @@ def test_predict_bad_image_names_the_file_without_traceback(cli_run, image_files
     assert "Traceback" not in res.output
 
 
-def test_train_on_an_empty_folder_explains_the_layout(tmp_path):
+def test_train_on_an_empty_folder_lists_every_format_and_what_it_expects(tmp_path):
     res = invoke("train", "--data", tmp_path, "--out", tmp_path / "run")
-    assert res.exit_code == 2
-    assert "Expected a folder laid out as train/" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "no format recognises" in res.output and "folder: train/<benign>/*.jpg" in res.output
+    assert all(f"{name}:" in res.output for name in ("ham10000", "isic2018", "isic2019", "isic2020", "csv"))
 
 
 def test_train_with_a_missing_class_folder(tmp_path):
@@ -150,6 +151,7 @@ TRAIN_FLAGS = {
     *("--also-val-fold", "--optimizer", "--weight-decay", "--schedule", "--warmup-epochs", "--label-smoothing"),
     *("--class-weight", "--augment", "--precision", "--ema-decay", "--weights", "--weights-dir"),
     *("--allow-random-init", "--skip-bad", "--classes", "--threshold-policy", "--no-eval", "--out", "--quiet"),
+    "--taxonomy",
 }
 
 
@@ -205,8 +207,8 @@ def _fake_train(monkeypatch, tmp_path) -> list:
 
     calls = []
 
-    def fake(cfg, data, out, *args):
-        calls.append((cfg, args[-1]))
+    def fake(cfg, data, out, *args, command="", **kwargs):
+        calls.append((cfg, command))
         raise RunError("stop here")
 
     monkeypatch.setattr(loop, "train", fake)

@@ -23,6 +23,12 @@ T = TypeVar("T")
 USER_ERRORS = (LesionlabError, FileNotFoundError)
 
 DATA_HELP = "Data folder (default: $LESIONLAB_DATA or ../shared/data/isic-kaggle)."
+MULTI_DATA_HELP = (
+    "Repeatable: a data folder (default: $LESIONLAB_DATA or ../shared/data/isic-kaggle). Its format is detected "
+    "(train/test class folders, HAM10000, ISIC 2018/2019/2020 ground truth, a CSV of image,label or diagnosis); "
+    "'FORMAT:PATH?option=value&...' names it where detection needs help. Several folders train on their union, "
+    "leak-proof: images of one lesion, patient or photo stay on one side of every split."
+)
 WEIGHTS_DIR_HELP = "Folder of <timm name>*.pth (default: $LESIONLAB_WEIGHTS_DIR or ../shared/weights)."
 CLASSES_HELP = "Class folder names, negative first."
 TAXONOMY_HELP = (
@@ -77,12 +83,14 @@ def command_line(command: str, **options: Any) -> str:
     """The command that reproduces a run, spelled out with every setting (not just what was typed).
 
     ``options`` in order, ``name`` as ``--name``: a bool as the bare flag when true (absent when false), None
-    as absent, anything else as ``--name value``."""
+    as absent, a list as ``--name value`` per item, anything else as ``--name value``."""
     parts = ["lesionlab", command]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             parts += [flag] if value else []
+        elif isinstance(value, list | tuple):
+            parts += [p for v in value for p in (flag, str(v))]
         elif value is not None:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -90,7 +98,7 @@ def command_line(command: str, **options: Any) -> str:
 
 def print_summary(metrics: dict) -> None:
     """One line per split: n and the headline metrics with their 95% CIs."""
-    for split in ("val", "test", "test_dedup"):
+    for split in ["val", "test", "test_dedup"] + [k for k in metrics if k.startswith("test:")]:
         m = metrics[split]
         typer.echo(
             f"{split:>10}: n={m['n']:4d}  "

@@ -17,8 +17,10 @@ import typer
 from lesionlab.cli.common import (
     CLASSES_HELP,
     DATA_HELP,
+    MULTI_DATA_HELP,
     POLICY_OPTION,
     RESAMPLES_HELP,
+    TAXONOMY_HELP,
     USER_ERRORS,
     WEIGHTS_DIR_HELP,
     command_line,
@@ -30,6 +32,7 @@ from lesionlab.cli.common import (
     resolve_data,
 )
 from lesionlab.cli.options import flag_values, options_from
+from lesionlab.data.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from lesionlab.runs import REPORT, RunFolder
 from lesionlab.sweep.sweep import STUDY_BACKBONES, STUDY_EPOCHS, STUDY_LRS, SweepGrid
 from lesionlab.training.config import TrainConfig
@@ -39,7 +42,8 @@ QUIET_HELP = "No progress bars."
 
 @options_from(TrainConfig, after="data")
 def train(
-    data: Path | None = typer.Option(None, help=DATA_HELP),
+    data: list[str] | None = typer.Option(None, help=MULTI_DATA_HELP),
+    taxonomy: Path | None = typer.Option(None, help=TAXONOMY_HELP),
     weights: Path | None = typer.Option(None, help="ImageNet weights file for the backbone."),
     weights_dir: Path | None = typer.Option(None, help=WEIGHTS_DIR_HELP),
     allow_random_init: bool = typer.Option(False, help="Train from random weights when no ImageNet weights are found."),
@@ -60,10 +64,12 @@ def train(
     try:
         cfg = TrainConfig(**settings)
         out = out or Path("runs") / f"{cfg.backbone}-{cfg.mode}-lr{cfg.lr:g}-e{cfg.epochs}-s{cfg.seed}"
-        data = resolve_data(data)
+        specs = [str(s) for s in data] if data else [str(resolve_data(None))]
+        tax = Taxonomy.from_file(taxonomy) if taxonomy else DEFAULT_TAXONOMY
         command = command_line(
             "train",
-            data=data,
+            data=specs,
+            taxonomy=taxonomy,
             **flag_values(cfg),  # every model setting, as it was resolved (precision auto -> bf16 or fp32)
             weights=weights,
             weights_dir=weights_dir,
@@ -76,7 +82,7 @@ def train(
         evaluated = RunFolder(out).state == "evaluated"
         run_dir = run_train(
             cfg,
-            data,
+            specs[0] if len(specs) == 1 else specs,
             out,
             weights,
             weights_dir,
@@ -84,7 +90,8 @@ def train(
             skip_bad,
             not quiet,
             parse_classes(classes),
-            command,
+            command=command,
+            taxonomy=tax,
         )
         typer.echo(f"trained: {run_dir}")
         if evaluated:  # finished and evaluated earlier: keep that evaluation (it may have used --tta)

@@ -79,7 +79,8 @@ class Dataset:
     """The dataset table: ``train`` is the training pool (validation is carved from it by ``splits``), ``test``
     the fixed test images. ``groups`` maps relpaths to a group id (images of one lesion, patient or near-duplicate
     group; never split across train and validation), ``leaked`` the test relpaths that ``test_dedup`` drops.
-    ``sources`` describes where the samples came from; ``skipped`` what loading left out, and why."""
+    ``sources`` describes where the samples came from; ``skipped`` what loading left out, and why;
+    ``duplicate_pairs`` how many cross-source duplicate pairs were linked into groups."""
 
     root: Path
     classes: tuple[str, str]
@@ -89,6 +90,7 @@ class Dataset:
     leaked: frozenset[str] = frozenset()
     sources: list[SourceInfo] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    duplicate_pairs: int = 0
 
     @property
     def all(self) -> list[Sample]:
@@ -113,6 +115,7 @@ class Dataset:
             self.leaked,
             self.sources,
             self.skipped,
+            self.duplicate_pairs,
         )
 
     def splits(

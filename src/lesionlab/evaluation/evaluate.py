@@ -41,7 +41,7 @@ def summarize(
         "threshold": {"policy": policy, "value": threshold, "chosen_on": "val"},
         "calibration": {"temperature": temperature, "method": "temperature scaling on validation", "ece_bins": 15},
     }
-    for name in EVAL_SPLITS:
+    for name in scores:  # val, test, test_dedup and, with several sources, each source's test splits
         s, p = scores[name], probs[name]
         raw = expit(s.logits)
         block = metrics_with_ci(s.y, p, 0.5, n_resamples, seed)
@@ -59,7 +59,7 @@ def summarize(
 def write_predictions(path: Path, scores: dict[str, SplitScores], probs: dict[str, np.ndarray]) -> None:
     buf = io.StringIO()
     buf.write("split,relpath,label,logit,probability\n")
-    for name in EVAL_SPLITS:
+    for name in scores:  # val, test, test_dedup and, with several sources, each source's test splits
         s = scores[name]
         for r, y, z, p in zip(s.relpaths, s.y, s.logits, probs[name]):
             buf.write(f"{name},{r},{int(y)},{z:.6f},{p:.6f}\n")

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lesionlab.data.dataset import Dataset, load_dataset
+from lesionlab.data.dataset import Dataset
 from lesionlab.data.images import decode_samples
+from lesionlab.data.loading import dataset_from_record
 from lesionlab.runs import MODEL, RunFolder
 
 EVAL_SPLITS = ("val", "test", "test_dedup")
@@ -80,8 +81,8 @@ def score_run(
     from lesionlab.inference.predictor import TorchPredictor
 
     run = RunFolder(run_dir).require_trained()
-    dataset = load_dataset(data or run.config.data_root, run.config.classes)
-    splits = {k: v for k, v in run.dataset_splits(dataset).items() if k in EVAL_SPLITS}
+    dataset = dataset_from_record(run.config.data, data, progress)
+    splits = {k: v for k, v in run.dataset_splits(dataset).items() if k != "train"}
     if run.config.mode == "frozen" and not tta:
         return _frozen_scores(run, dataset, splits, progress)
     return _image_scores(TorchPredictor(run.path), splits, progress, tta)

@@ -20,7 +20,7 @@ from scipy.special import expit
 
 from lesionlab import files
 from lesionlab import runs as rf
-from lesionlab.data.dataset import Sample, load_dataset
+from lesionlab.data.dataset import Sample
 from lesionlab.data.images import decode_samples, normalize
 from lesionlab.inference.predictor import onnx_session
 from lesionlab.models.batching import map_batches
@@ -87,11 +87,13 @@ def _run_context(run_dir: Path) -> tuple[rf.RunConfig, rf.OperatingPoint, int]:
 
 
 def _splits(run_dir: Path, config: rf.RunConfig, data: Path | None) -> dict[str, list[Sample]] | None:
-    """The run's own validation and test samples, or None when its data folder is not here."""
+    """The run's own validation and test samples, or None when its data is not here."""
+    from lesionlab.data.loading import dataset_from_record
+
     root = Path(data) if data else config.data_root
-    if not (root / "train").is_dir():
+    if not root.exists():
         return None
-    dataset = load_dataset(root, config.classes)
+    dataset = dataset_from_record(config.data, data, progress=False)
     return rf.RunFolder(run_dir).dataset_splits(dataset)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from lesionlab import files
-from lesionlab.data.dataset import Dataset, load_dataset
+from lesionlab.data.dataset import Dataset
+from lesionlab.data.loading import dataset_from_record
 from lesionlab.models.detector import (
     ENSEMBLE_RULE,
     LesionDetector,
@@ -97,7 +98,7 @@ def run_features(
 
     run = RunFolder(run_dir).require_trained()
     config = run.config
-    dataset: Dataset = load_dataset(data or config.data_root, config.classes)
+    dataset: Dataset = dataset_from_record(config.data, data, progress)
     model, _ = load_model(run / MODEL)
     table = load_or_compute(dataset, _run_weights(run), skip_bad=True, progress=progress, backbone=model.backbone)
     splits = run.dataset_splits(dataset)

@@ -122,8 +122,7 @@ class RunFolder:
         return {
             "train": [s for s in dataset.train if s.relpath in train],  # the data folder's order
             "val": self.samples("val", dataset.train),
-            "test": fixed["test"],
-            "test_dedup": fixed["test_dedup"],
+            **{k: v for k, v in fixed.items() if k.startswith("test")},  # test, test_dedup, and each source's
         }
 
     def write_split_rows(self, rows: Iterable[SplitRow]) -> None:

@@ -25,7 +25,8 @@ from torch import nn
 
 from lesionlab import files
 from lesionlab import runs as rf
-from lesionlab.data.dataset import load_dataset
+from lesionlab.data.loading import Specs, data_record, load_training_data
+from lesionlab.data.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from lesionlab.models.backbones import build_backbone, resolve_weights
 from lesionlab.models.classifier import Head, LesionClassifier, save_model
 from lesionlab.runs import RunFolder
@@ -131,7 +132,7 @@ def train_epochs(
 
 def train(
     cfg: TrainConfig,
-    data: str | Path,
+    data: Specs,
     out: str | Path,
     weights: str | Path | None = None,
     weights_dir: str | Path | None = None,
@@ -140,12 +141,14 @@ def train(
     progress: bool = True,
     classes: tuple[str, str] = ("benign", "malignant"),
     command: str = "",
+    taxonomy: Taxonomy = DEFAULT_TAXONOMY,
 ) -> Path:
-    """Trains one model into ``out``. Running it again on an unfinished ``out`` resumes; on a finished one, no-op;
-    on a folder holding a different run, RunError."""
+    """Trains one model into ``out`` on ``data``: one data folder, or several sources (``data.sources`` specs),
+    united leak-proof (``data.loading``). Running it again on an unfinished ``out`` resumes; on a finished one,
+    no-op; on a folder holding a different run, RunError."""
     # config: what is asked for, and whether ``out`` already holds it
     run = RunFolder(out)
-    dataset = load_dataset(data, classes)
+    dataset = load_training_data(data, taxonomy, classes, progress=progress)
     resolved = resolve_weights(cfg.backbone, weights, weights_dir, allow_random_init, cfg.seed)
     file_hash = dataset.file_list_hash()
     check_existing(run, train_identity(cfg, resolved, file_hash))
@@ -161,6 +164,7 @@ def train(
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_skipped(inputs.bad)
     config = run_config(cfg, resolved, data, classes, file_hash, splits, len(inputs.bad), command)
+    config["data"].update(data_record(data, dataset, taxonomy))
     run.write_config(config)
     run.write_splits(splits)
     data_seconds = time.perf_counter() - t_start  # decoding, and backbone features unless cached

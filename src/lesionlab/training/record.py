@@ -8,6 +8,7 @@ they were off) are compared after :func:`lesionlab.runs.migrate`, so they still 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def check_existing(run: RunFolder, identity: dict[str, Any]) -> None:
 def run_config(
     cfg: TrainConfig,
     resolved: ResolvedWeights,
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     classes: tuple[str, str],
     file_hash: str,
     splits: dict[str, list[Sample]],
@@ -79,7 +80,7 @@ def run_config(
         "pretrained": resolved.pretrained,
         "preprocessing": preprocessing(resolved),
         "data": {
-            "root": str(Path(data).resolve()),
+            "root": str(Path(data if isinstance(data, str | Path) else data[0]).resolve()),
             "classes": list(classes),
             "positive_class": classes[1],
             "file_list_sha256": file_hash,

@@ -1,0 +1,75 @@
+"""Several datasets in one run: the union trains, groups hold across sources, each source's test split is scored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SHARED, make_subset
+
+
+@pytest.fixture(scope="module")
+def ham_subset(tmp_path_factory):
+    src = SHARED / "data" / "ham10000"
+    if not (src / "HAM10000_metadata.csv").exists():
+        pytest.skip("needs ../shared/data/ham10000")
+    import csv
+
+    rows = list(csv.DictReader((src / "HAM10000_metadata.csv").open()))
+    pick = [r for r in rows if r["dx"] == "mel"][:12] + [r for r in rows if r["dx"] == "nv"][:12]
+    dst = tmp_path_factory.mktemp("ham") / "ham10000"
+    (dst / "images").mkdir(parents=True)
+    with (dst / "HAM10000_metadata.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(pick)
+    for r in pick:
+        (dst / "images" / f"{r['image_id']}.jpg").symlink_to(src / "images" / f"{r['image_id']}.jpg")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def two_source_run(shared_data, ham_subset, tmp_path_factory):
+    from lesionlab.evaluation.evaluate import evaluate_run
+    from lesionlab.training.config import TrainConfig
+    from lesionlab.training.loop import train
+
+    kaggle = make_subset(shared_data, tmp_path_factory.mktemp("k") / "isic-kaggle", n_train=15, n_test=6)
+    out = tmp_path_factory.mktemp("runs") / "two"
+    train(TrainConfig(epochs=2), [kaggle, ham_subset], out, progress=False)
+    evaluate_run(out, n_resamples=100, progress=False)
+    return out
+
+
+def test_the_run_records_each_source_and_the_taxonomy(two_source_run):
+    cfg = json.loads((two_source_run / "config.json").read_text())
+    data = cfg["data"]
+    assert [s["name"] for s in data["sources"]] == ["isic-kaggle", "ham10000"]
+    assert len(data["specs"]) == 2 and "duplicate_pairs_linked" in data
+    assert data["taxonomy"]["codes"]["mel"] == "malignant"
+    assert data["n_train"] + data["n_val"] == 30 + 24  # both pools: 15 + 15 isic-kaggle train, 24 ham10000
+    splits = (two_source_run / "splits.csv").read_text()
+    assert "ham10000/images/ISIC_" in splits and "isic-kaggle/train/benign/" in splits
+
+
+def test_metrics_keep_the_usual_splits_and_add_each_sources_test_split(two_source_run):
+    m = json.loads((two_source_run / "metrics.json").read_text())
+    assert {"val", "test", "test_dedup", "test:isic-kaggle", "test_dedup:isic-kaggle"} <= set(m)
+    assert m["test:isic-kaggle"]["n"] == m["test"]["n"] == 12  # ham10000 has no fixed test split
+    assert "test:ham10000" not in m
+
+
+def test_the_run_evaluates_again_from_its_record(two_source_run):
+    from lesionlab.evaluation.scoring import score_run
+
+    scores = score_run(two_source_run, progress=False)
+    assert len(scores["val"].relpaths) == json.loads((two_source_run / "config.json").read_text())["data"]["n_val"]
+
+
+def test_the_reproducing_command_repeats_data_per_source():
+    from lesionlab.cli.common import command_line
+
+    assert command_line("train", data=["a", "ham10000:b?name=h"], epochs=2) == (
+        "lesionlab train --data a --data 'ham10000:b?name=h' --epochs 2"
+    )
