@@ -13,51 +13,50 @@ from lesionlab.data.images import BadImageError
 
 def predict(
     ctx: typer.Context,
-    images: list[Path] = typer.Argument(..., help="Image files (any size; JPEG, PNG, BMP, GIF, TIFF, WebP)."),
+    images: list[str] = typer.Argument(
+        ...,
+        help="Image files (any size; JPEG, PNG, BMP, GIF, TIFF, WebP), folders (read recursively; a dataset folder "
+        "as its format lists it), or globs such as 'site/**/*.jpg'.",
+    ),
     model: Path | None = typer.Option(None, help="Run or ensemble folder (default: the bundled model)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    csv_out: Path | None = typer.Option(
+        None, "--csv", help="Write one row per image (path, probability, label, threshold, refused, reason, error)."
+    ),
     tta: bool | None = typer.Option(
         None,
         "--tta/--no-tta",
         help="Test-time augmentation (mean over 8 flips/rotations). Default: as the model's threshold was fitted.",
     ),
+    batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     runtime: str = typer.Option("auto", help=RUNTIME_HELP),
     backend: str | None = deprecated_alias("--backend", "--runtime"),
+    quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Probability of malignant and the label at the model's operating threshold, per image."""
-    from lesionlab.data.images import open_image
+    """Probability of malignant and the label at the model's operating threshold, per image (screening, not a
+    diagnosis)."""
+    from lesionlab.data.inputs import expand_inputs
     from lesionlab.inference.loading import BACKENDS, load_predictor
+    from lesionlab.inference.scoring import score_files
 
     runtime = prefer(ctx, "runtime", runtime, backend)
     if runtime not in BACKENDS:  # a user error, whatever load_predictor raises for it
         fail(f"--runtime must be one of {', '.join(BACKENDS)}, got '{runtime}'")
     try:
+        paths = expand_inputs(images)
         predictor = load_predictor(model, runtime)
     except USER_ERRORS as e:
         fail(str(e))
-    results, errors = [], 0
-    for path in images:
-        given = str(path)
-        try:
-            p = predictor.analyze([open_image(path, given)], tta)[0]
-            results.append(
-                {
-                    "path": given,
-                    "probability": round(p.probability, 6),
-                    "label": p.label,
-                    "threshold": predictor.info.threshold,
-                    "refused": p.refused,
-                    "reason": p.reason,
-                    "ood_score": None if p.ood_score is None else round(p.ood_score, 3),
-                }
-            )
-        except BadImageError as e:
-            errors += 1
-            results.append({"path": given, "error": e.reason})
+    given = {p: str(p) for p in paths}
+    results = score_files(predictor, paths, tta, batch_size, progress=not quiet and len(paths) > batch_size)
+    rows = [{"path": given[p], **r} for p, r in zip(paths, results)]
+    if csv_out is not None:
+        write_predictions_csv(csv_out, rows)
+    errors = sum("error" in r for r in rows)
     if as_json:
-        typer.echo(json.dumps(results, indent=2))
-    else:
-        for r in results:
+        typer.echo(json.dumps(rows, indent=2))
+    elif csv_out is None or len(rows) <= 20:
+        for r in rows:
             if "error" in r:
                 typer.secho(f"{r['path']}: error: {r['error']}", fg=typer.colors.RED, err=True)
             elif r["refused"]:
@@ -66,9 +65,31 @@ def predict(
                 typer.echo(
                     f"{r['path']}\tP(malignant)={r['probability']:.4f}\t{r['label']}\t(threshold {r['threshold']:.4f})"
                 )
+    if csv_out is not None:
+        labels = [r.get("label", "error") for r in rows]
+        summary = ", ".join(f"{k} {labels.count(k)}" for k in ("benign", "malignant", "not_a_lesion", "error"))
+        typer.echo(f"{len(rows)} images: {summary}; one row each in {csv_out}", err=True)
+    if not as_json:
         typer.echo("Screening aid only, not a diagnosis.", err=True)
     if errors:
         raise typer.Exit(1)
+
+
+CSV_FIELDS = ("path", "probability", "label", "threshold", "refused", "reason", "ood_score", "error")
+
+
+def write_predictions_csv(path: Path, rows: list[dict]) -> None:
+    """One row per image, written atomically (a reader never sees half a file)."""
+    import csv
+    import io
+
+    from lesionlab.files import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def export(
