@@ -39,12 +39,29 @@ def load_training_data(
     dataset = load_sources(specs, taxonomy, classes, skip_invalid)
     if len(specs) < 2 or not detect_duplicates:
         return dataset
-    from lesionlab.data.duplicates import duplicate_links, find_duplicates
-
-    pairs = find_duplicates(dataset.all, across_sources=True, embeddings=False, progress=progress)
-    linked = load_sources(specs, taxonomy, classes, skip_invalid, links=duplicate_links(pairs))
-    linked.duplicate_pairs = len(pairs)
+    links = cross_source_links(dataset, progress)
+    linked = load_sources(specs, taxonomy, classes, skip_invalid, links=links)
+    linked.duplicate_pairs = len(links)
     return linked
+
+
+def cross_source_links(dataset: Dataset, progress: bool = True) -> list[tuple[str, str]]:
+    """Pairs of the same photo in two sources, searched once per file list (and detector version): kept in the
+    duplicate cache, since a run's evaluation, refusal and export read its data again."""
+    import hashlib
+    import json
+
+    from lesionlab.data.duplicates import SIGNATURE_VERSION, Thresholds, default_cache, find_duplicates
+    from lesionlab.files import atomic_write_json
+
+    key = hashlib.sha256(f"{SIGNATURE_VERSION}|{Thresholds()}|{dataset.file_list_hash()}".encode()).hexdigest()[:24]
+    path = default_cache() / "links" / f"{key}.json"
+    if path.exists():
+        return [(a, b) for a, b in json.loads(path.read_text())]
+    pairs = find_duplicates(dataset.all, across_sources=True, progress=progress)
+    links = [(p.a, p.b) for p in pairs]
+    atomic_write_json(path, links)
+    return links
 
 
 def data_record(data: Specs, dataset: Dataset, taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> dict[str, Any]:
