@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lesionlab.ensemble.members import CROSS_FIT, member_ref
 from lesionlab.ensemble.scores import COMBINE, NESTED_NOTE
-from lesionlab.evaluation.report import DISCLAIMER, metrics_table
+from lesionlab.evaluation.report import DISCLAIMER, metrics_sections
 from lesionlab.evaluation.scoring import EVAL_SPLITS
 from lesionlab.refusal.measure import report_section
 from lesionlab.runs import FIGURES, REFUSAL_SCORES, RunFolder
@@ -43,7 +43,7 @@ def _fitted_on(metrics: dict) -> str:
 def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, refusal: dict | None) -> str:
     """report.md of an evaluated ensemble; ``metrics`` is its metrics.json content, ``refusal`` the combined
     detector measurement (None when some member was not measured)."""
-    thr, cal = metrics["threshold"], metrics["calibration"]
+    cal = metrics["calibration"]
     lines = [
         f"# lesionlab ensemble of {len(members)} runs",
         "",
@@ -56,25 +56,10 @@ def ensemble_report(members: Sequence[Path], ensemble_dir: Path, metrics: dict, 
         "",
         member_table(members, ensemble_dir),
         "",
-        "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)",
-        "",
-        metrics_table(metrics),
-        "",
-        f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on validation)",
-        "",
-        metrics_table(metrics, key="at_threshold"),
-        "",
-        "## Calibration",
-        f"Temperature {cal['temperature']:.3f} on the ensemble's logit, fitted on validation.",
-        "",
-        "| split | ECE before | ECE after | Brier before | Brier after |",
-        "|---|---|---|---|---|",
+        *metrics_sections(
+            metrics, f"Temperature {cal['temperature']:.3f} on the ensemble's logit, fitted on validation.", EVAL_SPLITS
+        ),
     ]
-    for s in EVAL_SPLITS:
-        c = cal[s]
-        lines.append(
-            f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | {c['brier_after']:.4f} |"
-        )
     lines += [
         "",
         report_section(refusal)

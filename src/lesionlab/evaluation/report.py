@@ -34,9 +34,34 @@ def metrics_table(metrics: Mapping, splits=("val", "test", "test_dedup"), key: s
     return "\n".join(lines)
 
 
+def metrics_sections(metrics: Mapping, calibration_note: str, splits=("val", "test", "test_dedup")) -> list[str]:
+    """The report lines shared by runs and ensembles: metrics at 0.5 and at the operating threshold, calibration."""
+    thr, cal = metrics["threshold"], metrics["calibration"]
+    lines = [
+        "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)",
+        "",
+        metrics_table(metrics),
+        "",
+        f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on validation)",
+        "",
+        metrics_table(metrics, key="at_threshold"),
+        "",
+        "## Calibration",
+        calibration_note,
+        "",
+        "| split | ECE before | ECE after | Brier before | Brier after |",
+        "|---|---|---|---|---|",
+    ]
+    for s in splits:
+        c = cal[s]
+        lines.append(
+            f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | {c['brier_after']:.4f} |"
+        )
+    return lines
+
+
 def run_report(config: Mapping, metrics: Mapping) -> str:
     w = config.get("weights", {})
-    thr = metrics["threshold"]
     cal = metrics["calibration"]
     pretrained = "ImageNet weights" if config.get("pretrained") else "RANDOM initial weights (no ImageNet weights)"
     t = config.get("train", {})
@@ -57,26 +82,12 @@ def run_report(config: Mapping, metrics: Mapping) -> str:
         f"{config['data'].get('n_test')}, test_dedup {config['data'].get('n_test_dedup')}",
         f"- command: `{config.get('command') or 'n/a'}`",
         "",
-        "## Metrics at threshold 0.5 (95% stratified bootstrap CIs)",
-        "",
-        metrics_table(metrics),
-        "",
-        f"## Metrics at the operating threshold {thr['value']:.4f} (policy `{thr['policy']}`, chosen on validation)",
-        "",
-        metrics_table(metrics, key="at_threshold"),
-        "",
-        "## Calibration",
-        f"Temperature {cal['temperature']:.3f}, fitted on validation. Probabilities reported by predict and serve "
-        "are the calibrated ones.",
-        "",
-        "| split | ECE before | ECE after | Brier before | Brier after |",
-        "|---|---|---|---|---|",
+        *metrics_sections(
+            metrics,
+            f"Temperature {cal['temperature']:.3f}, fitted on validation. Probabilities reported by predict and "
+            "serve are the calibrated ones.",
+        ),
     ]
-    for s in ("val", "test", "test_dedup"):
-        c = cal[s]
-        lines.append(
-            f"| {s} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | {c['brier_before']:.4f} | {c['brier_after']:.4f} |"
-        )
     lines += [
         "",
         "## Figures",

@@ -8,7 +8,7 @@ whose rows are fixed test images.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from lesionlab.data.formats.base import (
@@ -31,6 +31,21 @@ from lesionlab.errors import DataError
 def isic_image_id(stem: str) -> str:
     """The archive id of an image file stem: ISIC 2019 ships some as ``ISIC_0000000_downsampled``."""
     return stem.removesuffix("_downsampled")
+
+
+def first_rows(
+    rows: Sequence[tuple[int, Mapping[str, str]]], key: str, problems: Problems, seen: set[str]
+) -> Iterator[tuple[str, str, Mapping[str, str]]]:
+    """(image, "line N (image)", row) of each row whose ``key`` was not seen before; a repeat is reported as a
+    duplicate row and skipped. ``seen`` collects the images."""
+    for line, row in rows:
+        image = row[key]
+        where = f"line {line} ({image})"
+        if image in seen:
+            problems.add("duplicate rows", where)
+            continue
+        seen.add(image)
+        yield image, where, row
 
 
 def _image_folders(options: ReadOptions, defaults: Sequence[str]) -> list[str]:
@@ -79,13 +94,7 @@ class Ham10000Format:
         index = index_images(root, _image_folders(options, self.FOLDERS))
         problems = Problems(str(label_file), options.taxonomy)
         samples, seen = [], set[str]()
-        for line, row in rows:
-            image = row["image_id"]
-            where = f"line {line} ({image})"
-            if image in seen:
-                problems.add("duplicate rows", where)
-                continue
-            seen.add(image)
+        for image, where, row in first_rows(rows, "image_id", problems, seen):
             if image not in index:
                 problems.add("images listed but missing", where)
                 continue
@@ -163,13 +172,7 @@ class OneHotFormat:
         split = "test" if "test" in label_file.name.lower() else None
         problems, unknown = Problems(str(label_file), options.taxonomy), Problems(str(label_file))
         samples, seen = [], set[str]()
-        for line, row in rows:
-            image = row["image"]
-            where = f"line {line} ({image})"
-            if image in seen:
-                problems.add("duplicate rows", where)
-                continue
-            seen.add(image)
+        for image, where, row in first_rows(rows, "image", problems, seen):
             try:
                 hot = [c for c in [*self.class_columns, self.unknown] if c and float(row.get(c) or 0) >= 0.5]
             except ValueError:
@@ -244,13 +247,7 @@ class Isic2020Format:
         index = index_images(root, folders)
         problems = Problems(str(label_file), options.taxonomy)
         samples, seen = [], set[str]()
-        for line, row in rows:
-            image = row["image_name"]
-            where = f"line {line} ({image})"
-            if image in seen:
-                problems.add("duplicate rows", where)
-                continue
-            seen.add(image)
+        for image, where, row in first_rows(rows, "image_name", problems, seen):
             try:
                 label = parse_label(row["target"])
                 if row.get("benign_malignant") and parse_label(row["benign_malignant"]) != label:
