@@ -124,8 +124,12 @@ class Dataset:
         """train/val (the seeded, group-aware split of the pool), test and test_dedup; with several sources also
         ``test:<source>`` and ``test_dedup:<source>`` for each source that fixes test images."""
         train, val = split_train_val(self.train, self.groups, seed, val_fraction, fold, also_fold)
+        return {"train": train, "val": val, **self.test_splits()}
+
+    def test_splits(self) -> dict[str, list[Sample]]:
+        """test and test_dedup; with several sources also ``test:<source>`` and ``test_dedup:<source>``."""
         test_dedup = [s for s in self.test if s.relpath not in self.leaked]
-        out = {"train": train, "val": val, "test": list(self.test), "test_dedup": test_dedup}
+        out = {"test": list(self.test), "test_dedup": test_dedup}
         if len(self.sources) > 1:
             for info in self.sources:
                 own = [s for s in self.test if s.source == info.name]

@@ -101,8 +101,11 @@ class RunFolder:
 
     def samples(self, split: str, pool: Iterable[Sample]) -> list[Sample]:
         """The samples of ``pool`` listed under ``split``, in splits.csv's order; RunError if any is missing."""
+        return self._listed(split, self.relpaths(split), pool)
+
+    @staticmethod
+    def _listed(split: str, rel: list[str], pool: Iterable[Sample]) -> list[Sample]:
         by_rel = {s.relpath: s for s in pool}
-        rel = self.relpaths(split)
         missing = [r for r in rel if r not in by_rel]
         if missing:
             raise RunError(
@@ -117,12 +120,12 @@ class RunFolder:
 
     def dataset_splits(self, dataset: Dataset) -> dict[str, list[Sample]]:
         """Train and validation as recorded at training time (splits.csv); test and test_dedup from the data."""
-        fixed = dataset.splits()
-        train = set(self.relpaths("train"))
+        rows = self.split_rows()
+        train = {r.relpath for r in rows if r.split == "train"}
         return {
             "train": [s for s in dataset.train if s.relpath in train],  # the data folder's order
-            "val": self.samples("val", dataset.train),
-            **{k: v for k, v in fixed.items() if k.startswith("test")},  # test, test_dedup, and each source's
+            "val": self._listed("val", [r.relpath for r in rows if r.split == "val"], dataset.train),
+            **dataset.test_splits(),  # test, test_dedup, and each source's
         }
 
     def write_split_rows(self, rows: Iterable[SplitRow]) -> None:
