@@ -35,6 +35,7 @@ from lesionlab.runs.names import (
     RUN_KIND,
     SCHEMA1_PRECISION,
     SCHEMA1_TRAIN_DEFAULTS,
+    SCHEMA2_TRAIN_DEFAULTS,
     SCHEMA_VERSION,
     SKIPPED,
     SPLITS,
@@ -43,7 +44,15 @@ from lesionlab.runs.names import (
     migrate,
     package_versions,
 )
-from lesionlab.runs.records import OperatingPoint, Preprocessing, RunConfig, ScoreRow, SplitRow
+from lesionlab.runs.records import (
+    RESIZE_CROP,
+    RESIZE_SQUASH,
+    OperatingPoint,
+    Preprocessing,
+    RunConfig,
+    ScoreRow,
+    SplitRow,
+)
 
 __all__ = [
     "CALIBRATION",
@@ -64,9 +73,12 @@ __all__ = [
     "REFUSAL",
     "REFUSAL_SCORES",
     "REPORT",
+    "RESIZE_CROP",
+    "RESIZE_SQUASH",
     "RUN_KIND",
     "SCHEMA1_PRECISION",
     "SCHEMA1_TRAIN_DEFAULTS",
+    "SCHEMA2_TRAIN_DEFAULTS",
     "SCHEMA_VERSION",
     "SKIPPED",
     "SPLITS",

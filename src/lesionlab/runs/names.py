@@ -33,13 +33,16 @@ ENSEMBLE = "ensemble.json"
 RUN_KIND = "lesionlab-run"
 ENSEMBLE_KIND = "lesionlab-ensemble"
 
-#: 2: config.json records every training option and its ``schema_version``. 1 (no version): options added after
-#: the first release were left out while off (see ``migrate``).
-SCHEMA_VERSION = 2
+#: 3: the options of the transfer issue (target, colour constancy, resize). 2: config.json records every training
+#: option and its ``schema_version``. 1 (no version): options added after the first release were left out while off
+#: (see ``migrate``).
+SCHEMA_VERSION = 3
 #: Training options that schema-1 runs did not record when they were off, and their value then.
 SCHEMA1_TRAIN_DEFAULTS: Mapping[str, Any] = {"ema_decay": 0.0, "fold": 0, "also_val_fold": -1}
 #: Schema-1 runs written before bf16 training existed trained in fp32.
 SCHEMA1_PRECISION = "fp32"
+#: Training options added in schema 3, and the value that reproduces what earlier runs did.
+SCHEMA2_TRAIN_DEFAULTS: Mapping[str, Any] = {"target": "binary", "color_constancy": "none", "resize": "crop"}
 
 
 class RunError(LesionlabError):
@@ -59,6 +62,8 @@ def migrate(config: Mapping[str, Any]) -> dict[str, Any]:
         train = {**SCHEMA1_TRAIN_DEFAULTS, **out["train"]}
         train.setdefault("precision", SCHEMA1_PRECISION)
         out["train"] = train
+    if version < 3 and "train" in out:
+        out["train"] = {**SCHEMA2_TRAIN_DEFAULTS, **out["train"]}
     out["schema_version"] = SCHEMA_VERSION
     return out
 

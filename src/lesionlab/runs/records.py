@@ -9,22 +9,30 @@ from typing import Any
 
 from lesionlab.runs.names import RUN_KIND
 
+#: ``Preprocessing.resize`` values: TrainConfig.resize "crop" and "squash".
+RESIZE_CROP = "shorter-side-bicubic+center-crop"
+RESIZE_SQUASH = "squash-bicubic"
+
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Everything that turns a file into the network's input."""
+    """Everything that turns a file into the network's input (preprocess.json, config.json "preprocessing").
+
+    In order: decode to RGB; ``resize`` to ``input_size`` (RESIZE_CROP or RESIZE_SQUASH); ``color_constancy``
+    ("none" or "shades-of-gray") on the uint8 input; scale, normalise with ``mean``/``std``; NCHW."""
 
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    resize: str = "shorter-side-bicubic+center-crop"
+    resize: str = RESIZE_CROP
     channels: str = "RGB"
     layout: str = "NCHW"
     scale: str = "1/255"
+    color_constancy: str = "none"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
-        keep = {k: d[k] for k in ("resize", "channels", "layout", "scale") if k in d}
+        keep = {k: d[k] for k in ("resize", "channels", "layout", "scale", "color_constancy") if k in d}
         return cls(int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), **keep)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,13 @@ from lesionlab.models.backbones import DEFAULT_BACKBONE, REGISTRY
 
 MODES = ("frozen", "finetune")
 PRECISIONS = ("fp32", "bf16")
+#: binary: one logit, P(malignant). diagnosis: one logit per diagnosis, P(malignant) = the malignant classes' sum.
+TARGETS = ("binary", "diagnosis")
+#: none, or Shades of Gray (Finlayson & Trezzi 2004, p = 6): each image's illuminant divided out before the network.
+COLOR_CONSTANCY = ("none", "shades-of-gray")
+#: crop: shorter side to the input size, then a centre crop (keeps the aspect). squash: the whole image to a square,
+#: aspect ignored (how isic-kaggle, ham10000 and isic2018-task3-test were made from 600x450 originals).
+RESIZE = ("crop", "squash")
 
 
 class ConfigError(LesionlabError):
@@ -74,6 +81,17 @@ class TrainConfig:
     # "auto" is resolved when the config is built, so config.json and its command record what ran
     precision: str = setting("auto", "finetune arithmetic: auto (bf16 where the CPU has it), bf16 or fp32.")
     ema_decay: float = setting(0.0, "finetune: keep and validate an EMA of the weights (e.g. 0.998; 0 = off).")
+    target: str = setting(
+        "binary",
+        "binary (benign/malignant) or diagnosis (one class per diagnosis of the sources that have them; "
+        "P(malignant) is the sum over the malignant ones).",
+    )
+    color_constancy: str = setting(
+        "none", "none or shades-of-gray: divide out each image's illuminant before the network (also at predict)."
+    )
+    resize: str = setting(
+        "crop", "crop (shorter side, centre crop) or squash (whole image to a square): also how predict reads files."
+    )
 
     def __post_init__(self) -> None:
         """Resolves ``precision="auto"`` and refuses a bad setting with ConfigError (a fold DataError),
@@ -89,6 +107,13 @@ class TrainConfig:
         if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
             raise ConfigError("optimizer must be adam|adamw and schedule constant|cosine")
         check_fold(self.fold, self.val_fraction, self.second_fold)  # raises DataError, also a LesionlabError
+        for name, value, choices in (
+            ("target", self.target, TARGETS),
+            ("color_constancy", self.color_constancy, COLOR_CONSTANCY),
+            ("resize", self.resize, RESIZE),
+        ):
+            if value not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got '{value}'")
         if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
             raise ConfigError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
 
