@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.write:
             res = refusal.measure_refusal(run, progress=False, features=feats, refit=True)
+            assert res.detector is not None  # refit=True always fits one
             res.detector.save(run)  # metrics.json's refusal block is refreshed by `lesionlab evaluate RUN`
             RunFolder(run).write_refusal(res.result, res.scores)
             print(json.dumps(refusal.summary(res.result), indent=2))
-            print("  accepted:", ", ".join(res["non_lesion"]["accepted"]) or "none")
+            print("  accepted:", ", ".join(res.result["non_lesion"]["accepted"]) or "none")
     print(json.dumps(out, indent=2))
     return 0
 

@@ -49,7 +49,7 @@ def bench_runtimes(
 ) -> dict:
     import torch
 
-    from lesionlab.data.images import normalize, open_image, resize_to_input
+    from lesionlab.data.images import open_image
     from lesionlab.inference.predictor import OnnxPredictor, TorchPredictor
     from lesionlab.serve.service import limit_blas_threads
 
@@ -59,7 +59,7 @@ def bench_runtimes(
     eager = PlainEager(TorchPredictor(model_dir, threads))
     runtimes = (("onnxruntime", onnx), ("pytorch", eager), ("pytorch-channels-last", tuned))
     pil = open_image(image)
-    x1 = normalize(resize_to_input(pil, onnx.info.input_size)[None], onnx.info.mean, onnx.info.std)
+    x1 = onnx.info.pre.network_input(onnx.info.pre.resized(pil)[None])
     x32 = np.repeat(x1, 32, axis=0)
     single: dict[str, list[float]] = {name: [] for name, _ in runtimes}
     cpu: dict[str, float] = {name: 0.0 for name, _ in runtimes}

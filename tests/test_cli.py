@@ -152,6 +152,7 @@ TRAIN_FLAGS = {
     *("--class-weight", "--augment", "--precision", "--ema-decay", "--weights", "--weights-dir"),
     *("--allow-random-init", "--skip-bad", "--classes", "--threshold-policy", "--no-eval", "--out", "--quiet"),
     "--taxonomy",
+    *("--target", "--color-constancy", "--resize", "--skip-invalid"),
 }
 
 
@@ -383,7 +384,7 @@ def test_sweep_trial_workers_and_its_deprecated_workers_alias(monkeypatch, tmp_p
 
     calls = []
 
-    def fake(*args):
+    def fake(*args, **kwargs):
         calls.append(args[-1])
         raise sw.SweepError("stop here")
 

@@ -246,3 +246,14 @@ def test_detection_and_the_error_listing_every_format(tmp_path, shared_data):
     assert detect_format(shared_data).name == "folder"
     with pytest.raises(DataError, match="unknown data format 'ham'"):
         read_source(both, "ham", ReadOptions())
+
+
+def test_csv_images_outside_the_source_folder_are_an_error_not_a_traceback(tmp_path):
+    root = tmp_path / "t"
+    make_csv_source(root, ["image"], [])
+    write_csv(root / "labels.csv", ["image", "label"], [[img(root, k), str(k % 2)] for k in range(4)])
+    with pytest.raises(DataError, match=r"images=\.\./elsewhere .* points outside the source folder"):
+        read_source(root, "csv", ReadOptions(options={"images": "../elsewhere"}))
+    write_csv(root / "labels.csv", ["image", "label"], [["../" + img(root, 0), "0"], [img(root, 1), "1"]])
+    with pytest.raises(DataError, match="images outside the CSV's folder"):
+        read_source(root, "csv", ReadOptions())

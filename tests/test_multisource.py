@@ -73,3 +73,46 @@ def test_the_reproducing_command_repeats_data_per_source():
     assert command_line("train", data=["a", "ham10000:b?name=h"], epochs=2) == (
         "lesionlab train --data a --data 'ham10000:b?name=h' --epochs 2"
     )
+
+
+def test_skip_invalid_trains_without_the_bad_rows_and_lists_them(shared_data, ham_subset, tmp_path):
+    """A metadata row naming a missing image stops a run; --skip-invalid leaves it out, lists it in the run folder,
+    and evaluation reads the data again with the same rows left out."""
+    import csv
+    import shutil
+
+    from lesionlab.errors import DataError
+    from lesionlab.evaluation.scoring import score_run
+    from lesionlab.training.config import TrainConfig
+    from lesionlab.training.loop import train
+
+    ham = tmp_path / "ham10000"
+    shutil.copytree(ham_subset, ham, symlinks=True)
+    rows = list(csv.DictReader((ham / "HAM10000_metadata.csv").open()))
+    with (ham / "HAM10000_metadata.csv").open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerow({**rows[0], "image_id": "ISIC_9999999"})
+    kaggle = make_subset(shared_data, tmp_path / "isic-kaggle", n_train=8, n_test=4)
+    with pytest.raises(DataError, match="ISIC_9999999"):
+        train(TrainConfig(epochs=1), [kaggle, ham], tmp_path / "stopped", progress=False)
+
+    out = tmp_path / "run"
+    train(TrainConfig(epochs=1), [kaggle, ham], out, progress=False, skip_invalid=True)
+    skipped = (out / "skipped_files.txt").read_text()
+    assert "ISIC_9999999" in skipped
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert data["skip_invalid"] is True and data["invalid_rows_skipped"] == 1 and data["skipped_files"] == 1
+    scores = score_run(out, progress=False)  # reads the data again from the record: skips the same row
+    assert len(scores["val"].relpaths) == data["n_val"]
+
+
+def test_a_sweep_trains_on_several_sources(shared_data, ham_subset, tmp_path):
+    from lesionlab.sweep import sweep as sw
+
+    kaggle = make_subset(shared_data, tmp_path / "isic-kaggle", n_train=10, n_test=4)
+    grid = sw.SweepGrid(backbones=("efficientnet_lite0",), lrs=(1e-3,), epochs=(1,), seeds=(0,))
+    result = sw.run_sweep(grid, [kaggle, ham_subset], tmp_path / "sweep", n_resamples=50, progress=False, workers=1)
+    run = result.selected["efficientnet_lite0"]
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert [s["name"] for s in data["sources"]] == ["isic-kaggle", "ham10000"] and len(data["specs"]) == 2
+    assert "test:isic-kaggle" in json.loads((run / "metrics.json").read_text())
+    assert "specs" in json.loads((tmp_path / "sweep" / "sweep.json").read_text())

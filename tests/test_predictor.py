@@ -239,7 +239,7 @@ def test_v1_model_reports_each_members_preprocessing(mixed_ensemble, onnx_run):
     assert card["input_size"] == 224 and card["mean"] == [0.5] * 3
     assert card["preprocessing"] == [
         {"model_id": card["model_id"], "backbone": "efficientnet_lite0", "input_size": 224, "mean": [0.5] * 3,
-         "std": [0.5] * 3}
+         "std": [0.5] * 3, "resize": "shorter-side-bicubic+center-crop", "color_constancy": "none"}
     ]  # fmt: skip
 
 

@@ -293,6 +293,36 @@ def test_model_card(client):
     auc = card["metrics"]["test"]["auc"]
     assert set(auc) == {"value", "ci95"} and "at_threshold" in card["metrics"]["test"]
     assert card["licence"]["data"] and card["disclaimer"] == DISCLAIMER and "not a diagnosis" in card["intended_use"]
+    assert card["external"] is None  # never scored on another clinic's images
+
+
+def test_model_card_external_results_from_metrics_json():
+    from lesionlab.evaluation.external import ExternalScores, external_metrics
+    from lesionlab.serve.model_card import external_results
+
+    def scored(labels: np.ndarray) -> ExternalScores:
+        p = np.clip(0.6 * labels + np.random.default_rng(0).random(len(labels)) * 0.5, 0, 1)
+        return ExternalScores(
+            relpaths=[f"{i}.jpg" for i in range(len(labels))],
+            probabilities=p,
+            labels=labels,
+            diagnoses=["melanoma" if y else "nevus" for y in labels],
+            sources=["clinic"] * len(labels),
+            refused=np.zeros(len(labels), bool),
+        )
+
+    both, benign = np.array([0] * 20 + [1] * 10), np.zeros(15, np.int64)
+    external = {name: external_metrics(scored(y), 0.4, 50) for name, y in (("b", both), ("a", benign))}
+    metrics = {"test": {}, "external": external}
+    card = external_results(json.loads(json.dumps(metrics)))  # as read back from metrics.json
+    assert card is not None and list(card) == ["a", "b"]
+    assert (card["b"]["n"], card["b"]["n_malignant"], card["b"]["threshold"]) == (30, 10, 0.4)
+    for m in ("auc", "sensitivity", "specificity"):
+        lo, hi = card["b"][m]["ci95"]
+        assert set(card["b"][m]) == {"value", "ci95"} and lo <= card["b"][m]["value"] <= hi
+    assert card["a"]["auc"] is None and card["a"]["sensitivity"] is None and card["a"]["specificity"]["value"] > 0
+    assert "single-class" in card["a"]["note"] and "note" not in card["b"]
+    assert external_results({"test": {}}) is None
 
 
 def _version(model_dir: Path) -> str:

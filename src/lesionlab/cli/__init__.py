@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from lesionlab.cli import evaluation, inference, serving, training
+from lesionlab.cli import calibration, evaluation, inference, refusal, serving, training
 from lesionlab.cli.common import USER_ERRORS, fail
 
 __all__ = ["USER_ERRORS", "app", "fail", "main"]
@@ -29,6 +29,8 @@ for command in (
     inference.export,
     serving.serve,
     evaluation.ensemble,
+    calibration.calibrate,
+    refusal.refusal,
     inference.explain,
 ):
     app.command()(command)

@@ -16,6 +16,7 @@ from lesionlab.cli.common import (
     fail,
     print_summary,
 )
+from lesionlab.cli.refusal import NON_LESION_HELP
 from lesionlab.runs import REPORT, RunFolder
 
 
@@ -35,6 +36,7 @@ def evaluate(
         False, help="Score the external sets only, keeping the run's evaluation (it must have one)."
     ),
     taxonomy: Path | None = typer.Option(None, help=TAXONOMY_HELP),
+    non_lesion: list[Path] | None = typer.Option(None, "--non-lesion", help=NON_LESION_HELP),
     quiet: bool = typer.Option(False),
 ) -> None:
     """Write metrics.json (with 95% bootstrap CIs), figures and report.md into RUN_DIR; with --external, also how
@@ -50,7 +52,10 @@ def evaluate(
             if not sets:
                 fail("--only-external needs at least one --external NAME=PATH")
         else:
-            metrics = evaluate_model(run_dir, data, threshold_policy, tta, resamples, progress=not quiet)
+            photos = non_lesion or []
+            metrics = evaluate_model(
+                run_dir, data, threshold_policy, tta, resamples, progress=not quiet, non_lesion=photos
+            )
             print_summary(metrics)
             sets = {**earlier, **sets}  # a new operating point: every external set is scored again
         if sets:

@@ -16,7 +16,6 @@ import typer
 
 from lesionlab.cli.common import (
     CLASSES_HELP,
-    DATA_HELP,
     MULTI_DATA_HELP,
     POLICY_OPTION,
     RESAMPLES_HELP,
@@ -48,6 +47,11 @@ def train(
     weights_dir: Path | None = typer.Option(None, help=WEIGHTS_DIR_HELP),
     allow_random_init: bool = typer.Option(False, help="Train from random weights when no ImageNet weights are found."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable images (listed in the run folder) instead of stopping."),
+    skip_invalid: bool = typer.Option(
+        False,
+        help="Skip invalid rows of a dataset's table (a listed image missing, an unlisted image, a duplicate row, "
+        "an unknown diagnosis; listed in the run folder's skipped_files.txt) instead of stopping.",
+    ),
     classes: str = typer.Option("benign,malignant", help=CLASSES_HELP),
     threshold_policy: str = POLICY_OPTION,
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not evaluate after training."),
@@ -75,6 +79,7 @@ def train(
             weights_dir=weights_dir,
             allow_random_init=allow_random_init,
             skip_bad=skip_bad,
+            skip_invalid=skip_invalid,
             classes=classes,
             threshold_policy=threshold_policy,
             out=out,
@@ -92,6 +97,7 @@ def train(
             parse_classes(classes),
             command=command,
             taxonomy=tax,
+            skip_invalid=skip_invalid,
         )
         typer.echo(f"trained: {run_dir}")
         if evaluated:  # finished and evaluated earlier: keep that evaluation (it may have used --tta)
@@ -115,7 +121,8 @@ _TRAIN_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfi
 
 def sweep(
     ctx: typer.Context,
-    data: Path | None = typer.Option(None, help=DATA_HELP),
+    data: list[str] | None = typer.Option(None, help=MULTI_DATA_HELP),
+    taxonomy: Path | None = typer.Option(None, help=TAXONOMY_HELP),
     out: Path = typer.Option(..., help="Sweep folder; running the same command again finishes what is left."),
     backbones: str = typer.Option(
         _listed(STUDY_BACKBONES), help="Comma-separated backbones (default: the study's four)."
@@ -151,10 +158,11 @@ def sweep(
             mode=mode,
             batch_size=batch_size,
         )
-        data = resolve_data(data)
+        specs = [str(s) for s in data] if data else [str(resolve_data(None))]
         command = command_line(
             "sweep",
-            data=data,
+            data=specs,
+            taxonomy=taxonomy,
             out=out,
             backbones=backbones,
             lrs=lrs,
@@ -172,7 +180,7 @@ def sweep(
         )
         result = run_sweep(
             grid,
-            data,
+            specs[0] if len(specs) == 1 else specs,
             out,
             weights_dir,
             allow_random_init,
@@ -184,6 +192,7 @@ def sweep(
             not quiet,
             command,
             trial_workers or None,
+            taxonomy=Taxonomy.from_file(taxonomy) if taxonomy else DEFAULT_TAXONOMY,
         )
     except USER_ERRORS as e:
         fail(str(e))

@@ -1,5 +1,5 @@
 """Safe image decoding: a file or bytes in, an upright RGB image (or a clear reason why not) out; resizing
-to the network's input and normalisation."""
+to the network's input (crop or squash), colour constancy and normalisation."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ MIN_SIDE = 32
 DEFAULT_MAX_PIXELS = 64_000_000
 #: Formats we decode; anything else is refused rather than handed to an exotic Pillow plugin.
 SAFE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")  # JPEG also opens MPO phone photos
+
+#: How an image reaches the input size, as preprocess.json and config.json name it (``runs.Preprocessing.resize``).
+RESIZE_CROP = "shorter-side-bicubic+center-crop"
+RESIZE_SQUASH = "squash-bicubic"
+#: TrainConfig.resize's words for them; :func:`resize_to_input` takes either spelling.
+RESIZE_MODES = {"crop": RESIZE_CROP, "squash": RESIZE_SQUASH}
+#: ``runs.Preprocessing.color_constancy`` (and TrainConfig.color_constancy) values.
+COLOR_CONSTANCY = ("none", "shades-of-gray")
+SHADES_OF_GRAY_P = 6
 
 
 class BadImageError(LesionlabError):
@@ -101,13 +110,22 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(a).astype(np.uint8), "L")
 
 
-def resize_to_input(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to ``size``, then a centre crop: uint8 HxWx3. Square images are simply resized.
+def resize_to_input(img: Image.Image, size: int, mode: str = RESIZE_CROP) -> np.ndarray:
+    """uint8 ``size`` x ``size`` x 3. ``mode`` RESIZE_CROP ("crop"): shorter side to ``size``, then a centre crop
+    (the aspect kept); RESIZE_SQUASH ("squash"): the whole image to the square, bicubic (the aspect ignored, as
+    the study's 224x224 files were made from 600x450 originals). Square images are simply resized either way.
 
-    Only the source region under the crop is resampled (Pillow's ``box``), so a 200000x32 strip costs what a
+    Crop resamples only the source region under the crop (Pillow's ``box``), so a 200000x32 strip costs what a
     square does instead of gigabytes; on photos this matches resizing the whole image and cropping to within
     two grey levels (Pillow rounds between its two passes, and may order them differently).
     """
+    mode = RESIZE_MODES.get(mode, mode)
+    if mode == RESIZE_SQUASH:
+        if img.size == (size, size):
+            return np.asarray(img, dtype=np.uint8)
+        return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None), dtype=np.uint8)
+    if mode != RESIZE_CROP:
+        raise ValueError(f"resize must be one of {', '.join([*RESIZE_MODES, *RESIZE_MODES.values()])}, got '{mode}'")
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -118,6 +136,47 @@ def resize_to_input(img: Image.Image, size: int) -> np.ndarray:
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
     img = img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
     return np.asarray(img, dtype=np.uint8)
+
+
+def shades_of_gray(images: np.ndarray, p: float = SHADES_OF_GRAY_P, chunk: int = 32) -> np.ndarray:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004) of uint8 images, N x H x W x 3 or one H x W x 3.
+
+    Per image, the illuminant of channel c is its Minkowski p-norm mean, e_c = (mean over pixels of I_c^p)^(1/p)
+    with I in [0, 1] (p = 1: grey world; p -> inf: max-RGB); channel c is multiplied by mean(e) / e_c, so the
+    illuminant becomes grey while the mean of the three estimates (the image's brightness) stays; rounded and
+    clipped back to uint8. A channel that is all zero stays zero; a grey image comes back unchanged; a rotated
+    or flipped image gets the same correction (so TTA views commute with it).
+
+    Exact and fast on uint8: the p-th powers are a float32 table of the 256 levels weighted by each channel's
+    histogram, and the correction a per-image, per-channel 256-entry table; ``chunk`` images at a time bound
+    the index arrays.
+    """
+    batch = np.asarray(images, dtype=np.uint8)
+    single = batch.ndim == 3
+    batch = batch[None] if single else batch
+    levels = np.arange(256, dtype=np.float32)
+    powers = (levels / np.float32(255)) ** np.float32(p)
+    out = np.empty_like(batch)
+    for i in range(0, len(batch), chunk):
+        part = batch[i : i + chunk]
+        n = len(part)
+        # one bincount over all images and channels: value v of channel c of image j counts in bin 768 j + 256 c + v
+        index = part.reshape(n, -1, 3) + (np.arange(n, dtype=np.intp)[:, None, None] * 768 + np.arange(3) * 256)
+        hist = np.bincount(index.ravel(), minlength=n * 768).reshape(n, 3, 256).astype(np.float32)
+        e = (hist @ powers / np.float32(index.shape[1])) ** np.float32(1 / p)  # N x 3 illuminant
+        gain = e.mean(axis=1, keepdims=True) / np.maximum(e, np.float32(1e-6))
+        table = np.clip(np.rint(levels * gain[:, :, None]), 0, 255).astype(np.uint8)  # N x 3 x 256
+        out[i : i + chunk] = table.reshape(-1)[index].reshape(part.shape)
+    return out[0] if single else out
+
+
+def color_constancy(images: np.ndarray, method: str) -> np.ndarray:
+    """``method`` of COLOR_CONSTANCY on uint8 images (N x H x W x 3): "none" returns them as they are."""
+    if method == "none":
+        return images
+    if method == "shades-of-gray":
+        return shades_of_gray(images)
+    raise ValueError(f"color_constancy must be one of {', '.join(COLOR_CONSTANCY)}, got '{method}'")
 
 
 def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -136,15 +195,20 @@ class DecodedSet:
 
 
 def decode_samples(
-    samples: list[Sample], size: int, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+    samples: list[Sample],
+    size: int,
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: str = RESIZE_CROP,
 ) -> DecodedSet:
-    """Decodes every sample once; collects the bad ones instead of stopping at the first."""
+    """Decodes every sample once, to ``size`` by ``resize`` (:func:`resize_to_input`); collects the bad ones
+    instead of stopping at the first."""
     from tqdm.auto import tqdm
 
     good, arrays, bad = [], [], []
     for s in tqdm(samples, desc=f"decode {size}px", disable=not progress, unit="img"):
         try:
-            arrays.append(resize_to_input(open_image(s.path, s.relpath, max_pixels), size))
+            arrays.append(resize_to_input(open_image(s.path, s.relpath, max_pixels), size, resize))
             good.append(s)
         except BadImageError as e:
             bad.append(e)

@@ -64,10 +64,13 @@ def cross_source_links(dataset: Dataset, progress: bool = True) -> list[tuple[st
     return links
 
 
-def data_record(data: Specs, dataset: Dataset, taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> dict[str, Any]:
+def data_record(
+    data: Specs, dataset: Dataset, taxonomy: Taxonomy = DEFAULT_TAXONOMY, skip_invalid: bool = False
+) -> dict[str, Any]:
     """What config.json's ``data`` block records beyond the split: the root (the first source, as runs of one
-    folder always recorded), the specs to read the data again, each source's counts, the taxonomy and the number
-    of cross-source duplicate pairs linked."""
+    folder always recorded), the specs to read the data again, each source's counts, the taxonomy, the number
+    of cross-source duplicate pairs linked, and ``skip_invalid`` when invalid rows were skipped (so that reading
+    the data again skips the same rows)."""
     specs = as_specs(data)
     out: dict[str, Any] = {"root": str(Path(parse_spec(specs[0]).path).resolve())}
     if len(specs) > 1 or str(specs[0]) != str(parse_spec(specs[0]).path):  # several, or a format / options given
@@ -76,6 +79,9 @@ def data_record(data: Specs, dataset: Dataset, taxonomy: Taxonomy = DEFAULT_TAXO
     out["taxonomy"] = taxonomy.to_dict()
     if len(specs) > 1:
         out["duplicate_pairs_linked"] = dataset.duplicate_pairs
+    if skip_invalid:
+        out["skip_invalid"] = True
+        out["invalid_rows_skipped"] = len(dataset.skipped)
     return out
 
 
@@ -85,4 +91,5 @@ def dataset_from_record(record: Mapping[str, Any], data: Specs | None = None, pr
     classes = tuple(record.get("classes", DEFAULT_CLASSES))
     taxonomy = Taxonomy.from_dict(record["taxonomy"]) if "taxonomy" in record else DEFAULT_TAXONOMY
     specs: Specs = data if data is not None else record.get("specs") or record["root"]
-    return load_training_data(specs, taxonomy, (classes[0], classes[1]), progress=progress)
+    skip = bool(record.get("skip_invalid", False))
+    return load_training_data(specs, taxonomy, (classes[0], classes[1]), skip_invalid=skip, progress=progress)

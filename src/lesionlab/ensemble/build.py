@@ -145,12 +145,16 @@ def evaluate_model(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     progress: bool = True,
+    non_lesion: Sequence[str | Path] = (),
 ) -> dict:
     """Evaluates any model folder: an ensemble with :func:`evaluate_ensemble`, a run with
-    ``evaluation.evaluate.evaluate_run``; returns metrics.json's content."""
+    ``evaluation.evaluate.evaluate_run`` (``non_lesion``: photo folders its lesion detector learns to refuse);
+    returns metrics.json's content."""
     if RunFolder(model_dir).is_ensemble:
+        if non_lesion:
+            raise rf.RunError(f"{model_dir} is an ensemble: fit each member's detector with `lesionlab refusal MEMBER`")
         return evaluate_ensemble(model_dir, data, policy, tta, n_resamples, seed, progress)
-    return evaluate.evaluate_run(model_dir, data, policy, tta, n_resamples, seed, progress)
+    return evaluate.evaluate_run(model_dir, data, policy, tta, n_resamples, seed, progress, non_lesion)
 
 
 # ------------------------------------------------------------------ writing the folder

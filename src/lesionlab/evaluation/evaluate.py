@@ -6,13 +6,16 @@ Temperature and threshold are fitted on validation only; test and test_dedup are
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit
 
 from lesionlab import files
+from lesionlab import runs as rf
 from lesionlab.evaluation import plots
+from lesionlab.evaluation.diagnosis import add_diagnosis_metrics, diagnosis_report
 from lesionlab.evaluation.metrics import (
     DEFAULT_POLICY,
     DEFAULT_RESAMPLES,
@@ -26,6 +29,7 @@ from lesionlab.evaluation.metrics import (
 )
 from lesionlab.evaluation.report import run_report
 from lesionlab.evaluation.scoring import EVAL_SPLITS, SplitScores, score_run
+from lesionlab.inference.diagnoses import model_diagnoses
 from lesionlab.runs import FIGURES, HISTORY, PREDICTIONS, OperatingPoint, RunFolder
 
 
@@ -129,6 +133,7 @@ def evaluate_run(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     progress: bool = True,
+    non_lesion: Sequence[str | Path] = (),
 ) -> dict:
     """Scores the run, fits its operating point and lesion detector on validation, measures everything on test,
     and writes metrics.json, calibration.json, predictions.csv, figures, the detector and report.md."""
@@ -136,10 +141,19 @@ def evaluate_run(
 
     check_policy(policy)
     run = RunFolder(run_dir).require_trained()
+    if run.has(rf.SITE_CALIBRATION):  # refitting on validation would silently undo the site's operating point
+        raise rf.RunError(
+            f"{run.path} was calibrated on a site's images (site_calibration.json): evaluating it again would "
+            "replace that operating point with one fitted on validation. Evaluate the source run, or score this "
+            "folder on other sets with `evaluate --only-external --external NAME=PATH`"
+        )
     config = run.config
     scores = score_run(run.path, data, tta, progress)
     metrics, probs = fitted_metrics(scores, policy, n_resamples, seed, tta)
-    refusal = measure_refusal(run.path, data, progress, refit=True)
+    diagnoses, malignant = model_diagnoses(run.path)  # a diagnosis head's classes; () for a binary model
+    if diagnoses:
+        add_diagnosis_metrics(metrics, scores, probs, diagnoses, malignant, n_resamples, seed)
+    refusal = measure_refusal(run.path, data, progress, refit=True, non_lesion=non_lesion)  # photos to refuse
     metrics["refusal"] = summary(refusal.result)
     if run.has(HISTORY):
         plots.training_curves(run.history(), run / FIGURES / "training_curves.png", config.title)
@@ -148,5 +162,7 @@ def evaluate_run(
     run.write_refusal(refusal.result, refusal.scores)
     model_id = f"{config.backbone}-{config.mode}-{config.weights['sha256'][:8]}-{run.path.name}"
     report = run_report(config.raw, metrics) + "\n" + report_section(refusal.result)
+    if diagnoses:
+        report += "\n" + diagnosis_report(metrics, malignant)
     write_evaluation(run, scores, probs, metrics, config.title, model_id, report)
     return metrics

@@ -3,7 +3,8 @@
 Nothing is fitted here: the run's temperature and operating threshold (chosen on its own validation split) are
 applied as they are, so the numbers say how the model travels. Per set the block holds AUC, sensitivity and
 specificity at the run's threshold and at 0.5, ECE, each with a 95% stratified-bootstrap CI; the refusal rate;
-and breakdowns by source and by diagnosis (which benign diagnoses get flagged, which malignant ones are missed).
+and breakdowns by source and by diagnosis (which benign diagnoses get flagged, which malignant ones are missed);
+for a diagnosis model, balanced multi-class accuracy and recall per diagnosis (``evaluation.diagnosis``).
 
 Metrics cover every scored image, a refused one at its probability: a refusal is a separate answer that a
 deployment may or may not honour, and leaving the refused out would make a model look better by refusing its
@@ -26,6 +27,7 @@ from scipy.stats import beta
 from lesionlab.data.images import BadImageError, open_image
 from lesionlab.data.sample import Sample
 from lesionlab.errors import LesionlabError
+from lesionlab.evaluation.diagnosis import block_lines, diagnosis_metrics
 from lesionlab.evaluation.metrics import expected_calibration_error, metrics_with_ci
 from lesionlab.evaluation.report import DISCLAIMER, fmt
 from lesionlab.runs import REPORT, RunFolder
@@ -56,6 +58,8 @@ class ExternalScores:
     refused: np.ndarray
     tta: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    diagnosis_probs: np.ndarray | None = None  # a diagnosis model's calibrated (N, K), in ``diagnosis_names`` order
+    diagnosis_names: tuple[str, ...] = ()
 
 
 def score_external(
@@ -79,6 +83,7 @@ def score_external(
     probs: list[float] = []
     refused: list[bool] = []
     skipped: list[tuple[str, str]] = []
+    names, diag = predictor.info.diagnoses, []
     bar = tqdm(total=len(samples), desc="external", unit="img", disable=not progress)
     for start in range(0, len(samples), batch_size):
         batch, images = [], []
@@ -98,6 +103,7 @@ def score_external(
             kept.append(s)
             probs.append(p.probability)
             refused.append(bool(p.refused))
+            diag += [[p.diagnoses[n] for n in names]] if p.diagnoses else []
         bar.update(len(samples[start : start + batch_size]))
     bar.close()
     if not kept:
@@ -111,6 +117,8 @@ def score_external(
         refused=np.asarray(refused, bool),
         tta=predictor.use_tta(tta),
         skipped=skipped,
+        diagnosis_probs=np.asarray(diag) if names and len(diag) == len(kept) else None,
+        diagnosis_names=names,
     )
 
 
@@ -241,6 +249,10 @@ def external_metrics(scores: ExternalScores, threshold: float, n_resamples: int 
     order = sorted(rows, key=lambda d: (-rows[d]["n_malignant"] / rows[d]["n"], -rows[d]["n"], d))
     block["by_diagnosis"] = {d: rows[d] for d in order}
     block["skipped"] = [{"relpath": r, "reason": why} for r, why in scores.skipped]
+    if scores.diagnosis_probs is not None:  # a diagnosis model: balanced multi-class accuracy (ISIC 2018 Task 3)
+        truth = [None if d == NONE else d for d in scores.diagnoses]
+        diag = diagnosis_metrics(truth, scores.diagnosis_probs, scores.diagnosis_names, n_resamples, seed)
+        block.update({"diagnosis": diag} if diag else {})
     block["n_resamples"], block["seed"] = int(n_resamples), int(seed)
     return block
 
@@ -313,6 +325,8 @@ def report_section(name: str, block: Mapping[str, Any]) -> str:
                     f"| {d} | {r['class']} | {r['n']} | {r['n_refused']} | {kind} | "
                     f"{_rate_cell(r['at_threshold'][kind])} | {_rate_cell(r['at_0.5'][kind])} |"
                 )
+    if block.get("diagnosis"):
+        lines += ["", *block_lines(block["diagnosis"])]
     return "\n".join(lines) + "\n"
 
 

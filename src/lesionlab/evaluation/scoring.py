@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from lesionlab.data.dataset import Dataset
-from lesionlab.data.images import decode_samples
 from lesionlab.data.loading import dataset_from_record
+from lesionlab.inference.diagnoses import diagnosis_probabilities
 from lesionlab.runs import MODEL, RunFolder
 
 EVAL_SPLITS = ("val", "test", "test_dedup")
@@ -21,9 +21,15 @@ EVAL_SPLITS = ("val", "test", "test_dedup")
 
 @dataclass
 class SplitScores:
+    """Per image of a split: relpath, 0/1 label, uncalibrated logit; for a diagnosis model also each image's true
+    diagnosis (a taxonomy code, or None) and the (N, K) uncalibrated diagnosis probabilities (malignant ones
+    summing to sigmoid(logit); ``inference.diagnoses``)."""
+
     relpaths: list[str]
     y: np.ndarray
     logits: np.ndarray
+    true_diagnoses: list[str | None] | None = None
+    diagnosis_probs: np.ndarray | None = None
 
 
 def _frozen_scores(run: RunFolder, dataset: Dataset, splits, progress: bool) -> dict[str, SplitScores]:
@@ -45,32 +51,54 @@ def _frozen_scores(run: RunFolder, dataset: Dataset, splits, progress: bool) -> 
         tuple(w["std"]),
         int(w["input_size"]),
     )
-    table = load_or_compute(dataset, weights, skip_bad=True, progress=progress, backbone=model.backbone)
+    pre = run.config.preprocessing  # the run's resize and colour constancy, as it was trained
+    table = load_or_compute(
+        dataset,
+        weights,
+        skip_bad=True,
+        progress=progress,
+        backbone=model.backbone,
+        resize=pre.resize,
+        color_constancy=pre.color_constancy,
+    )
     out = {}
+    mask = None if model.diagnoses is None else np.array(model.diagnoses.mask)
     for name, samples in splits.items():
         x, y = table.rows(samples)
         with torch.inference_mode():
-            logits = model.head(torch.from_numpy(x)).numpy().astype(np.float64)
+            binary, z = model.head.outputs(torch.from_numpy(x))
+        logits = binary.numpy().astype(np.float64)
         index = set(table.relpaths)
-        out[name] = SplitScores([s.relpath for s in samples if s.relpath in index], y, logits)
+        kept = [s for s in samples if s.relpath in index]
+        out[name] = SplitScores([s.relpath for s in kept], y, logits)
+        if z is not None and mask is not None:
+            out[name].true_diagnoses = [s.diagnosis for s in kept]
+            out[name].diagnosis_probs = diagnosis_probabilities(z.numpy(), mask, logits)
     return out
 
 
 def _image_scores(predictor, splits, progress: bool, tta: bool) -> dict[str, SplitScores]:
     out = {}
     cache: dict[str, float] = {}
+    diag: dict[str, np.ndarray] = {}  # a diagnosis model's probabilities per relpath
     for name, samples in splits.items():
         todo = [s for s in samples if s.relpath not in cache]
-        decoded = decode_samples(todo, predictor.info.input_size, progress)
+        decoded = predictor.info.pre.decode(todo, progress)  # the predictor's resize; it corrects colour itself
         if todo:
-            for s, z in zip(decoded.samples, predictor.logits_from_uint8(decoded.images, tta)):
+            scores = predictor.scores_from_uint8(decoded.images, tta)
+            for i, (s, z) in enumerate(zip(decoded.samples, scores.logits)):
                 cache[s.relpath] = float(z)
+                if scores.diagnoses is not None:
+                    diag[s.relpath] = scores.diagnoses[i]
         kept = [s for s in samples if s.relpath in cache]
         out[name] = SplitScores(
             [s.relpath for s in kept],
             np.array([s.label for s in kept], np.float32),
             np.array([cache[s.relpath] for s in kept]),
         )
+        if predictor.info.diagnoses and all(s.relpath in diag for s in kept):
+            out[name].true_diagnoses = [s.diagnosis for s in kept]
+            out[name].diagnosis_probs = np.array([diag[s.relpath] for s in kept]).reshape(len(kept), -1)
     return out
 
 

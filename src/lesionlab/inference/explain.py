@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lesionlab import runs as rf
-from lesionlab.data.images import normalize, resize_to_input
 from lesionlab.inference.loading import DEFAULT_MODEL_DIR, load_predictor
 from lesionlab.inference.predictor import Prediction, Predictor, TorchPredictor
 from lesionlab.models.classifier import LesionClassifier
@@ -164,10 +163,11 @@ class Explainer:
         return buf.getvalue()
 
     def _draw(self, image: Image.Image, target: str) -> tuple[np.ndarray, np.ndarray]:
-        """(the network's uint8 input, its heatmap for ``target``)."""
-        info = self.network.info
-        arr = resize_to_input(image.convert("RGB"), info.input_size)
-        x = torch.from_numpy(normalize(arr[None], info.mean, info.std))
+        """(the network's uint8 input, resized as it resizes but before any colour constancy, so the overlay shows
+        the photo; its heatmap for ``target``, drawn on the input the network reads)."""
+        pre = self.network.info.pre
+        arr = pre.resized(image.convert("RGB"))
+        x = torch.from_numpy(pre.network_input(arr[None]))
         return arr, gradcam(self.network.model, x, target)[0]
 
 

@@ -1,6 +1,7 @@
 """Export of a trained run to ONNX for serving, with a parity check that refuses a model which drifted.
 
-``model.onnx`` outputs ``[logit (N,), features (N, D)]`` (features feed the lesion detector) for a
+``model.onnx`` outputs ``[logit (N,), features (N, D)]`` (features feed the lesion detector), and for a
+``--target diagnosis`` model a third, ``diagnosis_logits (N, K)`` (softmax: P(diagnosis)), for a
 normalised float32 NCHW input with a dynamic batch axis; ``preprocess.json`` tells any runtime how to
 build that input and how to read the logit (temperature, threshold). Optional int8 static
 quantization is kept only when it does not cost test AUC.
@@ -21,12 +22,12 @@ from scipy.special import expit
 from lesionlab import files
 from lesionlab import runs as rf
 from lesionlab.data.dataset import Sample
-from lesionlab.data.images import decode_samples, normalize
 from lesionlab.inference.predictor import onnx_session
 from lesionlab.models.batching import map_batches
 
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logit", "features")
+DIAGNOSIS_OUTPUT = "diagnosis_logits"  # the third output, of a diagnosis model only
 OPSET = 17
 PARITY_IMAGES = 32
 PARITY_TOLERANCE = 1e-4
@@ -100,10 +101,11 @@ def _splits(run_dir: Path, config: rf.RunConfig, data: Path | None) -> dict[str,
 def parity_batch(
     run_dir: Path, config: rf.RunConfig, size: int, data: Path | None, n: int = PARITY_IMAGES
 ) -> tuple[np.ndarray, str]:
-    """uint8 NxHxWx3: the run's first ``n`` validation images, else seeded synthetic ones."""
+    """uint8 NxHxWx3: the run's first ``n`` validation images (resized as the run resizes), else seeded synthetic
+    ones."""
     splits = _splits(run_dir, config, data)
     if splits and splits["val"]:
-        decoded = decode_samples(splits["val"][:n], size, progress=False)
+        decoded = config.preprocessing.decode(splits["val"][:n], progress=False)
         if len(decoded.images):
             return decoded.images, "validation"
     rng = np.random.default_rng(0)
@@ -116,37 +118,46 @@ def parity_batch(
 # ------------------------------------------------------------------ export
 
 
+def output_names(model) -> tuple[str, ...]:
+    """model.onnx's outputs: logit and features, and the diagnosis logits of a diagnosis model."""
+    return OUTPUT_NAMES + ((DIAGNOSIS_OUTPUT,) if model.diagnoses is not None else ())
+
+
 def _export_module(model):
-    """Wraps the classifier so the graph returns the logit and the backbone features."""
+    """Wraps the classifier so the graph returns the logit and the backbone features (and diagnosis logits)."""
     import torch
 
     class LogitAndFeatures(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
+            self.output_names = output_names(inner)  # what _torch_to_onnx names the graph's outputs
 
         def forward(self, x):
             features = self.inner.backbone(x)
-            return self.inner.head(features), features
+            logit, z = self.inner.head.outputs(features)
+            return (logit, features) if z is None else (logit, features, z)
 
     return LogitAndFeatures(model).eval()
 
 
 def _torch_to_onnx(module, size: int, path: Path, opset: int) -> None:
-    """The TorchScript exporter first (fast, stable for these CNNs); the dynamo exporter if it is gone."""
+    """The TorchScript exporter first (fast, stable for these CNNs); the dynamo exporter if it is gone. Outputs
+    are named by ``module.output_names`` (``_export_module``)."""
     import torch
 
+    outputs = tuple(getattr(module, "output_names", OUTPUT_NAMES))
     dummy = torch.zeros(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}}
+            axes = {INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
             torch.onnx.export(
                 module,
                 (dummy,),
                 str(path),
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=list(outputs),
                 opset_version=opset,
                 dynamic_axes=axes,
                 dynamo=False,
@@ -161,7 +172,7 @@ def _torch_to_onnx(module, size: int, path: Path, opset: int) -> None:
                     opset_version=max(opset, 18),
                     dynamo=True,
                     input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES),
+                    output_names=list(outputs),
                 )
                 if program is None:  # only the TorchScript exporter returns None
                     raise ExportError("the dynamo exporter returned no program")
@@ -180,33 +191,44 @@ def onnx_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def check_parity(model, session, x: np.ndarray, temperature: float) -> float:
-    """max |P_onnx - P_torch| over the batch, also run one image at a time to exercise the dynamic axis."""
+    """max |P_onnx - P_torch| over the batch, also run one image at a time to exercise the dynamic axis; for a
+    diagnosis model also over its diagnosis probabilities (softmax of the diagnosis logits)."""
     import torch
+    from scipy.special import softmax
 
     with torch.inference_mode():
-        ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
+        logits, z = model.outputs(torch.from_numpy(x))
+    ref = logits.numpy().astype(np.float64)
     full = onnx_logits(session, x)
     single = onnx_logits(session, x[:2], batch=1)
     dp = np.abs(expit(full / temperature) - expit(ref / temperature))
     dp_single = np.abs(expit(single / temperature) - expit(ref[:2] / temperature))
-    return float(max(dp.max(), dp_single.max()))
+    worst = max(dp.max(), dp_single.max())
+    if z is not None:
+        name = session.get_inputs()[0].name
+        z_onnx = np.concatenate([session.run([DIAGNOSIS_OUTPUT], {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
+        worst = max(worst, np.abs(softmax(z_onnx, axis=1) - softmax(z.numpy(), axis=1)).max())
+    return float(worst)
 
 
 def preprocess_spec(config: rf.RunConfig, calibration: rf.OperatingPoint, size: int, opset: int = OPSET) -> dict:
     """preprocess.json: how any runtime builds the input and reads the logit (a copy of the operating point)."""
     pre = config.preprocessing
+    diagnoses = config.raw.get("model", {}).get("diagnoses") or []
     return {
         "input_size": size,
         "mean": list(pre.mean),
         "std": list(pre.std),
         "resize": pre.resize,
+        "color_constancy": pre.color_constancy,  # on the uint8 resized image, before scale and normalisation
         "channels": pre.channels,
         "layout": "NCHW",
         "scale": pre.scale,
         "dtype": "float32",
         "input_name": INPUT_NAME,
-        "output_names": list(OUTPUT_NAMES),
+        "output_names": list(OUTPUT_NAMES) + ([DIAGNOSIS_OUTPUT] if diagnoses else []),
         "probability": "sigmoid(logit / temperature)",
+        **diagnosis_spec(diagnoses, config.raw.get("model", {}).get("malignant_diagnoses", [])),
         "backbone": config.backbone,
         "model_id": calibration.model_id,
         "threshold": calibration.threshold,
@@ -214,6 +236,18 @@ def preprocess_spec(config: rf.RunConfig, calibration: rf.OperatingPoint, size: 
         "temperature": calibration.temperature,
         "tta": calibration.tta,  # threshold and temperature fitted on the mean logit of 8 views
         "opset": opset,
+    }
+
+
+def diagnosis_spec(diagnoses: list[str], malignant: list[str]) -> dict:
+    """preprocess.json's keys for a diagnosis model (none for a binary one): its classes and how to read them."""
+    if not diagnoses:
+        return {}
+    return {
+        "diagnoses": list(diagnoses),
+        "malignant_diagnoses": list(malignant),
+        "diagnosis_probability": f"softmax({DIAGNOSIS_OUTPUT}); the malignant ones sum to sigmoid(logit); lesionlab "
+        "rescales the malignant group to the calibrated P(malignant) and the benign one to 1 - P",
     }
 
 
@@ -227,7 +261,7 @@ def export_run(
     config, calibration, size = _run_context(run_dir)
     model, _ = load_model(run_dir / rf.MODEL)
     images, source = parity_batch(run_dir, config, size, Path(data) if data else None)
-    x = normalize(images, config.preprocessing.mean, config.preprocessing.std)
+    x = config.preprocessing.network_input(images)  # colour constancy (when set), normalisation
     target = run_dir / rf.ONNX
     with files.atomic_path(target) as tmp:
         _torch_to_onnx(_export_module(model), size, tmp, opset)
@@ -270,17 +304,17 @@ def quantize_run(
 ) -> QuantizeResult:
     """Static int8 quantization calibrated on validation images; kept only if test AUC moves <= 0.005."""
     run_dir = Path(run_dir)
-    config, _, size = _run_context(run_dir)
+    config, _, _ = _run_context(run_dir)
     if not (run_dir / rf.ONNX).exists():
         raise rf.RunError(f"{run_dir} has no {rf.ONNX}; export it first")
     splits = _splits(run_dir, config, Path(data) if data else None)
     if not splits:
         raise rf.RunError(f"int8 calibration needs the run's images; {config.data_root} is not here (pass --data DIR)")
-    mean, std = config.preprocessing.mean, config.preprocessing.std
-    calib = normalize(decode_samples(splits["val"][:n_calibration], size, progress=False).images, mean, std)
-    test = decode_samples(splits["test"], size, progress=False)
+    pre = config.preprocessing
+    calib = pre.network_input(pre.decode(splits["val"][:n_calibration], progress=False).images)
+    test = pre.decode(splits["test"], progress=False)
     y = np.array([s.label for s in test.samples])
-    x_test = normalize(test.images, mean, std)
+    x_test = pre.network_input(test.images)
     target = run_dir / rf.INT8
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".int8-") as tmp_dir:
         tmp = Path(tmp_dir) / rf.INT8

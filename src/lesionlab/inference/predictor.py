@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy.special import expit
 
 from lesionlab import runs as rf
-from lesionlab.data.images import normalize, resize_to_input
+from lesionlab.data.images import RESIZE_CROP
+from lesionlab.inference.diagnoses import diagnosis_probabilities, model_diagnoses, regroup
 from lesionlab.models.batching import map_batches
 from lesionlab.models.detector import LesionDetector
 
@@ -27,7 +29,8 @@ LABELS = ("benign", "malignant")
 @dataclass
 class ModelInfo:
     """What a predictor is and how it reads an image. For an ensemble, ``members`` holds each member's info:
-    members may differ in input size and normalisation, and each prepares its own input (see ``preprocessing``)."""
+    members may differ in input size, normalisation, resize and colour constancy, and each prepares its own input
+    (see ``preprocessing``)."""
 
     model_id: str
     backbone: str
@@ -42,6 +45,26 @@ class ModelInfo:
     runtime: str = ""
     extra: dict = field(default_factory=dict)
     members: list[ModelInfo] = field(default_factory=list)
+    # runs.Preprocessing's resize and colour constancy; an ensemble's: its members' when they all agree, else
+    # RESIZE_CROP (how its own ``prepare`` resizes a batch handed to it) and "mixed" (each member corrects its own)
+    resize: str = RESIZE_CROP
+    color_constancy: str = "none"
+    # a diagnosis head's classes in output order and the malignant ones; () for a binary model (or an ensemble
+    # whose members do not share them)
+    diagnoses: tuple[str, ...] = ()
+    malignant_diagnoses: tuple[str, ...] = ()
+
+    @property
+    def malignant_mask(self) -> np.ndarray:
+        """K bools: which of ``diagnoses`` are malignant."""
+        return np.array([d in self.malignant_diagnoses for d in self.diagnoses], bool)
+
+    @property
+    def pre(self) -> rf.Preprocessing:
+        """A single network's preprocessing, whose methods build its input (``runs.Preprocessing``)."""
+        return rf.Preprocessing(
+            self.input_size, self.mean, self.std, resize=self.resize, color_constancy=self.color_constancy
+        )
 
     @property
     def preprocessing(self) -> list[dict]:
@@ -56,13 +79,17 @@ class ModelInfo:
                 "input_size": self.input_size,
                 "mean": list(self.mean),
                 "std": list(self.std),
+                "resize": self.resize,
+                "color_constancy": self.color_constancy,
             }
         ]
 
     @property
     def uniform_preprocessing(self) -> bool:
-        """True when every network reads the same input size and normalisation (always, for a single model)."""
-        return len({(d["input_size"], tuple(d["mean"]), tuple(d["std"])) for d in self.preprocessing}) == 1
+        """True when every network reads the same input size, normalisation, resize and colour constancy (always,
+        for a single model)."""
+        keys = ("input_size", "resize", "color_constancy")
+        return len({(*(d[k] for k in keys), tuple(d["mean"]), tuple(d["std"])) for d in self.preprocessing}) == 1
 
 
 def tta_views(batch_hwc: np.ndarray) -> list[np.ndarray]:
@@ -78,11 +105,15 @@ def tta_views(batch_hwc: np.ndarray) -> list[np.ndarray]:
 
 #: What every scoring method accepts: PIL images (any size), or a uint8 N x H x W x 3 batch.
 Images = Sequence[Image.Image] | np.ndarray
+#: What a network's ``_forward`` gives for a batch: (logits (N,), backbone features (N, D) or None), and for a
+#: diagnosis head its (N, K) diagnosis logits third.
+Forward = tuple[Any, ...]  # of 2 or 3 items: arrays, the features possibly None
 
 
 @dataclass
 class Prediction:
-    """One image's answer. ``label`` is benign, malignant or not_a_lesion (refused)."""
+    """One image's answer. ``label`` is benign, malignant or not_a_lesion (refused). ``diagnoses`` (a diagnosis
+    model only, else None): P(diagnosis) per class, the malignant ones summing to ``probability``."""
 
     probability: float
     label: str
@@ -91,6 +122,7 @@ class Prediction:
     refused: bool = False
     ood_score: float | None = None
     reason: str | None = None
+    diagnoses: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -103,6 +135,9 @@ class Scores:
     logits: np.ndarray  # uncalibrated float64 (N,): P(malignant) = sigmoid(logit / temperature)
     ood: np.ndarray | None = None  # lesion-detector score per image; refused above ``refusal_threshold``
     why: list[str] | None = None  # per image, the reason given when it is refused
+    # a diagnosis model's (N, K) probabilities in ``info.diagnoses`` order, uncalibrated: the malignant ones sum
+    # to sigmoid(logits) (``inference.diagnoses``); None for a binary model
+    diagnoses: np.ndarray | None = None
 
 
 class Predictor:
@@ -112,7 +147,8 @@ class Predictor:
     :class:`Prediction` per image (labels at the operating threshold, refusals); ``tta=None`` means as the
     operating point was fitted. Both go through one scoring hook, ``_score``, which a single network
     implements with its ``_forward`` (a normalised float32 NCHW batch -> (logits, backbone features or
-    None)) over :func:`map_batches`, and an ensemble by combining its members' scores.
+    None), and a diagnosis head's logits third: :data:`Forward`) over :func:`map_batches`, and an ensemble by
+    combining its members' scores. A diagnosis model's ``Prediction.diagnoses`` come with the same calls.
     ``predict``, ``predict_logits``, ``logits_from_uint8`` and ``forward_uint8`` are the older names.
     """
 
@@ -122,20 +158,19 @@ class Predictor:
 
     # ------------------------------------------------------------ what subclasses provide
 
-    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, x: np.ndarray) -> Forward:
         raise NotImplementedError
 
     def _score(self, images: Images, tta: bool, with_ood: bool) -> Scores:
         """The one scoring path of a single network: TTA costs 8 passes, the identity view's features
         feeding the lesion detector (``with_ood``), and no TTA costs one (per ``batch_size`` images)."""
         batch = self.prepare(images)
-        logits, feats = self._forward_views(batch, tta)
+        logits, feats, z = self._forward_views(batch, tta)
+        diag = None if z is None else diagnosis_probabilities(z, self.info.malignant_mask, logits)
         if not with_ood or self.detector is None or feats is None:
-            return Scores(logits)
-        ood = self.detector.score(feats, batch)
-        limit = self.detector.threshold
-        why = [f"does not look like a dermoscopic lesion image (score {s:.1f} > {limit:.1f})" for s in ood]
-        return Scores(logits, ood, why)
+            return Scores(logits, diagnoses=diag)
+        ood, why = self.detector.explain(feats, batch)  # "not a dermoscopic image" for a clinical photo
+        return Scores(logits, ood, why, diag)
 
     # ------------------------------------------------------------ the contract
 
@@ -149,10 +184,13 @@ class Predictor:
             return []
         scores = self._score(images, self.use_tta(tta), with_ood=True)
         probs = expit(scores.logits / self.info.temperature)
+        diag = None if scores.diagnoses is None else regroup(scores.diagnoses, self.info.malignant_mask, probs)
         limit = self.refusal_threshold
         out = []
         for i, (z, p) in enumerate(zip(scores.logits, probs)):
             pred = Prediction(float(p), self.label(float(p)), self.info.threshold, float(z))
+            if diag is not None:  # calibrated: the malignant diagnoses sum to the probability
+                pred.diagnoses = {d: float(q) for d, q in zip(self.info.diagnoses, diag[i])}
             if scores.ood is not None and limit is not None:
                 pred.ood_score = float(scores.ood[i])
                 if scores.ood[i] > limit:
@@ -178,9 +216,10 @@ class Predictor:
         return None if self.detector is None else float(self.detector.threshold)
 
     def prepare(self, images: Images) -> np.ndarray:
-        """uint8 N x S x S x 3 at ``info.input_size`` S: PIL images are resized (shorter side) and centre-cropped;
-        a uint8 batch already at S passes through untouched, one at another size is resized image by image
-        the same way (a second resampling: pass the PIL images when you have them)."""
+        """uint8 N x S x S x 3 at ``info.input_size`` S, before colour constancy (what the lesion detector's pixel
+        statistics read): PIL images are resized by ``info.resize`` (crop: shorter side, centre crop; squash: the
+        whole image); a uint8 batch already at S passes through untouched, one at another size is resized image by
+        image the same way (a second resampling: pass the PIL images when you have them)."""
         size = self.info.input_size
         if isinstance(images, np.ndarray):
             if images.shape[1:3] == (size, size):
@@ -188,7 +227,8 @@ class Predictor:
             images = [Image.fromarray(im) for im in images]
         if not len(images):
             return np.zeros((0, size, size, 3), np.uint8)
-        return np.stack([resize_to_input(im, size) for im in images])
+        pre = self.info.pre
+        return np.stack([pre.resized(im) for im in images])
 
     # ------------------------------------------------------------ older names, kept for their callers
 
@@ -208,25 +248,35 @@ class Predictor:
         dihedral views. ``tta`` defaults to False here: evaluation scores raw logits to fit the operating point."""
         return self._score(batch_hwc, bool(tta), with_ood=False).logits
 
+    def scores_from_uint8(self, batch_hwc: Images, tta: bool = False) -> Scores:
+        """``logits_from_uint8``'s scores with, for a diagnosis model, its uncalibrated diagnosis probabilities."""
+        return self._score(batch_hwc, bool(tta), with_ood=False)
+
     def forward_uint8(self, batch_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(float64 logits, backbone features or None) of one network, without TTA (a single network only: an
         ensemble has no one feature space, and raises NotImplementedError)."""
-        return self._forward_views(self.prepare(batch_hwc), tta=False)
+        logits, feats, _ = self._forward_views(self.prepare(batch_hwc), tta=False)
+        return logits, feats
 
     # ------------------------------------------------------------ the forward path
 
-    def _forward_uint8_batch(self, batch_hwc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        return self._forward(normalize(batch_hwc, self.info.mean, self.info.std))
+    def _forward_uint8_batch(self, batch_hwc: np.ndarray) -> Forward:
+        """``_forward`` of a uint8 batch at the input size: colour constancy (when the model has it), then
+        normalisation (``runs.Preprocessing.network_input``); so every TTA view is corrected the same way."""
+        return self._forward(self.info.pre.network_input(batch_hwc))
 
-    def _forward_views(self, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """(float64 logits, features of the batch itself) with the logits averaged over the 8 views under ``tta``;
-        one ``_forward`` per view and ``batch_size`` images. ``batch`` is at the input size."""
+    def _forward_views(self, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(float64 logits, features of the batch itself, diagnosis logits or None) with the logits (both kinds)
+        averaged over the 8 views under ``tta``; one ``_forward`` per view and ``batch_size`` images. ``batch`` is
+        at the input size. ``_forward`` may return a third item, a diagnosis head's (N, K) logits."""
         views = tta_views(batch) if tta else [batch]
-        nothing: tuple[np.ndarray, np.ndarray | None] = (np.zeros(0), None)  # an empty batch: the model is not run
+        nothing: Forward = (np.zeros(0), None)  # an empty batch: the model is not run
         outs = [map_batches(self._forward_uint8_batch, v, self.batch_size, empty=nothing) for v in views]
-        logits = [np.asarray(z, np.float64) for z, _ in outs]
+        logits = [np.asarray(o[0], np.float64) for o in outs]
         feats = outs[0][1]  # the first view is the batch itself: its features are the detector's
-        return (logits[0] if len(logits) == 1 else np.mean(logits, axis=0)), feats
+        diag = [np.asarray(o[2], np.float64) for o in outs if len(o) > 2 and o[2] is not None]
+        z = None if len(diag) != len(outs) else diag[0] if len(diag) == 1 else np.mean(diag, axis=0)
+        return (logits[0] if len(logits) == 1 else np.mean(logits, axis=0)), feats, z
 
 
 def operating_point_or_default(model_dir: Path) -> rf.OperatingPoint:
@@ -256,6 +306,8 @@ def _info(model_dir: Path, runtime: str) -> ModelInfo:
         tta=op.tta,
         path=str(model_dir),
         runtime=runtime,
+        resize=pre.resize,
+        color_constancy=pre.color_constancy,
     )
 
 
@@ -271,14 +323,21 @@ class TorchPredictor(Predictor):
         self.model, self.meta = load_model(model_dir / rf.MODEL)
         self.model.to(memory_format=torch.channels_last)  # oneDNN's fast CPU kernels, about 2x
         self.info = _info(model_dir, "pytorch")
+        if self.model.diagnoses is not None:  # the checkpoint's own classes
+            self.info.diagnoses, self.info.malignant_diagnoses = (
+                self.model.diagnoses.names,
+                self.model.diagnoses.malignant,
+            )
         self.detector = LesionDetector.load(model_dir)
 
-    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, x: np.ndarray) -> Forward:
+        """(logits, features), and a diagnosis head's (N, K) logits third."""
         import torch
 
         with torch.inference_mode():
             feats = self.model.backbone(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
-            return self.model.head(feats).numpy(), feats.numpy()
+            logits, z = self.model.head.outputs(feats)
+            return (logits.numpy(), feats.numpy()) + (() if z is None else (z.numpy(),))
 
 
 def onnx_session(path: str | Path, num_threads: int | None = None):
@@ -300,8 +359,12 @@ class OnnxPredictor(Predictor):
         self.session = onnx_session(model_dir / rf.ONNX, num_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.info = _info(model_dir, "onnxruntime")
+        self.info.diagnoses, self.info.malignant_diagnoses = model_diagnoses(model_dir)
         self.detector = LesionDetector.load(model_dir)
 
-    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, x: np.ndarray) -> Forward:
+        """(logits, features or None), and the diagnosis logits third when the graph has them (model.onnx's
+        third output)."""
         outs = self.session.run(None, {self.input_name: x})
-        return outs[0].reshape(-1), (outs[1] if len(outs) > 1 else None)
+        base = (outs[0].reshape(-1), (outs[1] if len(outs) > 1 else None))
+        return base + ((outs[2],) if len(outs) > 2 and self.info.diagnoses else ())

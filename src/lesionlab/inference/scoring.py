@@ -15,7 +15,8 @@ from lesionlab.inference.predictor import Predictor
 def score_files(
     predictor: Predictor, paths: Sequence[Path], tta: bool | None = None, batch_size: int = 32, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Per path, ``{probability, label, threshold, refused, reason, ood_score}`` or ``{error}``; in order. Decoded
+    """Per path, ``{probability, label, threshold, refused, reason, ood_score}`` (and ``diagnoses`` for a diagnosis
+    model) or ``{error}``; in order. Decoded
     ``batch_size`` at a time, so memory stays bounded whatever the number of files."""
     from tqdm.auto import tqdm
 
@@ -43,6 +44,8 @@ def score_files(
                     "reason": pred.reason,
                     "ood_score": None if pred.ood_score is None else round(pred.ood_score, 3),
                 }
+                if pred.diagnoses is not None:  # a diagnosis model: P(diagnosis), malignant ones summing to P
+                    a["diagnoses"] = {d: round(q, 6) for d, q in pred.diagnoses.items()}
             out.append(a)
         bar.update(len(chunk))
     bar.close()

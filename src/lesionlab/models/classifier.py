@@ -1,8 +1,17 @@
-"""The study's classifier: backbone features -> Dense(100, ReLU) -> Dense(1) (a logit; sigmoid = P(malignant))."""
+"""The study's classifier: backbone features -> Dense(100, ReLU) -> Dense(1) (a logit; sigmoid = P(malignant)).
+
+A diagnosis head (``--target diagnosis``) ends in Dense(K) instead, one logit per diagnosis, and still answers one
+binary logit per image: logsumexp over the malignant diagnoses minus logsumexp over the benign ones, so that
+sigmoid(logit) is the sum of the softmax over the malignant diagnoses and everything downstream of the logit
+(temperature, threshold, refusal, ensembles, export) is the same for both heads.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,13 +26,73 @@ from lesionlab.models.backbones import (
 HIDDEN_UNITS = 100
 
 
+@dataclass(frozen=True)
+class Diagnoses:
+    """The classes of a diagnosis head, in output order (taxonomy codes), and which of them are malignant."""
+
+    names: tuple[str, ...]
+    malignant: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not set(self.malignant) <= set(self.names):
+            raise ValueError(f"malignant diagnoses {self.malignant} are not all among {self.names}")
+        if not self.malignant or len(self.malignant) == len(self.names):
+            raise ValueError(f"a diagnosis head needs benign and malignant classes, got {self.names}")
+
+    @property
+    def mask(self) -> tuple[bool, ...]:
+        return tuple(n in self.malignant for n in self.names)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"diagnoses": list(self.names), "malignant_diagnoses": list(self.malignant)}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> Diagnoses | None:
+        """From model.pt's meta or config.json's model block; None for a binary model (no ``diagnoses``)."""
+        names = meta.get("diagnoses")
+        return cls(tuple(names), tuple(meta.get("malignant_diagnoses", ()))) if names else None
+
+
 class Head(nn.Module):
-    def __init__(self, in_features: int, hidden: int = HIDDEN_UNITS, dropout: float = 0.0):
+    """Dense(hidden, ReLU) -> Dense(1), or Dense(K) with ``diagnoses``; ``forward`` is the binary logit either way."""
+
+    malignant_index: torch.Tensor
+    benign_index: torch.Tensor
+
+    def __init__(
+        self, in_features: int, hidden: int = HIDDEN_UNITS, dropout: float = 0.0, diagnoses: Diagnoses | None = None
+    ):
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        outputs = len(diagnoses.names) if diagnoses else 1
+        self.net = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, outputs)
+        )
+        self.diagnoses = diagnoses
+        mask = torch.tensor(diagnoses.mask if diagnoses else (), dtype=torch.bool)
+        # index buffers, not saved: the checkpoint's meta says which diagnoses are malignant
+        self.register_buffer("malignant_index", torch.nonzero(mask).flatten(), persistent=False)
+        self.register_buffer("benign_index", torch.nonzero(~mask).flatten(), persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).squeeze(-1)
+        return self.outputs(features)[0]
+
+    def outputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(binary logit (N,), diagnosis logits (N, K) or None for a binary head), from one pass."""
+        out = self.net(features)
+        if self.diagnoses is None:
+            return out.squeeze(-1), None
+        return binary_logit(out, self.malignant_index, self.benign_index), out
+
+    def diagnosis_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The K diagnosis logits (softmax: P(diagnosis)); ValueError for a binary head."""
+        if self.diagnoses is None:
+            raise ValueError("this model has a binary head (trained with --target binary): no diagnosis logits")
+        return self.net(features)
+
+
+def binary_logit(z: torch.Tensor, malignant: torch.Tensor, benign: torch.Tensor) -> torch.Tensor:
+    """log(P(malignant) / P(benign)) of diagnosis logits ``z`` (N, K): sigmoid of it = the malignant softmax sum."""
+    return torch.logsumexp(z.index_select(-1, malignant), -1) - torch.logsumexp(z.index_select(-1, benign), -1)
 
 
 class LesionClassifier(nn.Module):
@@ -40,13 +109,29 @@ class LesionClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(binary logit, diagnosis logits or None), from one pass."""
+        return self.head.outputs(self.backbone(x))
+
+    def diagnosis_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The K diagnosis logits of a diagnosis model (``diagnoses.names`` order)."""
+        return self.head.diagnosis_logits(self.backbone(x))
+
+    @property
+    def diagnoses(self) -> Diagnoses | None:
+        return self.head.diagnoses
+
 
 def build_model(
-    weights: ResolvedWeights, seed: int = 0, hidden: int = HIDDEN_UNITS, dropout: float = 0.0
+    weights: ResolvedWeights,
+    seed: int = 0,
+    hidden: int = HIDDEN_UNITS,
+    dropout: float = 0.0,
+    diagnoses: Diagnoses | None = None,
 ) -> LesionClassifier:
     backbone = build_backbone(weights, seed)
     torch.manual_seed(seed + 1)  # head init independent of how many draws the backbone took
-    return LesionClassifier(backbone, Head(num_features(backbone), hidden, dropout))
+    return LesionClassifier(backbone, Head(num_features(backbone), hidden, dropout, diagnoses))
 
 
 def save_model(model: LesionClassifier, path: Path, meta: dict) -> None:
@@ -57,11 +142,13 @@ def save_model(model: LesionClassifier, path: Path, meta: dict) -> None:
 
 
 def load_model(path: Path) -> tuple[LesionClassifier, dict]:
-    """Rebuilds the architecture from timm (no weights download) and loads the checkpoint."""
+    """Rebuilds the architecture from timm (no weights download), with the head its meta names (``diagnoses``:
+    a diagnosis head; none, as in every checkpoint before them: binary), and loads the checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     meta = ckpt["meta"]
     spec = get_spec(meta["backbone"])
     weights = ResolvedWeights(spec.name, "checkpoint", True, "", spec.mean, spec.std, spec.input_size)
-    model = build_model(weights, hidden=int(meta.get("hidden", HIDDEN_UNITS)), dropout=float(meta.get("dropout", 0)))
+    hidden, dropout = int(meta.get("hidden", HIDDEN_UNITS)), float(meta.get("dropout", 0))
+    model = build_model(weights, hidden=hidden, dropout=dropout, diagnoses=Diagnoses.from_meta(meta))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), meta

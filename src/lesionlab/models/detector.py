@@ -11,6 +11,11 @@ some photos among the lesions (AUROC 0.98 on fine-tuned lite0 and lite1). So a s
 distance runs beside it, on a dozen colour and texture statistics of the input pixels
 (``image_statistics``). The detector refuses when either distance is past its threshold; each
 threshold allows half of the refusal budget on validation.
+
+Neither distance tells a dermoscopic image from a clinical photo of skin: both are lesion-coloured and
+lesion-textured. Where clinical or natural photos are given at fitting time, a third component, a
+dermoscopy-vs-photo discriminator (``dermoscopy.py``), refuses those with the reason "not a dermoscopic
+image"; the budget is then split three ways.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lesionlab.files import atomic_path, atomic_write_json, read_json
+from lesionlab.models.dermoscopy import DermoscopyDiscriminator, discriminator_inputs
 from lesionlab.runs import OOD_ARRAYS, OOD_META
 
 
@@ -91,6 +97,7 @@ class LesionDetector:
     max_refusal: float = 0.01
     normalize: bool = False  # L2-normalise features before centring (detectors saved before it: False)
     pixels: PixelDistance | None = None  # the model-free second distance (detectors saved before it: None)
+    dermoscopy: DermoscopyDiscriminator | None = None  # dermoscopy vs clinical photos (None: no photos were given)
 
     @classmethod
     def fit(
@@ -125,24 +132,53 @@ class LesionDetector:
         z = ((_l2(x) if self.normalize else x) - self.center) @ self.components
         return np.sqrt(np.sum(z.astype(np.float64) ** 2, axis=1))
 
-    def score(
+    def parts(
         self, features: np.ndarray, images: np.ndarray | None = None, stats: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The detector's score, in units of the feature distance: > ``threshold`` means refused.
-
-        With a pixel distance, the larger of the two after scaling the pixel distance so that its own
-        threshold lands on ``threshold``; pass ``images`` (the uint8 N x H x W x 3 model inputs) or
-        their precomputed ``stats``.
-        """
-        score = self.feature_score(features)
-        if self.pixels is None:
-            return score
+    ) -> dict[str, np.ndarray]:
+        """Each component's score, scaled so that its own threshold lands on ``threshold``: ``features``, and
+        ``pixels`` and ``dermoscopy`` where the detector has them. Pass ``images`` (the uint8 N x H x W x 3 model
+        inputs) or their precomputed ``stats`` (``image_statistics``)."""
+        out = {"features": self.feature_score(features)}
+        if self.pixels is None and self.dermoscopy is None:
+            return out
         if stats is None:
             if images is None:
                 raise ValueError("this lesion detector also scores the input pixels: pass the images")
             stats = image_statistics(images)
-        pixel = self.pixels.score(stats) * (self.threshold / self.pixels.threshold)
-        return np.maximum(score, pixel)
+        if self.pixels is not None:
+            out["pixels"] = self.pixels.score(stats) * (self.threshold / self.pixels.threshold)
+        if self.dermoscopy is not None:
+            logit = self.dermoscopy.score(discriminator_inputs(features, stats))
+            # a log-odds, of any sign: onto the distances' positive scale, monotone, its own threshold landing on
+            # ``threshold``: threshold * (1 + softplus(margin) - log 2), in (0.31, 1] x threshold below it, linear above
+            margin = logit - self.dermoscopy.threshold
+            out["dermoscopy"] = self.threshold * (1.0 + np.logaddexp(0.0, margin) - np.log(2.0))
+        return out
+
+    def score(
+        self, features: np.ndarray, images: np.ndarray | None = None, stats: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The detector's score, in units of the feature distance: > ``threshold`` means refused; with more than
+        one component (``parts``), the largest of their scaled scores."""
+        return np.max(np.stack(list(self.parts(features, images, stats).values())), axis=0)
+
+    def explain(self, features: np.ndarray, images: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+        """``score`` and, per image, why it is (or would be) refused: "not a dermoscopic image" where the
+        dermoscopy discriminator refuses it, "does not look like a dermoscopic lesion image" where a distance
+        does; both where both do, and where neither does, the nearer to refusing."""
+        parts = self.parts(features, images)
+        score = np.max(np.stack(list(parts.values())), axis=0)
+        distance = np.max(np.stack([v for k, v in parts.items() if k != "dermoscopy"]), axis=0)
+        photo = parts.get("dermoscopy", np.zeros_like(distance))
+        why = []
+        for d, p in zip(distance, photo):
+            far = f"does not look like a dermoscopic lesion image (score {d:.1f} > {self.threshold:.1f})"
+            clinical = "not a dermoscopic image (it looks like a clinical or camera photo of skin)"
+            if p > self.threshold:
+                why.append(clinical + (f"; {far}" if d > self.threshold else ""))
+            else:
+                why.append(far if d > self.threshold or d >= p else clinical)
+        return score, why
 
     def refuse(self, features: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
         return self.score(features, images) > self.threshold
@@ -152,23 +188,24 @@ class LesionDetector:
         deep = "Mahalanobis distance on backbone features (PCA + Ledoit-Wolf), fitted on train lesions"
         if self.pixels is None:
             return deep
-        return deep + (
-            "; and one on colour and texture statistics of the input pixels; refused when either is past its threshold"
+        text = deep + "; and one on colour and texture statistics of the input pixels"
+        if self.dermoscopy is None:
+            return text + "; refused when either is past its threshold"
+        return text + (
+            "; and a dermoscopy-vs-photo logistic regression (train lesions vs the given clinical or natural photos); "
+            "refused when any of the three is past its threshold"
         )
 
     def save(self, folder: Path) -> None:
         # keywords spelled out, not **dict: mypy checks an unpacked dict against savez's allow_pickle: bool too
+        arrays = {"center": self.center, "components": self.components}
+        if self.pixels is not None:
+            arrays |= {"pixel_center": self.pixels.center, "pixel_precision": self.pixels.precision}
+        if self.dermoscopy is not None:
+            d = self.dermoscopy
+            arrays |= {"dermoscopy_mean": d.mean, "dermoscopy_scale": d.scale, "dermoscopy_coef": d.coef}
         with atomic_path(Path(folder) / OOD_ARRAYS) as tmp, open(tmp, "wb") as f:
-            if self.pixels is None:
-                np.savez_compressed(f, center=self.center, components=self.components)
-            else:
-                np.savez_compressed(
-                    f,
-                    center=self.center,
-                    components=self.components,
-                    pixel_center=self.pixels.center,
-                    pixel_precision=self.pixels.precision,
-                )
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # str -> array keywords, no allow_pickle
         atomic_write_json(
             Path(folder) / OOD_META,
             {
@@ -177,6 +214,9 @@ class LesionDetector:
                 "max_refusal_on_validation": self.max_refusal,
                 "l2_normalize": self.normalize,
                 "pixel_threshold": None if self.pixels is None else self.pixels.threshold,
+                "dermoscopy_threshold": None if self.dermoscopy is None else self.dermoscopy.threshold,
+                "dermoscopy_intercept": None if self.dermoscopy is None else self.dermoscopy.intercept,
+                "dermoscopy_negatives": None if self.dermoscopy is None else list(self.dermoscopy.negatives),
             },
         )
 
@@ -190,6 +230,16 @@ class LesionDetector:
         pixels = None
         if "pixel_center" in arrays.files and meta.get("pixel_threshold") is not None:
             pixels = PixelDistance(arrays["pixel_center"], arrays["pixel_precision"], float(meta["pixel_threshold"]))
+        dermoscopy = None  # detectors saved before it, or fitted without photos: none
+        if "dermoscopy_coef" in arrays.files and meta.get("dermoscopy_threshold") is not None:
+            dermoscopy = DermoscopyDiscriminator(
+                arrays["dermoscopy_mean"],
+                arrays["dermoscopy_scale"],
+                arrays["dermoscopy_coef"],
+                float(meta["dermoscopy_intercept"]),
+                float(meta["dermoscopy_threshold"]),
+                tuple(meta.get("dermoscopy_negatives") or ()),
+            )
         return cls(
             arrays["center"],
             arrays["components"],
@@ -197,6 +247,7 @@ class LesionDetector:
             float(meta.get("max_refusal_on_validation", 0.01)),
             bool(meta.get("l2_normalize", False)),
             pixels,
+            dermoscopy,
         )
 
 

@@ -3,8 +3,10 @@
 The detector (``ood.LesionDetector``) is fitted on the run's own backbone features of its training
 images and thresholded on its validation images, so that about 1% of real lesions are refused. It
 is measured on the test lesions against a non-lesion set: the photos scikit-image ships plus
-generated noise, flat colours, gradients, shapes and rendered text (``non_lesion.py``). Nothing here
-writes into the run folder: evaluation saves the detector and the measurement (``refusal.json``,
+generated noise, flat colours, gradients, shapes and rendered text (``non_lesion.py``). Where clinical or
+natural photos are given (``--non-lesion``), it also gets a dermoscopy-vs-photo discriminator fitted on half of
+them and measured on the other half (``photos.py``). Nothing here writes into the run folder: evaluation saves
+the detector and the measurement (``refusal.json``,
 ``refusal_scores.csv``, per image, so ensembles can combine members without recomputing, and a ``refusal``
 block in ``metrics.json``) through ``runs.RunFolder``.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +24,25 @@ import numpy as np
 from lesionlab import files
 from lesionlab.data.dataset import Dataset
 from lesionlab.data.loading import dataset_from_record
-from lesionlab.models.detector import (
-    ENSEMBLE_RULE,
-    LesionDetector,
-    PixelDistance,
-    ensemble_refusal_score,
-    image_statistics,
-)
+from lesionlab.data.sample import Sample
+from lesionlab.models.dermoscopy import DermoscopyDiscriminator, discriminator_inputs
+from lesionlab.models.detector import LesionDetector, PixelDistance, image_statistics
+from lesionlab.refusal.combine import combine_refusal as combine_refusal  # re-exported: callers import it here
 from lesionlab.refusal.non_lesion import NON_LESION_VERSION, NonLesion, non_lesion_images
-from lesionlab.runs import RunError, RunFolder, ScoreRow
+from lesionlab.refusal.photos import (
+    PhotoInputs,
+    PhotoSplit,
+    measure_photos,
+    photo_inputs,
+    recorded_folders,
+    split_photos,
+)
+from lesionlab.refusal.report import auroc as _auroc
+from lesionlab.refusal.report import rate as _rate
+from lesionlab.refusal.report import report_section as report_section  # re-exported: callers import them from here
+from lesionlab.refusal.report import summary as summary
+from lesionlab.refusal.report import threshold_rule
+from lesionlab.runs import RESIZE_CROP, SPLITS, RunError, RunFolder, ScoreRow
 
 MAX_REFUSAL = 0.01
 #: Chosen with bench/refusal.py on lite0-frozen: 384-768 all give AUROC >= 0.998; 128 gives 0.97.
@@ -64,12 +77,18 @@ class SplitFeatures:
     pixels: np.ndarray | None = None  # N x S ood.image_statistics of the same images
 
 
-def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -> dict[str, np.ndarray]:
-    """relpath -> image statistics of every readable file, as the model sees it; cached like features."""
-    from lesionlab.data.images import decode_samples
+def pixel_statistics(
+    dataset: Dataset, input_size: int, progress: bool = True, resize: str = RESIZE_CROP
+) -> dict[str, np.ndarray]:
+    """relpath -> image statistics of every readable file, as the model's predictor hands it to the detector:
+    resized by ``resize``, before any colour constancy (``Predictor.prepare``); cached like features."""
+    from lesionlab.data.images import RESIZE_MODES, decode_samples
     from lesionlab.training.features import cache_dir
 
-    blob = json.dumps({"v": PIXEL_STATS_VERSION, "size": input_size, "files": dataset.file_list_hash()}, sort_keys=True)
+    key = {"v": PIXEL_STATS_VERSION, "size": input_size, "files": dataset.file_list_hash()}
+    if RESIZE_MODES.get(resize, resize) != RESIZE_CROP:  # crop keeps the key entries had before resize existed
+        key["resize"] = RESIZE_MODES.get(resize, resize)
+    blob = json.dumps(key, sort_keys=True)
     path = cache_dir() / "pixel_stats" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npz"
     if path.exists():
         arrays = np.load(path)
@@ -79,7 +98,7 @@ def pixel_statistics(dataset: Dataset, input_size: int, progress: bool = True) -
     relpaths, stats = [], []
     chunks = range(0, len(dataset.all), 256)  # bounded memory: 256 decoded images at a time
     for i in tqdm(chunks, desc="pixel statistics", disable=not progress, unit="chunk"):
-        decoded = decode_samples(dataset.all[i : i + 256], input_size, progress=False)
+        decoded = decode_samples(dataset.all[i : i + 256], input_size, progress=False, resize=resize)
         relpaths += [s.relpath for s in decoded.samples]
         stats.append(image_statistics(decoded.images))
     table = np.concatenate(stats) if stats else np.zeros((0, 12))
@@ -100,15 +119,38 @@ def run_features(
     config = run.config
     dataset: Dataset = dataset_from_record(config.data, data, progress)
     model, _ = load_model(run / MODEL)
-    table = load_or_compute(dataset, _run_weights(run), skip_bad=True, progress=progress, backbone=model.backbone)
-    splits = run.dataset_splits(dataset)
+    pre = config.preprocessing
+    table = load_or_compute(
+        dataset,
+        _run_weights(run),
+        skip_bad=True,
+        progress=progress,
+        backbone=model.backbone,
+        resize=pre.resize,
+        color_constancy=pre.color_constancy,
+    )
+    splits = run.dataset_splits(dataset) if run.has(SPLITS) else _recorded_split(run, dataset)
     index = set(table.relpaths)
-    stats = pixel_statistics(dataset, config.preprocessing.input_size, progress)
+    stats = pixel_statistics(dataset, pre.input_size, progress, pre.resize)
     out = {}
     for name, samples in splits.items():
         rel = [s.relpath for s in samples if s.relpath in index]
         out[name] = SplitFeatures(rel, table.rows(samples)[0], np.array([stats[r] for r in rel]))
     return out
+
+
+def _recorded_split(run: RunFolder, dataset: Dataset) -> dict[str, list[Sample]]:
+    """A model folder without splits.csv (the bundled model): its train/validation split made again from the seed
+    and fraction config.json records, checked against the counts it records."""
+    train, data = run.config.train, run.config.data
+    splits = dataset.splits(int(train.get("split_seed", 0)), float(train.get("val_fraction", 0.2)))
+    counts = (len(splits["train"]), len(splits["val"]))
+    if counts != (data.get("n_train"), data.get("n_val")):
+        raise RunError(
+            f"{run.path} has no {SPLITS}, and the split made again from its seed has {counts[0]} train and "
+            f"{counts[1]} validation images where config.json records {data.get('n_train')} and {data.get('n_val')}"
+        )
+    return splits
 
 
 def fit_refusal(
@@ -118,24 +160,33 @@ def fit_refusal(
     n_components: int = N_COMPONENTS,
     progress: bool = True,
     features: dict[str, SplitFeatures] | None = None,
+    photos: PhotoInputs | None = None,
 ) -> LesionDetector:
     """Fits the lesion detector on train images and thresholds it on validation (the caller saves it).
 
-    Two distances (backbone features, input-pixel statistics), each allowed half of ``max_refusal``: a
-    union bound keeps the refusal of validation lesions within ``max_refusal``.
+    Two distances (backbone features, input-pixel statistics), and with ``photos`` (clinical or natural photos)
+    the dermoscopy discriminator, each allowed an equal share of ``max_refusal``: a union bound keeps the
+    refusal of validation lesions within ``max_refusal``.
     """
     feats = features or run_features(run_dir, data, progress)
     train, val = feats["train"], feats["val"]
     if len(train.x) < 3 or len(val.x) < 1:
         raise RunError(f"{run_dir}: too few train/validation images to fit the lesion detector")
     use_pixels = train.pixels is not None and len(train.pixels) > train.pixels.shape[1]
-    budget = max_refusal / 2 if use_pixels else max_refusal
+    use_photos = photos is not None and len(photos.names) >= 2 and train.pixels is not None
+    budget = max_refusal / (1 + use_pixels + use_photos)
     detector = LesionDetector.fit(train.x, val.x, max_refusal, n_components)
     detector.threshold = conservative_threshold(detector.feature_score(val.x), budget)
     if use_pixels:
         assert train.pixels is not None and val.pixels is not None  # run_features gives every split statistics
         detector.pixels = PixelDistance.fit(train.pixels)
         detector.pixels.threshold = conservative_threshold(detector.pixels.score(val.pixels), budget)
+    if use_photos:
+        assert photos is not None and train.pixels is not None and val.pixels is not None
+        lesions = discriminator_inputs(train.x, train.pixels)
+        detector.dermoscopy = DermoscopyDiscriminator.fit(lesions, discriminator_inputs(photos.features, photos.stats))
+        val_logits = detector.dermoscopy.score(discriminator_inputs(val.x, val.pixels))
+        detector.dermoscopy.threshold = conservative_threshold(val_logits, budget)
     return detector
 
 
@@ -166,29 +217,22 @@ def conservative_threshold(
 # ------------------------------------------------------------------ measuring
 
 
-def _auroc(lesion_scores: np.ndarray, other_scores: np.ndarray) -> float:
-    """How well the distance separates non-lesions (positive) from real lesions; 1.0 = perfectly."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.r_[np.zeros(len(lesion_scores)), np.ones(len(other_scores))]
-    return float(roc_auc_score(y, np.r_[lesion_scores, other_scores]))
-
-
 def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
-    """Features through the same predictor path that serving uses (resize, crop, normalise, backbone).
+    """Features through the same predictor path that serving uses (resize, colour constancy, normalise, backbone).
 
     Cached beside the feature cache, keyed by the backbone's weights and the set: every frozen run of
     a backbone shares one entry, a fine-tuned run gets its own.
     """
     from lesionlab.inference.predictor import TorchPredictor
-    from lesionlab.training.features import cache_dir, preprocessing
+    from lesionlab.training.features import cache_dir, cache_preprocessing
 
-    weights = _run_weights(RunFolder(run_dir))
+    run = RunFolder(run_dir)
+    weights, pre = _run_weights(run), run.config.preprocessing
     blob = json.dumps(
         {
             "v": NON_LESION_VERSION,
             "sha": weights.sha256,
-            "pre": preprocessing(weights),
+            "pre": cache_preprocessing(weights, pre.resize, pre.color_constancy),
             "names": [f"{it.kind}/{it.name}" for it in items],
         },
         sort_keys=True,
@@ -205,19 +249,10 @@ def non_lesion_features(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
 
 
 def non_lesion_pixels(run_dir: Path, items: list[NonLesion]) -> np.ndarray:
-    """Image statistics of the non-lesion set, resized and cropped as the predictor does."""
-    from lesionlab.data.images import resize_to_input
-
-    size = RunFolder(run_dir).config.preprocessing.input_size
-    return image_statistics(np.stack([resize_to_input(it.image, size) for it in items]))
-
-
-def _rate(refused: np.ndarray) -> dict:
-    return {
-        "n": len(refused),
-        "refused": int(refused.sum()),
-        "rate": float(refused.mean()) if len(refused) else float("nan"),
-    }
+    """Image statistics of the non-lesion set, resized as the predictor resizes (before colour constancy, as
+    ``Predictor.prepare`` hands images to the detector)."""
+    pre = RunFolder(run_dir).config.preprocessing
+    return image_statistics(np.stack([pre.resized(it.image) for it in items]))
 
 
 @dataclass
@@ -235,17 +270,29 @@ def measure_refusal(
     progress: bool = True,
     features: dict[str, SplitFeatures] | None = None,
     refit: bool = False,
+    non_lesion: Sequence[str | Path] = (),
 ) -> Measurement:
     """AUROC (test lesions vs non-lesions) and refusal rates of the run's detector, fitted first when the run has
-    none (or ``refit``). Writes nothing."""
+    none (or ``refit``). Writes nothing.
+
+    ``non_lesion``: folders of clinical or natural photos, each split in two (``photos.split_photos``); a fitted
+    detector learns from one half to refuse them, and the other half is measured. Without them, the folders the
+    run's detector was fitted with (ood.json) are used again where they still exist."""
     run_dir = RunFolder(run_dir).require_trained().path
     feats = features or run_features(run_dir, data, progress)
+    sources = [str(f) for f in non_lesion] or recorded_folders(run_dir)
+    split = split_photos(sources) if sources else None
     detector = None if refit else LesionDetector.load(run_dir)
     if detector is None:
-        detector = fit_refusal(run_dir, data, progress=progress, features=feats)
+        fit_photos = None if split is None else _photos(run_dir, split, held_out=False)
+        detector = fit_refusal(run_dir, data, progress=progress, features=feats, photos=fit_photos)
+        if detector.dermoscopy is not None and split is not None:
+            detector.dermoscopy.negatives = tuple(split.sources)
     items = non_lesion_images()
     other = detector.score(non_lesion_features(run_dir, items), stats=non_lesion_pixels(run_dir, items))
     scores = {name: detector.score(feats[name].x, stats=feats[name].pixels) for name in ("val", "test", "test_dedup")}
+    held_out = None if split is None else _photos(run_dir, split, held_out=True)
+    photo_block, rows = measure_photos(detector, split, held_out)
     kinds = sorted({it.kind for it in items})
     by_kind = {
         k: _rate(np.array([s > detector.threshold for s, it in zip(other, items) if it.kind == k])) for k in kinds
@@ -256,9 +303,7 @@ def measure_refusal(
         "threshold": detector.threshold,
         "pixel_threshold": None if detector.pixels is None else detector.pixels.threshold,
         "max_refusal_on_validation": detector.max_refusal,
-        "threshold_rule": f"lowest threshold whose validation refusal rate has a one-sided {CONFIDENCE:.0%} "
-        "Clopper-Pearson upper bound <= max_refusal_on_validation"
-        + (" / 2, for each of the two distances" if detector.pixels is not None else ""),
+        "threshold_rule": threshold_rule(CONFIDENCE, detector.pixels is not None, detector.dermoscopy is not None),
         "l2_normalize": detector.normalize,
         "n_components": int(detector.components.shape[1]),
         "n_train": len(feats["train"].x),
@@ -272,8 +317,9 @@ def measure_refusal(
             if by_kind.get("natural")
             else "none (scikit-image not installed)",
         },
+        "clinical_photos": photo_block,
     }
-    rows = [
+    rows += [
         ScoreRow("non_lesion", f"{it.kind}/{it.name}", float(s), bool(s > detector.threshold))
         for s, it in zip(other, items)
     ]
@@ -284,87 +330,7 @@ def measure_refusal(
     return Measurement(detector, result, rows)
 
 
-def summary(result: dict) -> dict:
-    """The few refusal numbers that belong in metrics.json (the details stay in refusal.json)."""
-    out = {
-        "auroc_test_vs_non_lesion": result["auroc_test_vs_non_lesion"],
-        **{f"{name}_refused": r["rate"] for name, r in result["lesions"].items()},
-        "non_lesion_refused": result["non_lesion"]["rate"],
-        "n_non_lesion": result["non_lesion"]["n"],
-        "threshold": result["threshold"],
-    }
-    return out
-
-
-def report_section(result: dict) -> str:
-    """Markdown appended to a run's report.md."""
-    nl = result["non_lesion"]
-    how = (
-        f"Threshold {result['threshold']:.2f}: the lowest whose validation refusal rate is, with 95% "
-        f"confidence, at most {result['max_refusal_on_validation']:.0%}."
-        if "members" not in result
-        else "Each member keeps its own threshold."
-    )
-    lines = [
-        "## Refusal of non-lesion images",
-        "",
-        f"{result['method']}. {how}",
-        "",
-        f"- AUROC, test lesions vs {nl['n']} non-lesion images: {result['auroc_test_vs_non_lesion']:.4f}",
-        *(
-            f"- {name} lesions refused: {r['refused']}/{r['n']} ({r['rate']:.2%})"
-            for name, r in result["lesions"].items()
-        ),
-        f"- non-lesion images refused: {nl['refused']}/{nl['n']} ({nl['rate']:.2%}); by kind: "
-        + ", ".join(f"{k} {v['refused']}/{v['n']}" for k, v in nl["by_kind"].items()),
-        f"- accepted non-lesion images: {', '.join(nl['accepted']) or 'none'}",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ ensembles
-
-
-def _read_scores(run_dir: Path) -> dict[tuple[str, str], float] | None:
-    """(set, name) -> distance / threshold (> 1 means refused) from a member's refusal_scores.csv."""
-    run = RunFolder(run_dir)
-    rows = run.refusal_scores()
-    if rows is None:
-        return None
-    threshold = float(run.refusal()["threshold"])
-    return {(r.set, r.name): r.score / threshold for r in rows}
-
-
-def combine_refusal(member_dirs: list[Path]) -> dict | None:
-    """An ensemble refuses when the median member refuses (``ood.ensemble_refusal_score``, as
-    EnsemblePredictor.analyze does); measured from the members' refusal_scores.csv without recomputing.
-    None when a member has not been measured."""
-    read = [_read_scores(Path(m)) for m in member_dirs]
-    per_member = [p for p in read if p is not None]
-    if len(per_member) < len(read):
-        return None
-    keys = [k for k in per_member[0] if all(k in p for p in per_member[1:])]
-    combined = ensemble_refusal_score([[p[k] for k in keys] for p in per_member])
-    score = dict(zip(keys, combined.tolist()))
-    kind = lambda k: k[1].split("/", 1)[0]
-    test = np.array([v for k, v in score.items() if k[0] == "test"])
-    other = [(k, v) for k, v in score.items() if k[0] == "non_lesion"]
-    nl = np.array([v for _, v in other])
-    result = {
-        "method": ENSEMBLE_RULE,
-        "threshold": 1.0,
-        "max_refusal_on_validation": MAX_REFUSAL,
-        "members": [str(m) for m in member_dirs],
-        "auroc_test_vs_non_lesion": _auroc(test, nl),
-        "lesions": {"test": _rate(test > 1.0)},
-        "non_lesion": {
-            **_rate(nl > 1.0),
-            "accepted": [k[1] for k, v in other if v <= 1.0],
-            "by_kind": {
-                c: _rate(np.array([v > 1.0 for k, v in other if kind(k) == c]))
-                for c in sorted({kind(k) for k, _ in other})
-            },
-        },
-    }
-    return result
+def _photos(run_dir: Path, split: PhotoSplit, held_out: bool) -> PhotoInputs:
+    paths = split.held_out if held_out else split.fit
+    names = split.record()["held_out_files" if held_out else "fit_files"]
+    return photo_inputs(run_dir, _run_weights(RunFolder(run_dir)), paths, names)

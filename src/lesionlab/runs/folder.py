@@ -177,9 +177,11 @@ class RunFolder:
             )
         return op
 
-    def write_operating_point(self, op: OperatingPoint) -> None:
-        """calibration.json; an exported model's preprocess.json carries a copy for other runtimes: kept current."""
-        files.atomic_write_json(self.path / CALIBRATION, op.to_dict())
+    def write_operating_point(self, op: OperatingPoint, provenance: Mapping[str, Any] | None = None) -> None:
+        """calibration.json (with ``provenance``, when given, under that key: where the operating point was fitted,
+        e.g. a site sample); an exported model's preprocess.json carries a copy for other runtimes: kept current."""
+        extra = {"provenance": dict(provenance)} if provenance else {}
+        files.atomic_write_json(self.path / CALIBRATION, {**op.to_dict(), **extra})
         if self.has(PREPROCESS):
             spec = files.read_json(self.path / PREPROCESS)
             spec.update(

@@ -29,6 +29,8 @@ PREPROCESS = "preprocess.json"
 INT8 = "model.int8.onnx"
 QUANTIZATION = "quantization.json"
 ENSEMBLE = "ensemble.json"
+SITE_CALIBRATION = "site_calibration.json"  # a site-calibrated copy: where its operating point came from
+SITE_SCORES = "site_scores.csv"  # the site sample's logits
 
 RUN_KIND = "lesionlab-run"
 ENSEMBLE_KIND = "lesionlab-ensemble"

@@ -7,11 +7,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from lesionlab.data.images import (
+    RESIZE_CROP,  # ``Preprocessing.resize`` values: TrainConfig.resize "crop" and "squash"
+    RESIZE_SQUASH,
+    DecodedSet,
+    color_constancy,
+    decode_samples,
+    normalize,
+    resize_to_input,
+)
+from lesionlab.data.sample import Sample
 from lesionlab.runs.names import RUN_KIND
 
-#: ``Preprocessing.resize`` values: TrainConfig.resize "crop" and "squash".
-RESIZE_CROP = "shorter-side-bicubic+center-crop"
-RESIZE_SQUASH = "squash-bicubic"
+__all__ = ["RESIZE_CROP", "RESIZE_SQUASH", "OperatingPoint", "Preprocessing", "RunConfig", "ScoreRow", "SplitRow"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +30,12 @@ class Preprocessing:
     """Everything that turns a file into the network's input (preprocess.json, config.json "preprocessing").
 
     In order: decode to RGB; ``resize`` to ``input_size`` (RESIZE_CROP or RESIZE_SQUASH); ``color_constancy``
-    ("none" or "shades-of-gray") on the uint8 input; scale, normalise with ``mean``/``std``; NCHW."""
+    ("none" or "shades-of-gray") on the uint8 input; scale, normalise with ``mean``/``std``; NCHW.
+
+    The methods below are those steps, and every consumer (training, frozen features, evaluation, predictors,
+    serving, ONNX export) builds its input through them: :meth:`resized` / :meth:`decode` (step 1: the uint8
+    input the lesion detector's pixel statistics read), :meth:`corrected` (step 2) and :meth:`network_input`
+    (steps 2 to 4)."""
 
     input_size: int
     mean: tuple[float, ...]
@@ -39,6 +55,22 @@ class Preprocessing:
         d = asdict(self)
         d.update(mean=list(self.mean), std=list(self.std))
         return d
+
+    def resized(self, image: Image.Image) -> np.ndarray:
+        """Step 1 of one RGB image: uint8 S x S x 3 at ``input_size``, by ``resize``."""
+        return resize_to_input(image, self.input_size, self.resize)
+
+    def decode(self, samples: list[Sample], progress: bool = True) -> DecodedSet:
+        """Step 1 of files (unreadable ones collected, not raised): uint8 N x S x S x 3, before colour constancy."""
+        return decode_samples(samples, self.input_size, progress, resize=self.resize)
+
+    def corrected(self, batch_hwc: np.ndarray) -> np.ndarray:
+        """Step 2: ``color_constancy`` on uint8 N x S x S x 3 (the batch itself when it is "none")."""
+        return color_constancy(batch_hwc, self.color_constancy)
+
+    def network_input(self, batch_hwc: np.ndarray) -> np.ndarray:
+        """Steps 2 to 4 of a uint8 N x S x S x 3 batch (step 1's output): float32 N x 3 x S x S."""
+        return normalize(self.corrected(batch_hwc), self.mean, self.std)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,25 @@ def _split_metrics(block: dict) -> dict:
     return out
 
 
+def external_results(metrics: dict) -> dict | None:
+    """metrics.json's ``external`` sets (evaluation/external.py), compact: per set ``n``, ``n_malignant``, the
+    ``threshold`` and, at it, ``auc``, ``sensitivity`` and ``specificity`` as ``{"value", "ci95"}`` (null where a
+    single-class set leaves one undefined, with its ``note``). None when the model was never scored externally."""
+    sets = metrics.get("external")
+    if not sets:
+        return None
+    out: dict = {}
+    for name in sorted(sets):
+        block = sets[name]
+        at = block.get("at_threshold", {})
+        rates = {m: at.get(m) for m in ("auc", "sensitivity", "specificity")}
+        out[name] = {k: block.get(k) for k in ("n", "n_malignant", "threshold")}
+        out[name].update({k: {"value": r["value"], "ci95": r["ci95"]} if r else None for k, r in rates.items()})
+        if block.get("note"):
+            out[name]["note"] = block["note"]
+    return out
+
+
 def training_data(config: dict) -> dict:
     data = config.get("data", {})
     return {
@@ -59,9 +78,9 @@ def training_data(config: dict) -> dict:
 
 
 def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
-    """GET /v1/model's body. ``preprocessing`` lists each network's input size and normalisation (one entry, or
-    one per ensemble member); the top-level ``input_size``, ``mean`` and ``std`` are that shared value, or null
-    for an ensemble whose members read their inputs differently."""
+    """GET /v1/model's body. ``preprocessing`` lists each network's input size, normalisation, resize and colour
+    constancy (one entry, or one per ensemble member); the top-level ``input_size``, ``mean`` and ``std`` are that
+    shared value, or null for an ensemble whose members read their inputs differently."""
     info = predictor.info
     uniform = info.uniform_preprocessing
     run = rf.RunFolder(model_dir)
@@ -74,6 +93,10 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
             "backbone": info.backbone,
             "runtime": info.runtime,
             "transfer_mode": config.get("mode"),
+            # diagnosis: /v1/predict adds P(diagnosis) per class of ``diagnoses`` (malignant ones sum to P(malignant))
+            "target": "diagnosis" if info.diagnoses else "binary",
+            "diagnoses": list(info.diagnoses) or None,
+            "malignant_diagnoses": list(info.malignant_diagnoses) or None,
             "weights_source": config.get("weights", {}).get("source"),
             "input_size": info.input_size if uniform else None,
             "mean": list(info.mean) if uniform else None,
@@ -92,6 +115,7 @@ def model_card(model_dir: Path, predictor: Predictor, version: str) -> dict:
             "metrics": {s: _split_metrics(metrics[s]) for s in ("val", "test", "test_dedup") if s in metrics},
             "metrics_note": "95% stratified bootstrap confidence intervals (ci95); top-level values at threshold 0.5, "
             "at_threshold at the operating threshold chosen on validation.",
+            "external": external_results(metrics),  # other clinics' images, at the same operating threshold
             "licence": LICENCE_NOTES,
             "intended_use": INTENDED_USE,
             "disclaimer": DISCLAIMER,

@@ -75,6 +75,11 @@ class PredictionOut(BaseModel):
     inference_ms: float
     tta: bool = False
     explanation_png: str | None = Field(default=None, description="Grad-CAM overlay, base64 PNG (explain=true)")
+    diagnoses: dict[str, float] | None = Field(
+        default=None,
+        description="A diagnosis model's calibrated P(diagnosis) per class (taxonomy codes, e.g. mel, nv); the "
+        "malignant ones sum to probability. null for a binary model",
+    )
     disclaimer: str
 
 
@@ -85,6 +90,11 @@ class BatchItem(BaseModel):
     refused: bool = False
     reason: str | None = None
     ood_score: float | None = None
+    diagnoses: dict[str, float] | None = Field(
+        default=None,
+        description="A diagnosis model's calibrated P(diagnosis) per class (taxonomy codes, e.g. mel, nv); the "
+        "malignant ones sum to probability. null for a binary model",
+    )
     error: str | None = None
     status: int = 200
 
@@ -105,6 +115,7 @@ class RefusalOut(ErrorBody):
     label: Label = "not_a_lesion"
     probability: float
     ood_score: float | None = None
+    diagnoses: dict[str, float] | None = Field(default=None, description="As in /v1/predict's answer")
     model_id: str
     model_version: str
 

@@ -107,6 +107,7 @@ def _refusal(p: Prediction, info: ModelInfo, version: str) -> JSONResponse:
         message=f"refused: {p.reason}; send a dermoscopic photo of one lesion",
         probability=p.probability,
         ood_score=p.ood_score,
+        diagnoses=p.diagnoses,
         model_id=info.model_id,
         model_version=version,
     )
@@ -149,6 +150,7 @@ def v1_router(service: ModelService, max_batch: int, max_body_bytes: int) -> API
             model_version=service.version,
             inference_ms=round(ms, 3),
             tta=use_tta,
+            diagnoses=p.diagnoses,
             disclaimer=DISCLAIMER,
         )
         if explain:
@@ -208,6 +210,7 @@ def _batch_item(index: int, o: Outcome) -> BatchItem:
         refused=p.refused,
         reason=p.reason,
         ood_score=p.ood_score,
+        diagnoses=p.diagnoses,
         status=422 if p.refused else 200,
     )
 

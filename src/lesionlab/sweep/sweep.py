@@ -27,7 +27,9 @@ import torch
 
 from lesionlab import files
 from lesionlab import runs as rf
-from lesionlab.data.dataset import Dataset, Sample, load_dataset
+from lesionlab.data.dataset import Dataset, Sample
+from lesionlab.data.loading import Specs, data_record, load_training_data
+from lesionlab.data.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from lesionlab.models.backbones import ResolvedWeights, WeightsError, build_backbone, get_spec, resolve_weights
 from lesionlab.models.classifier import Head, LesionClassifier, build_model
 from lesionlab.runs import RunFolder
@@ -178,7 +180,8 @@ def write_selected(
     prep: Prepared,
     store: TrialStore,
     history: list[dict],
-    data_root: Path,
+    data: Specs,
+    data_info: dict,
     classes: tuple[str, str],
     file_hash: str,
     n_resamples: int,
@@ -224,7 +227,7 @@ def write_selected(
         out,
         cfg,
         prep.weights,
-        data_root,
+        data,
         classes,
         file_hash,
         prep.splits,
@@ -233,8 +236,9 @@ def write_selected(
         model,
         command,
         extra={"sweep_selection": selection, "timing": timing},
+        data_info=data_info,
     )
-    evaluate_run(out, data_root, n_resamples=n_resamples, progress=progress)
+    evaluate_run(out, n_resamples=n_resamples, progress=progress)  # reads the data again from config.json
     return out
 
 
@@ -253,7 +257,7 @@ class SweepOutcome:
 
 def run_sweep(
     grid: SweepGrid,
-    data: str | Path,
+    data: Specs,
     out: str | Path,
     weights_dir: str | Path | None = None,
     allow_random_init: bool = False,
@@ -265,15 +269,20 @@ def run_sweep(
     progress: bool = True,
     command: str = "",
     workers: int | None = None,
+    taxonomy: Taxonomy = DEFAULT_TAXONOMY,
 ) -> SweepOutcome:
-    """Runs what is left of the grid, selects per backbone, evaluates, and writes every output file."""
+    """Runs what is left of the grid, selects per backbone, evaluates, and writes every output file.
+
+    ``data``: one data folder or several sources, united leak-proof as ``train`` unites them
+    (``data.loading.load_training_data``)."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     keep_freed_memory()
-    out, data_root = Path(out), Path(data)
+    out = Path(out)
     runner = _backend(backend, ray_address, workers)
-    dataset = load_dataset(data_root, classes)
+    dataset = load_training_data(data, taxonomy, classes, progress=progress)
+    data_info = data_record(data, dataset, taxonomy)
     file_hash = dataset.file_list_hash()
     weights = resolve_all(grid, weights_dir, allow_random_init)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +292,8 @@ def run_sweep(
             "grid": asdict(grid),
             "backend": backend,
             "command": command,
-            "data": str(data_root.resolve()),
+            "data": data_info["root"],
+            **({"specs": data_info["specs"]} if "specs" in data_info else {}),
             "versions": rf.package_versions(),
         },
     )
@@ -339,7 +349,8 @@ def run_sweep(
             prepared[bb, choice.seed],
             store,
             records[trial]["history"],
-            data_root,
+            data,
+            data_info,
             classes,
             file_hash,
             n_resamples,

@@ -16,6 +16,7 @@ import torch
 from lesionlab.data.splits import check_fold
 from lesionlab.errors import LesionlabError
 from lesionlab.models.backbones import DEFAULT_BACKBONE, REGISTRY
+from lesionlab.training.augment import canonical_augment
 
 MODES = ("frozen", "finetune")
 PRECISIONS = ("fp32", "bf16")
@@ -77,14 +78,19 @@ class TrainConfig:
     class_weight: bool = setting(False, "Weight the positive class by the class ratio.")
     # not a train option: the study's head has no dropout, and no experiment so far has asked for it
     dropout: float = setting(0.0, "Dropout on the features entering the head.", flag=False)
-    augment: str = setting("auto", "auto (on in finetune), none or dermoscopy.")
+    augment: str = setting(
+        "auto",
+        "finetune: auto (dermoscopy), none, dermoscopy (flips, turns, crop, mild colour jitter), or dermoscopy with "
+        "extras joined by +: shortcuts (ruler marks, ink strokes, dark corners on both classes), color (stronger "
+        "colour and illuminant changes), aspect (one side stretched up to 4/3); e.g. dermoscopy+shortcuts+color.",
+    )
     # "auto" is resolved when the config is built, so config.json and its command record what ran
     precision: str = setting("auto", "finetune arithmetic: auto (bf16 where the CPU has it), bf16 or fp32.")
     ema_decay: float = setting(0.0, "finetune: keep and validate an EMA of the weights (e.g. 0.998; 0 = off).")
     target: str = setting(
         "binary",
         "binary (benign/malignant) or diagnosis (one class per diagnosis of the sources that have them; "
-        "P(malignant) is the sum over the malignant ones).",
+        "P(malignant) is the sum over the malignant ones; images with only benign/malignant train that sum).",
     )
     color_constancy: str = setting(
         "none", "none or shades-of-gray: divide out each image's illuminant before the network (also at predict)."
@@ -114,6 +120,10 @@ class TrainConfig:
         ):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got '{value}'")
+        try:  # one spelling per augmentation: the extras in their canonical order
+            self.augment = canonical_augment(self.augment)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
             raise ConfigError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
 

@@ -41,6 +41,7 @@ from lesionlab.training.record import (
     train_identity,
 )
 from lesionlab.training.sources import Source, read_inputs
+from lesionlab.training.targets import diagnosis_classes
 
 
 @dataclass
@@ -100,10 +101,10 @@ def train_epochs(
             total, correct, seen = 0.0, 0, 0
             for i in range(0, source.n_train, cfg.batch_size):
                 idx = perm[i : i + cfg.batch_size]
-                x, y = source.batch(idx, cfg)
+                x, y, c = source.batch(idx, cfg)
                 opt.zero_grad(set_to_none=True)
-                logits = source.forward(module, x, cfg)
-                loss = loss_fn(logits, y)
+                logits, z = source.forward(module, x, cfg)  # z: diagnosis logits (--target diagnosis), else None
+                loss = loss_fn(logits, y, z, c)
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -142,29 +143,37 @@ def train(
     classes: tuple[str, str] = ("benign", "malignant"),
     command: str = "",
     taxonomy: Taxonomy = DEFAULT_TAXONOMY,
+    skip_invalid: bool = False,
 ) -> Path:
     """Trains one model into ``out`` on ``data``: one data folder, or several sources (``data.sources`` specs),
     united leak-proof (``data.loading``). Running it again on an unfinished ``out`` resumes; on a finished one,
-    no-op; on a folder holding a different run, RunError."""
+    no-op; on a folder holding a different run, RunError.
+
+    ``skip_bad``: unreadable image files are left out instead of stopping; ``skip_invalid``: so are invalid rows
+    of a dataset's table (a listed image missing, an unlisted image, a duplicate row, a diagnosis outside the
+    taxonomy). Both are listed, with the reason, in the run's skipped_files.txt."""
     # config: what is asked for, and whether ``out`` already holds it
     run = RunFolder(out)
-    dataset = load_training_data(data, taxonomy, classes, progress=progress)
+    dataset = load_training_data(data, taxonomy, classes, skip_invalid=skip_invalid, progress=progress)
     resolved = resolve_weights(cfg.backbone, weights, weights_dir, allow_random_init, cfg.seed)
     file_hash = dataset.file_list_hash()
     check_existing(run, train_identity(cfg, resolved, file_hash))
+    # the head's classes: from the whole training pool, so every fold and seed of this data gets the same head
+    diagnoses = diagnosis_classes(dataset.train, taxonomy) if cfg.target == "diagnosis" else None
     if run.has(rf.MODEL) and run.has(rf.CONFIG) and not run.has(rf.STATE):
         return run.path  # finished earlier
 
     # data: features or images of the readable files, split
     t_start = time.perf_counter()
-    inputs = read_inputs(dataset, resolved, cfg.mode, cfg.seed, skip_bad, progress)
+    inputs = read_inputs(dataset, resolved, cfg.mode, cfg.seed, skip_bad, progress, cfg.resize, cfg.color_constancy)
     dataset = dataset.without({p for p, _ in inputs.bad})
     splits = dataset.splits(cfg.split_seed, cfg.val_fraction, cfg.fold, cfg.second_fold)
-    source = inputs.source(splits)
+    source = inputs.source(splits, diagnoses)
     run.path.mkdir(parents=True, exist_ok=True)
-    run.write_skipped(inputs.bad)
-    config = run_config(cfg, resolved, data, classes, file_hash, splits, len(inputs.bad), command)
-    config["data"].update(data_record(data, dataset, taxonomy))
+    skipped = [(k.item, k.reason) for k in dataset.skipped] + inputs.bad
+    run.write_skipped(skipped)
+    config = run_config(cfg, resolved, data, classes, file_hash, splits, len(skipped), command, diagnoses)
+    config["data"].update(data_record(data, dataset, taxonomy, skip_invalid))
     run.write_config(config)
     run.write_splits(splits)
     data_seconds = time.perf_counter() - t_start  # decoding, and backbone features unless cached
@@ -192,7 +201,7 @@ def train(
             else:  # frozen: the head alone trained
                 assert isinstance(ep.judged, Head)
                 model = LesionClassifier(backbone, ep.judged)
-            save_model(model, run / rf.MODEL, model_meta(cfg, r.epoch))
+            save_model(model, run / rf.MODEL, model_meta(cfg, r.epoch, diagnoses))
         run.write_history(history, HISTORY_FIELDS)
         resume = {
             **ep.resume_state(),

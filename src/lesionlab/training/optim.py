@@ -12,7 +12,8 @@ from torch import nn
 
 from lesionlab.training.config import TrainConfig
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: loss(binary logits, 0/1 targets, diagnosis logits or None, diagnosis classes or None) -> the batch's mean loss.
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 def binary_auc(y: np.ndarray, scores: np.ndarray) -> float:
@@ -23,17 +24,39 @@ def binary_auc(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def make_loss(cfg: TrainConfig, y_train: np.ndarray) -> Loss:
-    """Binary cross-entropy on logits, with the config's class weight (from ``y_train``) and label smoothing."""
+    """Binary cross-entropy on logits, with the config's class weight (from ``y_train``) and label smoothing.
+
+    With diagnosis logits and classes (``--target diagnosis``), each image with a diagnosis (class >= 0) costs
+    the cross-entropy over the diagnoses (label smoothing spread over the K classes), and each image with only a
+    benign/malignant label (class -1) the binary cross-entropy of the head's binary logit; the batch's loss is
+    the mean over all its images. The class weight then weights every malignant image, in either term."""
     pos_weight = None
     if cfg.class_weight:
         pos = float(y_train.sum())
         pos_weight = torch.tensor((len(y_train) - pos) / max(pos, 1.0))
     bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if cfg.label_smoothing:
-            y = y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-        return bce(logits, y)
+    def smoothed(y: torch.Tensor) -> torch.Tensor:
+        return y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing if cfg.label_smoothing else y
+
+    def loss(
+        logits: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None = None, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if z is None or c is None:
+            return bce(logits, smoothed(y))
+        known = c >= 0
+        per_image = torch.zeros_like(logits)
+        if known.any():
+            per_image[known] = nn.functional.cross_entropy(
+                z[known], c[known], reduction="none", label_smoothing=cfg.label_smoothing
+            )
+        if not known.all():
+            per_image[~known] = nn.functional.binary_cross_entropy_with_logits(
+                logits[~known], smoothed(y[~known]), reduction="none"
+            )
+        if pos_weight is not None:
+            per_image = per_image * torch.where(y > 0.5, pos_weight, torch.ones_like(y))
+        return per_image.mean()
 
     return loss
 

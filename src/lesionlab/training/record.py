@@ -16,7 +16,7 @@ from typing import Any
 from lesionlab import runs as rf
 from lesionlab.data.sample import Sample
 from lesionlab.models.backbones import ResolvedWeights
-from lesionlab.models.classifier import LesionClassifier, save_model
+from lesionlab.models.classifier import Diagnoses, LesionClassifier, save_model
 from lesionlab.runs import RunFolder
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.features import preprocessing
@@ -68,6 +68,7 @@ def run_config(
     splits: dict[str, list[Sample]],
     n_skipped: int,
     command: str = "",
+    diagnoses: Diagnoses | None = None,
 ) -> dict[str, Any]:
     """config.json's content (``write_config`` adds the schema version): one schema for runs from ``train`` and
     runs written by the sweep."""
@@ -78,7 +79,7 @@ def run_config(
         "mode": cfg.mode,
         "weights": resolved.describe(),
         "pretrained": resolved.pretrained,
-        "preprocessing": preprocessing(resolved),
+        "preprocessing": preprocessing(resolved, cfg.resize, cfg.color_constancy),
         "data": {
             "root": str(Path(data if isinstance(data, str | Path) else data[0]).resolve()),
             "classes": list(classes),
@@ -92,22 +93,35 @@ def run_config(
             "skipped_files": n_skipped,
             **{f"n_{k}": len(v) for k, v in splits.items()},
         },
-        "model": {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout},
+        "model": model_record(cfg, diagnoses),
         "versions": rf.package_versions(),
         "command": command,
     }
 
 
-def model_meta(cfg: TrainConfig, epoch: int) -> dict[str, Any]:
-    """model.pt's metadata: what ``load_model`` needs to rebuild the network, and the epoch it holds."""
-    return {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode, "epoch": epoch}
+def model_record(cfg: TrainConfig, diagnoses: Diagnoses | None = None) -> dict[str, Any]:
+    """config.json's ``model`` block: the head, and a diagnosis head's classes in output order."""
+    if diagnoses is None:
+        return {"head": "Dense(100, ReLU) -> Dense(1) -> sigmoid", "hidden": 100, "dropout": cfg.dropout}
+    head = (
+        f"Dense(100, ReLU) -> Dense({len(diagnoses.names)}) -> softmax over diagnoses; "
+        "P(malignant) = sum over the malignant ones = sigmoid(logsumexp(malignant) - logsumexp(benign))"
+    )
+    return {"head": head, "hidden": 100, "dropout": cfg.dropout, **diagnoses.to_meta()}
+
+
+def model_meta(cfg: TrainConfig, epoch: int, diagnoses: Diagnoses | None = None) -> dict[str, Any]:
+    """model.pt's metadata: what ``load_model`` needs to rebuild the network (a diagnosis head's classes too), and
+    the epoch it holds."""
+    meta = {"backbone": cfg.backbone, "hidden": 100, "dropout": cfg.dropout, "mode": cfg.mode, "epoch": epoch}
+    return meta | (diagnoses.to_meta() if diagnoses else {})
 
 
 def write_run(
     out: str | Path,
     cfg: TrainConfig,
     resolved: ResolvedWeights,
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     classes: tuple[str, str],
     file_hash: str,
     splits: dict[str, list[Sample]],
@@ -116,19 +130,22 @@ def write_run(
     model: LesionClassifier,
     command: str = "",
     extra: dict[str, Any] | None = None,
+    data_info: dict[str, Any] | None = None,
 ) -> Path:
     """A finished run folder from a model trained elsewhere (the sweep), as ``train`` would have left it.
 
-    ``model`` is the state after ``cfg.epochs`` epochs, recorded as the run's best epoch.
+    ``model`` is the state after ``cfg.epochs`` epochs, recorded as the run's best epoch; ``data_info`` is added
+    to config.json's ``data`` block (``data.loading.data_record``: the sources, to read them again).
     """
     run = RunFolder(out)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_skipped(bad)
     run.write_splits(splits)
     run.write_history(history, HISTORY_FIELDS)
-    save_model(model, run / rf.MODEL, model_meta(cfg, cfg.epochs))
+    save_model(model, run / rf.MODEL, model_meta(cfg, cfg.epochs, model.diagnoses))
     (run / rf.STATE).unlink(missing_ok=True)
-    config = run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command)
+    config = run_config(cfg, resolved, data, classes, file_hash, splits, len(bad), command, model.diagnoses)
+    config["data"].update(data_info or {})
     run.write_config({**config, "best_epoch": cfg.epochs, **(extra or {})})
     return run.path
 

@@ -9,29 +9,34 @@
   convolutions.
 
 Sources are plain arrays plus settings, so they pickle (sweep trials run in worker processes and Ray tasks).
+Besides the 0/1 labels, a ``--target diagnosis`` source holds each image's diagnosis class (``targets.py``; -1
+where only benign/malignant is known) and the head's classes; a binary source holds neither.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from lesionlab.data.dataset import Dataset, Sample
-from lesionlab.data.images import decode_samples, normalize
+from lesionlab.data.images import normalize
 from lesionlab.models.backbones import ResolvedWeights
 from lesionlab.models.batching import map_batches
-from lesionlab.models.classifier import Head, build_model
+from lesionlab.models.classifier import Diagnoses, Head, LesionClassifier, build_model
 from lesionlab.training.augment import augment_batch, to_input
 from lesionlab.training.config import TrainConfig
-from lesionlab.training.features import BadDataError, load_or_compute
+from lesionlab.training.features import BadDataError, input_preprocessing, load_or_compute
 from lesionlab.training.optim import Loss, binary_auc
+from lesionlab.training.targets import class_index
 
 Scores = tuple[float, float, float]  # loss, accuracy, AUC
+#: A batch's float32 binary logits (N,), and its diagnosis logits (N, K) from a diagnosis head, else None.
+Outputs = tuple[torch.Tensor, torch.Tensor | None]
 
 
 class Source(Protocol):
@@ -61,12 +66,13 @@ class Source(Protocol):
         """This epoch's permutation of the training set, drawn from the epoch's generator ``g``."""
         ...
 
-    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and float 0/1 targets of the training items ``idx``."""
+    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, float 0/1 targets and (diagnosis target only, else None) int64 diagnosis classes, -1 where
+        unknown, of the training items ``idx``."""
         ...
 
-    def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-        """float32 logits of a training batch."""
+    def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> Outputs:
+        """float32 binary logits of a training batch, and its diagnosis logits (None for a binary head)."""
         ...
 
     def score(self, module: nn.Module, split: str, loss_fn: Loss) -> Scores:
@@ -76,13 +82,17 @@ class Source(Protocol):
 
 @dataclass
 class FeatureSource:
-    """Frozen mode: feature vectors (float32 N x D) and 0/1 labels of the training and validation images."""
+    """Frozen mode: feature vectors (float32 N x D) and 0/1 labels of the training and validation images; for a
+    diagnosis head also their classes (``c_train``, ``c_val``) and the head's ``diagnoses``."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
     rescore_train: bool = True
+    c_train: np.ndarray | None = None
+    c_val: np.ndarray | None = None
+    diagnoses: Diagnoses | None = None
 
     @property
     def n_train(self) -> int:
@@ -93,7 +103,7 @@ class FeatureSource:
 
     def build(self, cfg: TrainConfig) -> nn.Module:
         torch.manual_seed(cfg.seed + 1)  # as build_model seeds its head: the same head in both modes
-        return Head(self.x_train.shape[1], dropout=cfg.dropout)
+        return Head(self.x_train.shape[1], dropout=cfg.dropout, diagnoses=self.diagnoses)
 
     def prepare(self, module: nn.Module) -> None:
         pass
@@ -104,26 +114,29 @@ class FeatureSource:
     def order(self, g: torch.Generator) -> torch.Tensor:
         return torch.randperm(self.n_train, generator=g)
 
-    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(self.x_train)[idx], torch.from_numpy(self.y_train)[idx]
+    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return torch.from_numpy(self.x_train)[idx], torch.from_numpy(self.y_train)[idx], _rows(self.c_train, idx)
 
-    def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-        return module(x)  # fp32 whatever cfg.precision says: vectors gain nothing from bf16
+    def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> Outputs:
+        return outputs_of(module, x)  # fp32 whatever cfg.precision says: vectors gain nothing from bf16
 
     @torch.inference_mode()
     def score(self, module: nn.Module, split: str, loss_fn: Loss) -> Scores:
-        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_val, self.y_val)
+        x, y, c = (
+            (self.x_train, self.y_train, self.c_train) if split == "train" else (self.x_val, self.y_val, self.c_val)
+        )
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         module.eval()
-        logits = module(xt)
-        loss = float(loss_fn(logits, yt))
-        acc = float(((logits > 0).float() == yt).float().mean())
+        logits, z = outputs_of(module, xt)
+        loss = float(loss_fn(logits, yt, z, None if c is None else torch.from_numpy(c)))
+        acc = float(((logits > 0).float() == yt).float().mean())  # binary accuracy, whatever the head
         return loss, acc, binary_auc(y, logits.numpy())
 
 
 @dataclass
 class ImageSource:
-    """Finetune mode: uint8 N x H x W x 3 images and 0/1 labels, and the weights the network starts from."""
+    """Finetune mode: uint8 N x H x W x 3 images and 0/1 labels, and the weights the network starts from; for a
+    diagnosis head also the classes (``c_train``, ``c_val``) and the head's ``diagnoses``."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -131,6 +144,9 @@ class ImageSource:
     y_val: np.ndarray
     weights: ResolvedWeights
     rescore_train: bool = False  # a second pass of the network over the training set would double the epoch
+    c_train: np.ndarray | None = None
+    c_val: np.ndarray | None = None
+    diagnoses: Diagnoses | None = None
 
     @property
     def n_train(self) -> int:
@@ -140,7 +156,7 @@ class ImageSource:
         return f"finetune {cfg.backbone}"
 
     def build(self, cfg: TrainConfig) -> nn.Module:
-        return build_model(self.weights, cfg.seed, dropout=cfg.dropout)
+        return build_model(self.weights, cfg.seed, dropout=cfg.dropout, diagnoses=self.diagnoses)
 
     def prepare(self, module: nn.Module) -> None:
         # channels-last lets oneDNN pick its fast convolution kernels (about 2x on CPU, same numbers)
@@ -156,24 +172,27 @@ class ImageSource:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         return torch.randperm(self.n_train, generator=g)
 
-    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         images = torch.from_numpy(self.x_train).permute(0, 3, 1, 2)[idx]
-        if cfg.augmentation == "dermoscopy":
-            images = augment_batch(images, self.weights.input_size)
+        if cfg.augmentation != "none":  # dermoscopy, with or without extras
+            images = augment_batch(images, self.weights.input_size, cfg.augmentation)
         x = to_input(images, self.weights.mean, self.weights.std).contiguous(memory_format=torch.channels_last)
-        return x, torch.from_numpy(self.y_train)[idx]
+        return x, torch.from_numpy(self.y_train)[idx], _rows(self.c_train, idx)
 
-    def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> Outputs:
         # bf16 autocast: about 1.5x on CPUs that compute bf16 natively; weights and optimizer stay fp32
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            logits = module(x)
-        return logits.float()
+            logits, z = outputs_of(module, x)
+        return logits.float(), None if z is None else z.float()
 
     def score(self, module: nn.Module, split: str, loss_fn: Loss) -> Scores:
-        images, y = (self.x_train, self.y_train) if split == "train" else (self.x_val, self.y_val)
-        logits = model_logits(module, images, self.weights.mean, self.weights.std)
-        loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y)))
-        acc = float(((logits > 0) == (y > 0.5)).mean())
+        images, y, c = (
+            (self.x_train, self.y_train, self.c_train) if split == "train" else (self.x_val, self.y_val, self.c_val)
+        )
+        logits, z = model_outputs(module, images, self.weights.mean, self.weights.std)
+        zt, ct = (None, None) if z is None or c is None else (torch.from_numpy(z), torch.from_numpy(c))
+        loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y), zt, ct))
+        acc = float(((logits > 0) == (y > 0.5)).mean())  # binary accuracy, whatever the head
         return loss, acc, binary_auc(y, logits)
 
 
@@ -183,18 +202,30 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+def outputs_of(module: nn.Module, x: torch.Tensor) -> Outputs:
+    """(binary logits, diagnosis logits or None) of a head (frozen) or a whole classifier (finetune)."""
+    return cast(Head | LesionClassifier, module).outputs(x)
+
+
+def _rows(c: np.ndarray | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if c is None else torch.from_numpy(c)[idx]
+
+
 @torch.inference_mode()
-def model_logits(
+def model_outputs(
     model: nn.Module, images_hwc: np.ndarray, mean: Sequence[float], std: Sequence[float], batch_size: int = 64
-) -> np.ndarray:
-    """Logits of uint8 N x H x W x 3 images, in eval mode and batches of ``batch_size``."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Binary logits (and diagnosis logits, or None) of uint8 N x H x W x 3 images, in eval mode and batches of
+    ``batch_size``."""
     model.eval().to(memory_format=torch.channels_last)
 
-    def logits(batch: np.ndarray) -> np.ndarray:
+    def outputs(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.from_numpy(normalize(batch, tuple(mean), tuple(std))).contiguous(memory_format=torch.channels_last)
-        return model(x).numpy()
+        logits, z = outputs_of(model, x)
+        return logits.numpy(), None if z is None else z.numpy()
 
-    return map_batches(logits, images_hwc, batch_size, empty=np.zeros(0, np.float32))
+    nothing: tuple[np.ndarray, np.ndarray | None] = (np.zeros(0, np.float32), None)
+    return map_batches(outputs, images_hwc, batch_size, empty=nothing)
 
 
 # ------------------------------------------------------------------ a dataset read once, split later
@@ -217,24 +248,45 @@ class Inputs:
         keep = [s for s in samples if s.relpath in index]
         return self.arrays[[index[s.relpath] for s in keep]], np.array([s.label for s in keep], np.float32)
 
-    def source(self, splits: dict[str, list[Sample]]) -> FeatureSource | ImageSource:
-        """The training source of ``splits`` (its train and val lists)."""
+    def classes(self, samples: list[Sample], diagnoses: Diagnoses) -> np.ndarray:
+        """The diagnosis classes of the rows ``rows`` gives (-1: no diagnosis)."""
+        readable = set(self.relpaths)
+        return class_index([s for s in samples if s.relpath in readable], diagnoses)
+
+    def source(
+        self, splits: dict[str, list[Sample]], diagnoses: Diagnoses | None = None
+    ) -> FeatureSource | ImageSource:
+        """The training source of ``splits`` (its train and val lists); with ``diagnoses``, a diagnosis head's."""
         (x_tr, y_tr), (x_va, y_va) = self.rows(splits["train"]), self.rows(splits["val"])
+        c_tr = None if diagnoses is None else self.classes(splits["train"], diagnoses)
+        c_va = None if diagnoses is None else self.classes(splits["val"], diagnoses)
         if self.mode == "frozen":
-            return FeatureSource(x_tr, y_tr, x_va, y_va)
-        return ImageSource(x_tr, y_tr, x_va, y_va, self.weights)
+            return FeatureSource(x_tr, y_tr, x_va, y_va, c_train=c_tr, c_val=c_va, diagnoses=diagnoses)
+        return ImageSource(x_tr, y_tr, x_va, y_va, self.weights, c_train=c_tr, c_val=c_va, diagnoses=diagnoses)
 
 
 def read_inputs(
-    dataset: Dataset, weights: ResolvedWeights, mode: str, seed: int, skip_bad: bool, progress: bool
+    dataset: Dataset,
+    weights: ResolvedWeights,
+    mode: str,
+    seed: int,
+    skip_bad: bool,
+    progress: bool,
+    resize: str = "crop",
+    color_constancy: str = "none",
 ) -> Inputs:
-    """Cached features (frozen) or decoded images (finetune) of every file; BadDataError on unreadable files
-    unless ``skip_bad``."""
+    """Cached features (frozen) or decoded images (finetune) of every file, decoded by ``resize`` and
+    colour-corrected by ``color_constancy`` (TrainConfig's settings); BadDataError on unreadable files unless
+    ``skip_bad``. Finetune images are colour-corrected here, once, so augmentation starts from corrected images
+    (as predictors correct before normalising)."""
     if mode == "frozen":
-        table = load_or_compute(dataset, weights, seed, skip_bad, progress)
+        table = load_or_compute(
+            dataset, weights, seed, skip_bad, progress, resize=resize, color_constancy=color_constancy
+        )
         return Inputs(mode, weights, table.relpaths, table.features, table.bad)
-    decoded = decode_samples(dataset.all, weights.input_size, progress)
+    pre = input_preprocessing(weights, resize, color_constancy)
+    decoded = pre.decode(dataset.all, progress)
     if decoded.bad and not skip_bad:
         raise BadDataError(decoded.bad)
     bad = [(e.path, e.reason) for e in decoded.bad]
-    return Inputs(mode, weights, [s.relpath for s in decoded.samples], decoded.images, bad)
+    return Inputs(mode, weights, [s.relpath for s in decoded.samples], pre.corrected(decoded.images), bad)

@@ -97,6 +97,11 @@ class CsvFormat:
         columns, rows = read_table(label_file)
         col = self._columns(label_file, columns, options)
         base = root / options.options.get("images", "")
+        if not Path(os.path.normpath(base)).is_relative_to(os.path.normpath(root)):
+            raise DataError(
+                f"images={options.options['images']} in the data spec points outside the source folder {root}; "
+                "give the folder that holds both the CSV and the images (images= a folder inside it)"
+            )
         classes = {c.lower(): k for k, c in enumerate(options.classes)}
         problems = Problems(str(label_file), options.taxonomy)
         samples: list[Sample] = []
@@ -109,7 +114,8 @@ class CsvFormat:
                 problems.add("duplicate rows" if value else "rows with no image", where)
                 continue
             seen.add(path)
-            if ".." in Path(value).parts or Path(value).is_absolute():  # a relpath must stay inside the source
+            # a relpath must stay inside the source (a row's own "..", or an images= folder outside it)
+            if not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(root)):
                 problems.add("images outside the CSV's folder", where)
                 continue
             try:
