@@ -153,6 +153,7 @@ TRAIN_FLAGS = {
     *("--allow-random-init", "--skip-bad", "--classes", "--threshold-policy", "--no-eval", "--out", "--quiet"),
     "--taxonomy",
     *("--target", "--color-constancy", "--resize", "--skip-invalid"),
+    *("--device", "--log", "--log-uri"),
 }
 
 
@@ -231,8 +232,11 @@ def test_the_command_line_spells_out_every_setting(monkeypatch, tmp_path):
     for f in fields(TrainConfig):
         if f.metadata["flag"] and not isinstance(f.default, bool):
             flag = "--" + f.name.replace("_", "-")
+            if "unset" in f.metadata and getattr(cfg, f.name) == f.metadata["unset"]:
+                assert flag not in argv, flag  # not given (e.g. --log-uri): absent
+                continue
             assert argv[argv.index(flag) + 1] == str(getattr(cfg, f.name)), flag
-    assert argv[argv.index("--precision") + 1] in ("bf16", "fp32")  # resolved, not "auto"
+    assert argv[argv.index("--precision") + 1] in ("bf16", "fp16", "fp32")  # resolved, not "auto"
     assert (
         "--class-weight" not in argv
         and argv[argv.index("--out") + 1] == "runs/efficientnet_lite0-finetune-lr0.0005-e20-s0"

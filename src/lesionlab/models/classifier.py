@@ -135,10 +135,21 @@ def build_model(
 
 
 def save_model(model: LesionClassifier, path: Path, meta: dict) -> None:
-    """A self-contained checkpoint: tensors plus the few facts needed to rebuild the module."""
+    """A self-contained checkpoint: tensors plus the few facts needed to rebuild the module; CPU tensors, so that a
+    model trained on a GPU loads on a machine without one."""
     from lesionlab.files import atomic_save_torch
 
-    atomic_save_torch({"state_dict": model.state_dict(), "meta": meta}, path)
+    atomic_save_torch({"state_dict": cpu_state_dict(model), "meta": meta}, path)
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` with every tensor on the CPU (the same object when they already are)."""
+    state = module.state_dict()
+    if all(v.device.type == "cpu" for v in state.values()):
+        return state
+    out = type(state)((k, v.cpu()) for k, v in state.items())
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # load_state_dict reads it
+    return out
 
 
 def load_model(path: Path) -> tuple[LesionClassifier, dict]:

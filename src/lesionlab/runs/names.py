@@ -31,20 +31,24 @@ QUANTIZATION = "quantization.json"
 ENSEMBLE = "ensemble.json"
 SITE_CALIBRATION = "site_calibration.json"  # a site-calibrated copy: where its operating point came from
 SITE_SCORES = "site_scores.csv"  # the site sample's logits
+TENSORBOARD = "tensorboard"  # --log tensorboard: the event files of the run's per-epoch scalars
 
 RUN_KIND = "lesionlab-run"
 ENSEMBLE_KIND = "lesionlab-ensemble"
 
-#: 3: the options of the transfer issue (target, colour constancy, resize). 2: config.json records every training
-#: option and its ``schema_version``. 1 (no version): options added after the first release were left out while off
-#: (see ``migrate``).
-SCHEMA_VERSION = 3
+#: 4: where a run computes and reports (device, log, log_uri; not part of a run's identity) and config.json's
+#: ``compute`` block. 3: the options of the transfer issue (target, colour constancy, resize). 2: config.json records
+#: every training option and its ``schema_version``. 1 (no version): options added after the first release were left
+#: out while off (see ``migrate``).
+SCHEMA_VERSION = 4
 #: Training options that schema-1 runs did not record when they were off, and their value then.
 SCHEMA1_TRAIN_DEFAULTS: Mapping[str, Any] = {"ema_decay": 0.0, "fold": 0, "also_val_fold": -1}
 #: Schema-1 runs written before bf16 training existed trained in fp32.
 SCHEMA1_PRECISION = "fp32"
 #: Training options added in schema 3, and the value that reproduces what earlier runs did.
 SCHEMA2_TRAIN_DEFAULTS: Mapping[str, Any] = {"target": "binary", "color_constancy": "none", "resize": "crop"}
+#: Training options added in schema 4: every earlier run trained on the CPU and sent its metrics nowhere else.
+SCHEMA3_TRAIN_DEFAULTS: Mapping[str, Any] = {"device": "cpu", "log": "none", "log_uri": ""}
 
 
 class RunError(LesionlabError):
@@ -66,6 +70,8 @@ def migrate(config: Mapping[str, Any]) -> dict[str, Any]:
         out["train"] = train
     if version < 3 and "train" in out:
         out["train"] = {**SCHEMA2_TRAIN_DEFAULTS, **out["train"]}
+    if version < 4 and "train" in out:
+        out["train"] = {**SCHEMA3_TRAIN_DEFAULTS, **out["train"]}
     out["schema_version"] = SCHEMA_VERSION
     return out
 

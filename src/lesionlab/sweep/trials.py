@@ -88,6 +88,7 @@ class SweepGrid:
             seed=trial.seed,
             split_seed=self.split_seed,
             val_fraction=self.val_fraction,
+            device="cpu",  # trials run in CPU worker processes (and Ray tasks), several at a time
         )
 
 

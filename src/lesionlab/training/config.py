@@ -8,7 +8,9 @@ option's help. The command line derives its options and the run's reproducible c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -19,7 +21,11 @@ from lesionlab.models.backbones import DEFAULT_BACKBONE, REGISTRY
 from lesionlab.training.augment import canonical_augment
 
 MODES = ("frozen", "finetune")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: --device: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda (the current GPU), cuda:N or mps.
+DEVICE_SPEC = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+#: Where each epoch's metrics also go (``tracking.py``); the run folder is the record either way.
+LOGS = ("none", "tensorboard", "mlflow")
 #: binary: one logit, P(malignant). diagnosis: one logit per diagnosis, P(malignant) = the malignant classes' sum.
 TARGETS = ("binary", "diagnosis")
 #: none, or Shades of Gray (Finlayson & Trezzi 2004, p = 6): each image's illuminant divided out before the network.
@@ -33,13 +39,15 @@ class ConfigError(LesionlabError):
     """A training setting out of range or not one of its choices; the message names the setting."""
 
 
-def setting(default: Any, help: str, *, flag: bool = True, unset: Any = None) -> Any:
+def setting(default: Any, help: str, *, flag: bool = True, unset: Any = None, identity: bool = True) -> Any:
     """A TrainConfig field with the help its ``lesionlab train`` option shows.
 
     ``flag=False``: a setting the library takes but ``train`` does not offer as an option (it keeps its
     default there). ``unset``: the value that means "not given"; the command line spells it as the option's
-    absence (the option defaults to None there, and None becomes ``unset`` in the config)."""
-    metadata: dict[str, Any] = {"help": help, "flag": flag}
+    absence (the option defaults to None there, and None becomes ``unset`` in the config). ``identity=False``:
+    where the run computes or reports, not what: recorded, but a run resumed with another value is the same run
+    (:func:`identity_settings`)."""
+    metadata: dict[str, Any] = {"help": help, "flag": flag, "identity": identity}
     if unset is not None:
         metadata["unset"] = unset
     return field(default=default, metadata=metadata)
@@ -84,8 +92,18 @@ class TrainConfig:
         "extras joined by +: shortcuts (ruler marks, ink strokes, dark corners on both classes), color (stronger "
         "colour and illuminant changes), aspect (one side stretched up to 4/3); e.g. dermoscopy+shortcuts+color.",
     )
+    device: str = setting(
+        "auto",
+        "Where to train: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda, cuda:N or mps. Recorded "
+        "(config.json's compute block) but not part of the run's identity: a run resumes on another device.",
+        identity=False,
+    )
     # "auto" is resolved when the config is built, so config.json and its command record what ran
-    precision: str = setting("auto", "finetune arithmetic: auto (bf16 where the CPU has it), bf16 or fp32.")
+    precision: str = setting(
+        "auto",
+        "finetune arithmetic: auto (CPU: bf16 where the CPU computes it natively, else fp32; CUDA: bf16 where the "
+        "GPU has it, else fp16), bf16, fp16 (CUDA only, with a gradient scaler) or fp32.",
+    )
     ema_decay: float = setting(0.0, "finetune: keep and validate an EMA of the weights (e.g. 0.998; 0 = off).")
     target: str = setting(
         "binary",
@@ -98,14 +116,39 @@ class TrainConfig:
     resize: str = setting(
         "crop", "crop (shorter side, centre crop) or squash (whole image to a square): also how predict reads files."
     )
+    log: str = setting(
+        "none",
+        "Also send each epoch's metrics to none, tensorboard (RUN/tensorboard/; pip install 'lesionlab[tensorboard]') "
+        "or mlflow (pip install 'lesionlab[mlflow]'); the run folder stays the record. Not part of the run's identity.",
+        identity=False,
+    )
+    log_uri: str = setting(
+        "",
+        "--log mlflow: the tracking URI (default: a local mlruns/ folder in the current directory).",
+        unset="",
+        identity=False,
+    )
 
     def __post_init__(self) -> None:
         """Resolves ``precision="auto"`` and refuses a bad setting with ConfigError (a fold DataError),
-        before any data is read."""
+        before any data is read. Whether the device is there is checked when training starts
+        (``device.resolve_device``), so that a GPU run's config is still read on a machine without one."""
+        if not DEVICE_SPEC.fullmatch(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got '{self.device}'")
+        kind = device_type(self.device)
         if self.precision == "auto":
-            self.precision = "bf16" if self.mode == "finetune" and bf16_supported() else "fp32"
+            self.precision = auto_precision(self.mode, kind)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be auto or one of {PRECISIONS}, got '{self.precision}'")
+        if self.precision == "fp16" and kind != "cuda":
+            raise ConfigError(
+                f"precision fp16 needs a CUDA device (its gradient scaler is CUDA's); the device here is {kind}: "
+                "use bf16 or fp32"
+            )
+        if self.log not in LOGS:
+            raise ConfigError(f"log must be one of {LOGS}, got '{self.log}'")
+        if self.log_uri and self.log != "mlflow":
+            raise ConfigError("log_uri is MLflow's tracking URI: give it with log mlflow")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got '{self.mode}'")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
@@ -136,6 +179,41 @@ class TrainConfig:
         if self.augment == "auto":
             return "dermoscopy" if self.mode == "finetune" else "none"
         return self.augment
+
+
+#: The settings that are not part of a run's identity (``setting(..., identity=False)``).
+NOT_IDENTITY = frozenset(f.name for f in fields(TrainConfig) if not f.metadata["identity"])
+
+
+def identity_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+    """A train block (config.json's, or ``asdict`` of a TrainConfig) without the settings that say where a run
+    computes or reports (the device, the tracker): what two runs must share to be the same run."""
+    return {k: v for k, v in train.items() if k not in NOT_IDENTITY}
+
+
+def device_type(device: str) -> str:
+    """cpu, cuda or mps: the kind of device a ``--device`` value names (auto: cuda when a CUDA GPU is visible)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
+def auto_precision(mode: str, kind: str) -> str:
+    """What ``precision="auto"`` means for ``mode`` on a device of ``kind``: fp32 for frozen (the head trains on
+    cached fp32 features); finetune: bf16 where the device computes it natively, else fp16 on a GPU (with a
+    gradient scaler) and fp32 on a CPU or Apple GPU."""
+    if mode != "finetune":
+        return "fp32"
+    if kind == "cuda":
+        return "bf16" if cuda_bf16_supported() else "fp16"
+    if kind == "cpu":
+        return "bf16" if bf16_supported() else "fp32"
+    return "fp32"
+
+
+def cuda_bf16_supported() -> bool:
+    """The current CUDA GPU computes bf16 natively (Ampere and later; not the slow emulation of older GPUs)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def bf16_supported() -> bool:

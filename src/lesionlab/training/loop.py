@@ -8,7 +8,9 @@ One loop for both transfer modes; only the data source differs (``sources.py``):
 
 :func:`train_epochs` is the loop (shuffle, batches, loss, optimizer and scheduler step, optional weight EMA,
 validation); it yields after every epoch, and its caller keeps what it needs: :func:`train` the best epoch's model
-and the resume state in a run folder, the sweep the states at the epoch counts of its grid.
+and the resume state in a run folder, the sweep the states at the epoch counts of its grid. It trains on the device
+``cfg.device`` names, in ``cfg.precision`` (``device.py``); :func:`train` also sends each epoch to the tracker
+``cfg.log`` names (``tracking.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from lesionlab.data.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from lesionlab.models.backbones import build_backbone, resolve_weights
 from lesionlab.models.classifier import Head, LesionClassifier, save_model
 from lesionlab.runs import RunFolder
+from lesionlab.training import tracking
 from lesionlab.training.config import TrainConfig
+from lesionlab.training.device import Compute, RunningMeans
 from lesionlab.training.optim import epoch_generator, make_ema, make_loss, make_optimizer
 from lesionlab.training.record import (
     HISTORY_FIELDS,
@@ -47,7 +51,7 @@ from lesionlab.training.targets import diagnosis_classes
 @dataclass
 class Epoch:
     """The loop's state after one epoch. ``judged`` is what was validated: the EMA of the weights when on, else
-    ``module``; it is the model to keep."""
+    ``module``; it is the model to keep. ``train_seconds``: the epoch's training steps, without validation."""
 
     result: EpochResult
     module: nn.Module
@@ -55,6 +59,8 @@ class Epoch:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: nn.Module | None
+    scaler: torch.amp.GradScaler | None = None
+    train_seconds: float = 0.0
 
     def resume_state(self) -> dict[str, Any]:
         """What :func:`train_epochs` needs (as ``state``) to continue after this epoch."""
@@ -63,6 +69,7 @@ class Epoch:
             "optimizer": self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "epoch": self.result.epoch,
         }
 
@@ -72,10 +79,12 @@ def train_epochs(
 ) -> Iterator[Epoch]:
     """Trains a module built by ``source`` for ``cfg.epochs`` epochs, from ``state`` (a ``resume_state``) if given,
     yielding after each epoch. The epochs' randomness depends only on (cfg.seed, epoch), and the constant schedule
-    not on the planned length, so the state after E epochs is that of a separate E-epoch run."""
+    not on the planned length, so the state after E epochs is that of a separate E-epoch run. ``state`` may come
+    from another device (tensors are loaded onto this one)."""
     from tqdm.auto import tqdm
 
-    module = source.build(cfg)
+    compute = Compute.of(cfg)
+    module = source.build(cfg).to(compute.device)
     steps = math.ceil(source.n_train / cfg.batch_size)
     opt, sched = make_optimizer(cfg, module.parameters(), steps)
     loss_fn = make_loss(cfg, source.y_train)
@@ -88,6 +97,9 @@ def train_epochs(
     ema = make_ema(module, cfg.ema_decay)  # after the resume: the average starts from the resumed weights
     if ema is not None and state and state.get("ema"):
         ema.module.load_state_dict(state["ema"])
+    scaler = compute.grad_scaler()  # fp16 only
+    if scaler is not None and state and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     source.prepare(module)
 
     bar = tqdm(
@@ -98,35 +110,39 @@ def train_epochs(
             t0 = time.perf_counter()
             source.train_mode(module)
             perm = source.order(epoch_generator(cfg.seed, epoch))
-            total, correct, seen = 0.0, 0, 0
+            running = RunningMeans(compute.device)
             for i in range(0, source.n_train, cfg.batch_size):
                 idx = perm[i : i + cfg.batch_size]
-                x, y, c = source.batch(idx, cfg)
+                x, y, c = compute.move(*source.batch(idx, cfg))
                 opt.zero_grad(set_to_none=True)
                 logits, z = source.forward(module, x, cfg)  # z: diagnosis logits (--target diagnosis), else None
                 loss = loss_fn(logits, y, z, c)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # fp16: the loss scaled up so small gradients survive; a step that overflowed is skipped
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 sched.step()
                 if ema is not None:
                     ema.update(module, step=sched.last_epoch)  # the scheduler counts optimizer steps
-                total += float(loss.detach()) * len(idx)
-                correct += int(((logits.detach() > 0).float() == y).sum())
-                seen += len(idx)
+                running.add(loss, logits, y)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}")
+                if (mean := running.running_loss()) is not None:
+                    bar.set_postfix(epoch=epoch, loss=f"{mean:.3f}")
+            train_loss, train_acc = running.means()  # on a GPU: waits for the epoch's last step
+            train_seconds = time.perf_counter() - t0
 
             judged = module if ema is None else ema.module
             if source.rescore_train:
                 train_loss, train_acc, _ = source.score(judged, "train", loss_fn)
-            else:
-                train_loss, train_acc = total / seen, correct / seen
             val_loss, val_acc, val_auc = source.score(judged, "val", loss_fn)
             lr = sched.get_last_lr()[0]
             assert isinstance(lr, float)  # a tensor only for a tensor cfg.lr
             result = EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, val_auc, lr, time.perf_counter() - t0)
             bar.set_postfix(epoch=epoch, val_acc=f"{val_acc:.3f}", val_loss=f"{val_loss:.3f}")
-            yield Epoch(result, module, judged, opt, sched, None if ema is None else ema.module)
+            yield Epoch(result, module, judged, opt, sched, None if ema is None else ema.module, scaler, train_seconds)
     finally:
         bar.close()
 
@@ -154,6 +170,8 @@ def train(
     taxonomy). Both are listed, with the reason, in the run's skipped_files.txt."""
     # config: what is asked for, and whether ``out`` already holds it
     run = RunFolder(out)
+    compute = Compute.of(cfg)  # the device is there (ConfigError if not), before any data is read
+    tracking.require(cfg.log)  # and so is the tracker's package
     dataset = load_training_data(data, taxonomy, classes, skip_invalid=skip_invalid, progress=progress)
     resolved = resolve_weights(cfg.backbone, weights, weights_dir, allow_random_init, cfg.seed)
     file_hash = dataset.file_list_hash()
@@ -162,6 +180,7 @@ def train(
     diagnoses = diagnosis_classes(dataset.train, taxonomy) if cfg.target == "diagnosis" else None
     if run.has(rf.MODEL) and run.has(rf.CONFIG) and not run.has(rf.STATE):
         return run.path  # finished earlier
+    previous = run.config.raw.get("tracking") if run.has(rf.CONFIG) else None  # an unfinished run's tracker
 
     # data: features or images of the readable files, split
     t_start = time.perf_counter()
@@ -174,6 +193,7 @@ def train(
     run.write_skipped(skipped)
     config = run_config(cfg, resolved, data, classes, file_hash, splits, len(skipped), command, diagnoses)
     config["data"].update(data_record(data, dataset, taxonomy, skip_invalid))
+    config["compute"] = compute.record()  # this session's: a resumed run may have started elsewhere
     run.write_config(config)
     run.write_splits(splits)
     data_seconds = time.perf_counter() - t_start  # decoding, and backbone features unless cached
@@ -187,32 +207,41 @@ def train(
     # model: frozen mode trains the head alone; the saved model puts the (fixed) backbone in front of it
     backbone = build_backbone(resolved, cfg.seed) if cfg.mode == "frozen" else None
 
-    # loop, with a checkpoint of the best epoch (validation accuracy, then loss) and the resume state every epoch
-    for ep in train_epochs(source, cfg, state, progress):
-        r = ep.result
-        history.append(r.row())
-        if r.val_accuracy > best["val_accuracy"] or (
-            r.val_accuracy == best["val_accuracy"] and r.val_loss < best["val_loss"]
-        ):
-            best.update(val_accuracy=r.val_accuracy, val_loss=r.val_loss, epoch=r.epoch)
-            if backbone is None:  # finetune: the whole classifier trained
-                assert isinstance(ep.judged, LesionClassifier)
-                model = ep.judged
-            else:  # frozen: the head alone trained
-                assert isinstance(ep.judged, Head)
-                model = LesionClassifier(backbone, ep.judged)
-            save_model(model, run / rf.MODEL, model_meta(cfg, r.epoch, diagnoses))
-        run.write_history(history, HISTORY_FIELDS)
-        resume = {
-            **ep.resume_state(),
-            "history": history,
-            "best": best,
-            "wall_seconds": earlier_seconds + time.perf_counter() - t_start,
-        }
-        files.atomic_save_torch(resume, run / rf.STATE)
+    # loop, with a checkpoint of the best epoch (validation accuracy, then loss) and the resume state every epoch;
+    # each epoch also to the tracker, if any (it marks its run finished, killed or failed as the loop ends)
+    images, train_seconds = 0, 0.0  # this session's training throughput
+    with tracking.start(cfg, run.path, config, previous) as tracker:
+        if tracker.record():
+            config["tracking"] = tracker.record()
+            run.write_config(config)
+        for ep in train_epochs(source, cfg, state, progress):
+            r = ep.result
+            history.append(r.row())
+            if r.val_accuracy > best["val_accuracy"] or (
+                r.val_accuracy == best["val_accuracy"] and r.val_loss < best["val_loss"]
+            ):
+                best.update(val_accuracy=r.val_accuracy, val_loss=r.val_loss, epoch=r.epoch)
+                if backbone is None:  # finetune: the whole classifier trained
+                    assert isinstance(ep.judged, LesionClassifier)
+                    model = ep.judged
+                else:  # frozen: the head alone trained
+                    assert isinstance(ep.judged, Head)
+                    model = LesionClassifier(backbone, ep.judged)
+                save_model(model, run / rf.MODEL, model_meta(cfg, r.epoch, diagnoses))
+            run.write_history(history, HISTORY_FIELDS)
+            resume = {
+                **ep.resume_state(),
+                "history": history,
+                "best": best,
+                "wall_seconds": earlier_seconds + time.perf_counter() - t_start,
+            }
+            files.atomic_save_torch(resume, run / rf.STATE)
+            tracker.log_epoch(r.row())
+            images, train_seconds = images + source.n_train, train_seconds + ep.train_seconds
 
     # finished: the best epoch and the timings in config.json; no resume state left
     config["best_epoch"] = best["epoch"]
+    config["compute"].update(throughput(images, train_seconds))
     config["timing"] = {
         "wall_seconds": round(earlier_seconds + time.perf_counter() - t_start, 1),
         "data_seconds_last_session": round(data_seconds, 1),
@@ -224,3 +253,9 @@ def train(
     run.write_config(config)
     (run / rf.STATE).unlink(missing_ok=True)
     return run.path
+
+
+def throughput(images: int, seconds: float) -> dict[str, Any]:
+    """config.json's measured training speed: images (feature vectors in frozen mode) per second of training steps
+    (augmentation, forward, backward, optimizer; not validation), over this session's epochs."""
+    return {"images_per_second": round(images / seconds, 1) if seconds > 0 else None, "images_trained": images}

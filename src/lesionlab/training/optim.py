@@ -29,12 +29,22 @@ def make_loss(cfg: TrainConfig, y_train: np.ndarray) -> Loss:
     With diagnosis logits and classes (``--target diagnosis``), each image with a diagnosis (class >= 0) costs
     the cross-entropy over the diagnoses (label smoothing spread over the K classes), and each image with only a
     benign/malignant label (class -1) the binary cross-entropy of the head's binary logit; the batch's loss is
-    the mean over all its images. The class weight then weights every malignant image, in either term."""
+    the mean over all its images. The class weight then weights every malignant image, in either term.
+
+    The loss is computed on the logits' device (the class weight is copied there once per device)."""
     pos_weight = None
     if cfg.class_weight:
         pos = float(y_train.sum())
         pos_weight = torch.tensor((len(y_train) - pos) / max(pos, 1.0))
-    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    on_device: dict[torch.device, torch.Tensor] = {}
+
+    def weight_on(device: torch.device) -> torch.Tensor | None:
+        if pos_weight is None or device.type == "cpu":
+            return pos_weight
+        if device not in on_device:
+            with torch.inference_mode(False):  # a copy made while validating must still serve training steps
+                on_device[device] = pos_weight.to(device)
+        return on_device[device]
 
     def smoothed(y: torch.Tensor) -> torch.Tensor:
         return y * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing if cfg.label_smoothing else y
@@ -42,8 +52,9 @@ def make_loss(cfg: TrainConfig, y_train: np.ndarray) -> Loss:
     def loss(
         logits: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None = None, c: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if z is None or c is None:
-            return bce(logits, smoothed(y))
+        weight = weight_on(logits.device)
+        if z is None or c is None:  # what nn.BCEWithLogitsLoss(pos_weight=...) computes
+            return nn.functional.binary_cross_entropy_with_logits(logits, smoothed(y), pos_weight=weight)
         known = c >= 0
         per_image = torch.zeros_like(logits)
         if known.any():
@@ -54,8 +65,8 @@ def make_loss(cfg: TrainConfig, y_train: np.ndarray) -> Loss:
             per_image[~known] = nn.functional.binary_cross_entropy_with_logits(
                 logits[~known], smoothed(y[~known]), reduction="none"
             )
-        if pos_weight is not None:
-            per_image = per_image * torch.where(y > 0.5, pos_weight, torch.ones_like(y))
+        if weight is not None:
+            per_image = per_image * torch.where(y > 0.5, weight, torch.ones_like(y))
         return per_image.mean()
 
     return loss

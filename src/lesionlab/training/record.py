@@ -2,8 +2,9 @@
 names and formats): config.json's content, the identity that tells a resumable run from a different one, a history
 row per epoch, and a finished folder for a model trained elsewhere (the sweep).
 
-config.json records every training option (schema 2). Older folders (schema 1 left options added later out while
+config.json records every training option (schema 2 on). Older folders (schema 1 left options added later out while
 they were off) are compared after :func:`lesionlab.runs.migrate`, so they still resume and are still recognised.
+Where a run computes and reports (device, tracker: ``config.NOT_IDENTITY``) is recorded but not compared.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lesionlab.data.sample import Sample
 from lesionlab.models.backbones import ResolvedWeights
 from lesionlab.models.classifier import Diagnoses, LesionClassifier, save_model
 from lesionlab.runs import RunFolder
-from lesionlab.training.config import TrainConfig
+from lesionlab.training.config import TrainConfig, identity_settings
 from lesionlab.training.features import preprocessing
 
 
@@ -43,20 +44,24 @@ HISTORY_FIELDS = [f.name for f in fields(EpochResult)]
 
 
 def train_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -> dict[str, Any]:
-    """What makes two runs the same run: every training option, the weights and the file list."""
-    return {"train": asdict(cfg), "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
+    """What makes two runs the same run: every training option but the device and tracker, the weights and the
+    file list."""
+    return {"train": identity_settings(asdict(cfg)), "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
 
 
 def check_existing(run: RunFolder, identity: dict[str, Any]) -> None:
     """RunError when ``run`` already holds a run other than ``identity`` (any schema, compared migrated)."""
     if not run.has(rf.CONFIG):
         return
-    old = run.config.raw
+    old = {**run.config.raw}
+    old["train"] = identity_settings(old.get("train", {}))
     if {k: old.get(k) for k in identity} != identity:
         old_train = old.get("train", {})
         diff = [k for k in identity["train"] if old_train.get(k) != identity["train"][k]]
         what = f"settings differ: {', '.join(diff)}" if diff else "weights or data files differ"
-        raise rf.RunError(f"{run.path} already holds a different run ({what}); choose another --out or delete it")
+        # precision auto differs between devices: a run moved to another machine resumes with the one it had
+        hint = f"; to resume it, pass --precision {old_train['precision']}" if diff == ["precision"] else ""
+        raise rf.RunError(f"{run.path} already holds a different run ({what}); choose another --out or delete it{hint}")
 
 
 def run_config(
@@ -74,6 +79,7 @@ def run_config(
     runs written by the sweep."""
     return {
         **train_identity(cfg, resolved, file_hash),
+        "train": asdict(cfg),  # every option, the device and tracker too
         "kind": rf.RUN_KIND,
         "backbone": cfg.backbone,
         "mode": cfg.mode,

@@ -1,0 +1,83 @@
+"""The transfer ablation table: evaluated runs side by side, from their metrics.json alone (nothing is scored).
+
+Usage: python bench/ablation.py RUN [RUN ...] [--source isic-kaggle] [--json FILE]
+
+Per run: validation AUC (what a choice may look at), then, at the run's own operating threshold (chosen on its
+validation), AUC, sensitivity and specificity with their 95% bootstrap CIs on the cross-source test split of
+``--source`` (``test_dedup:<source>``: its test images that match no training image of any source) and on each
+external set the run was scored on (``lesionlab evaluate RUN --external NAME=PATH``), and balanced multi-class
+accuracy where the run has a diagnosis head and the set has diagnoses. External sets report; they choose nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def ci(block: dict[str, Any] | None) -> str:
+    if not block or block.get("value") is None:
+        return "n/a"
+    lo, hi = block["ci95"]
+    return f"{block['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def at_threshold(m: dict[str, Any]) -> dict[str, Any]:
+    """A split's or an external set's metrics at the operating threshold (sensitivity is `recall` in splits)."""
+    t = m.get("at_threshold", m)
+    return {
+        "auc": t.get("auc") or m.get("auc"),
+        "sens": t.get("sensitivity") or t.get("recall"),
+        "spec": t.get("specificity"),
+    }
+
+
+def balanced(m: dict[str, Any]) -> str:
+    d = m.get("diagnosis")
+    return ci(d.get("balanced_accuracy")) if isinstance(d, dict) else ""
+
+
+def rows(run: Path, source: str) -> list[list[str]]:
+    m = json.loads((run / "metrics.json").read_text())
+    sets: list[tuple[str, dict[str, Any]]] = []
+    key = f"test_dedup:{source}" if f"test_dedup:{source}" in m else "test_dedup"
+    sets.append((f"{key} (n={m[key]['n']})", m[key]))
+    sets += [(f"{name} (n={e['n']})", e) for name, e in (m.get("external") or {}).items()]
+    out = []
+    for name, block in sets:
+        t = at_threshold(block)
+        out.append(
+            [
+                run.name,
+                f"{m['val']['auc']['value']:.3f}",
+                name,
+                ci(t["auc"]),
+                ci(t["sens"]),
+                ci(t["spec"]),
+                balanced(block),
+            ]
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--source", default="isic-kaggle")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    table = [r for run in args.runs for r in rows(run, args.source)]
+    head = ["run", "val AUC", "set", "AUC", "sensitivity", "specificity", "balanced accuracy (7 classes)"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in table:
+        print("| " + " | ".join(r) + " |")
+    if args.json:
+        args.json.write_text(json.dumps([dict(zip(head, r)) for r in table], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
