@@ -1,0 +1,37 @@
+#!/bin/bash
+# The transfer ablation (docs/results.md 8.1), one job at a time, in the background:
+#   nohup bench/ablation_queue.sh f-sq f-cc f-dx a1 > logs/ablation.log 2>&1 &
+# Each run trains on isic-kaggle + ham10000 (lesion-safe), then is scored on the external sets (reported, never
+# tuned on); `python bench/ablation.py runs/r8-*` prints the table. Resumable: a finished run is skipped, an
+# unfinished one resumes from its last epoch. The code is a fixed commit (a git worktree at $SNAPSHOT, made from
+# HEAD when missing), so that edits in the working tree cannot break a queued run.
+cd "$(dirname "$0")/.."
+SNAPSHOT=${SNAPSHOT:-/tmp/lesionlab-snapshot}
+[ -d "$SNAPSHOT" ] || git worktree add --detach "$SNAPSHOT" HEAD -q
+export PYTHONPATH=$SNAPSHOT/src
+D="--data ../shared/data/isic-kaggle --data ../shared/data/ham10000"
+EXT="--only-external --external isic2018=../shared/data/isic2018-task3-test --external ph2=../shared/data/ph2"
+L=.venv/bin/lesionlab
+FT="--mode finetune --lr 3e-4 --epochs 8 --optimizer adamw --weight-decay 1e-4 --schedule cosine --warmup-epochs 1 --label-smoothing 0.05"
+run() {  # name, train options...
+  local name=$1; shift
+  echo "=== $(date +%T) $name: $*"
+  if [ -f runs/$name/metrics.json ] && grep -q '"external"' runs/$name/metrics.json; then echo "done earlier"; return; fi
+  $L train $D "$@" --out runs/$name --quiet && $L evaluate runs/$name $EXT --quiet
+  echo "=== $(date +%T) $name finished rc=$?"
+}
+for job in "$@"; do
+  case $job in
+    f-sq) run r8-f-squash --resize squash ;;  # frozen lite0 (the study's head), one lever each
+    f-cc) run r8-f-cc --color-constancy shades-of-gray ;;
+    f-dx) run r8-f-dx --target diagnosis ;;
+    a1) run r8-a1-ft-union $FT ;;  # fine-tuned: the bundled model's recipe on the union, then one lever each
+    a2) run r8-a2-ft-shortcuts $FT --augment dermoscopy+shortcuts ;;
+    a3) run r8-a3-ft-color $FT --augment dermoscopy+color ;;
+    a4) run r8-a4-ft-aspect $FT --augment dermoscopy+aspect ;;
+    a5) run r8-a5-ft-dx $FT --target diagnosis ;;
+    a6) run r8-a6-ft-cc $FT --color-constancy shades-of-gray ;;
+    *) echo "unknown job $job (f-sq f-cc f-dx a1..a6)"; exit 2 ;;
+  esac
+done
+echo "QUEUE DONE $(date +%T)"
