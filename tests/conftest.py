@@ -59,6 +59,33 @@ def make_subset(src: Path, dst: Path, n_train: int = 30, n_test: int = 12) -> Pa
 
 
 @pytest.fixture(scope="session")
+def few_images(shared_data, tmp_path_factory) -> Path:
+    """Five training and two test images per class: for tests that train a run and look at its loop, not its
+    numbers."""
+    return make_subset(shared_data, tmp_path_factory.mktemp("few"), n_train=5, n_test=2)
+
+
+def make_ham_subset(dst: Path, per_diagnosis: dict[str, int]) -> Path:
+    """A HAM10000 folder of the first ``n`` metadata rows of each diagnosis (in the dict's order): a trimmed
+    HAM10000_metadata.csv beside symlinks to their images. Skips the test without ../shared/data/ham10000."""
+    import csv
+
+    src = SHARED / "data" / "ham10000"
+    if not (src / "HAM10000_metadata.csv").exists():
+        pytest.skip("needs ../shared/data/ham10000")
+    rows = list(csv.DictReader((src / "HAM10000_metadata.csv").open()))
+    pick = [r for dx, n in per_diagnosis.items() for r in [r for r in rows if r["dx"] == dx][:n]]
+    (dst / "images").mkdir(parents=True)
+    with (dst / "HAM10000_metadata.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(pick)
+    for r in pick:
+        (dst / "images" / f"{r['image_id']}.jpg").symlink_to(src / "images" / f"{r['image_id']}.jpg")
+    return dst
+
+
+@pytest.fixture(scope="session")
 def small_data(shared_data, tmp_path_factory) -> Path:
     return make_subset(shared_data, tmp_path_factory.mktemp("small-data"))
 

@@ -3,7 +3,6 @@ exists) the CUDA path end to end. Without a GPU, torch.cuda is monkeypatched to 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -11,7 +10,6 @@ import math
 import pytest
 import torch
 
-from conftest import make_subset
 from lesionlab import runs
 from lesionlab.models.classifier import load_model
 from lesionlab.runs import RunFolder
@@ -20,11 +18,6 @@ from lesionlab.training import record
 from lesionlab.training.config import ConfigError, TrainConfig
 from lesionlab.training.device import Compute, RunningMeans, resolve_device
 from lesionlab.training.loop import train
-
-
-@pytest.fixture(scope="module")
-def few_images(shared_data, tmp_path_factory):
-    return make_subset(shared_data, tmp_path_factory.mktemp("few"), n_train=5, n_test=2)
 
 
 def _gpus(monkeypatch, n: int, bf16: bool = True) -> None:
@@ -177,11 +170,6 @@ def cuda() -> None:
         )
 
 
-def _history(run):
-    with open(run / "history.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _dies_at_epoch(monkeypatch, epoch: int):
     real = RunFolder.write_history
 
@@ -225,7 +213,7 @@ def test_finetune_on_cuda_then_resume_evaluate_and_predict_on_the_cpu(
     resumed = train(on_cpu, few_images, tmp_path / "moved", weights_dir=shared_weights, progress=False)
     config = json.loads((resumed / "config.json").read_text())
     assert config["compute"]["device"] == "cpu" and config["compute"]["images_trained"] == config["data"]["n_train"]
-    assert len(_history(resumed)) == 2 and not (resumed / "train_state.pt").exists()
+    assert len(RunFolder(resumed).history()) == 2 and not (resumed / "train_state.pt").exists()
 
 
 def test_fp16_with_a_gradient_scaler_and_a_frozen_head_on_cuda(cuda, few_images, shared_weights, tmp_path):
@@ -233,12 +221,12 @@ def test_fp16_with_a_gradient_scaler_and_a_frozen_head_on_cuda(cuda, few_images,
     out = train(cfg, few_images, tmp_path / "fp16", weights_dir=shared_weights, progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["compute"]["grad_scaler"] is True
-    assert math.isfinite(float(_history(out)[0]["train_loss"]))
+    assert math.isfinite(float(RunFolder(out).history()[0]["train_loss"]))
 
     # frozen: the head on the GPU, on the same cached features, in fp32: the CPU's numbers up to rounding
     cpu = train(TrainConfig(epochs=2, device="cpu", class_weight=True), few_images, tmp_path / "cpu", progress=False)
     gpu = train(TrainConfig(epochs=2, device="cuda", class_weight=True), few_images, tmp_path / "gpu", progress=False)
-    for a, b in zip(_history(cpu), _history(gpu)):
+    for a, b in zip(RunFolder(cpu).history(), RunFolder(gpu).history()):
         for column in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
             assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-3, abs=1e-4), column
     model, _ = load_model(gpu / "model.pt")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED, make_subset
+from conftest import SHARED, make_ham_subset, make_subset
 from lesionlab.data.images import open_image
 from lesionlab.data.sample import Sample
 from lesionlab.training.config import ConfigError, TrainConfig
@@ -27,20 +27,7 @@ PER_CLASS = 3
 @pytest.fixture(scope="module")
 def ham_subset(tmp_path_factory) -> Path:
     """PER_CLASS images of each of HAM10000's seven diagnoses (trimmed metadata CSV beside symlinked images)."""
-    src = SHARED / "data" / "ham10000"
-    if not (src / "HAM10000_metadata.csv").exists():
-        pytest.skip("needs ../shared/data/ham10000")
-    rows = list(csv.DictReader((src / "HAM10000_metadata.csv").open()))
-    pick = [r for dx in HAM_CLASSES for r in [r for r in rows if r["dx"] == dx][:PER_CLASS]]
-    dst = tmp_path_factory.mktemp("ham") / "ham10000"
-    (dst / "images").mkdir(parents=True)
-    with (dst / "HAM10000_metadata.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(pick)
-    for r in pick:
-        (dst / "images" / f"{r['image_id']}.jpg").symlink_to(src / "images" / f"{r['image_id']}.jpg")
-    return dst
+    return make_ham_subset(tmp_path_factory.mktemp("ham") / "ham10000", dict.fromkeys(HAM_CLASSES, PER_CLASS))
 
 
 @pytest.fixture(scope="module")

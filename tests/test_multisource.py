@@ -6,27 +6,12 @@ import json
 
 import pytest
 
-from conftest import SHARED, make_subset
+from conftest import make_ham_subset, make_subset
 
 
 @pytest.fixture(scope="module")
 def ham_subset(tmp_path_factory):
-    src = SHARED / "data" / "ham10000"
-    if not (src / "HAM10000_metadata.csv").exists():
-        pytest.skip("needs ../shared/data/ham10000")
-    import csv
-
-    rows = list(csv.DictReader((src / "HAM10000_metadata.csv").open()))
-    pick = [r for r in rows if r["dx"] == "mel"][:12] + [r for r in rows if r["dx"] == "nv"][:12]
-    dst = tmp_path_factory.mktemp("ham") / "ham10000"
-    (dst / "images").mkdir(parents=True)
-    with (dst / "HAM10000_metadata.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(pick)
-    for r in pick:
-        (dst / "images" / f"{r['image_id']}.jpg").symlink_to(src / "images" / f"{r['image_id']}.jpg")
-    return dst
+    return make_ham_subset(tmp_path_factory.mktemp("ham") / "ham10000", {"mel": 12, "nv": 12})
 
 
 @pytest.fixture(scope="module")

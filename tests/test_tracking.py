@@ -3,28 +3,16 @@ training (a failure to start is a clear error before the first epoch, a failure 
 
 from __future__ import annotations
 
-import csv
 import importlib
 import json
 
 import pytest
 
-from conftest import make_subset
 from lesionlab.runs import RunFolder
 from lesionlab.training import tracking
 from lesionlab.training.config import ConfigError, TrainConfig
 from lesionlab.training.loop import train
 from lesionlab.training.tracking import TrackingError
-
-
-@pytest.fixture(scope="module")
-def few_images(shared_data, tmp_path_factory):
-    return make_subset(shared_data, tmp_path_factory.mktemp("few"), n_train=5, n_test=2)
-
-
-def _history(run):
-    with open(run / "history.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_tensorboard_gets_every_epoch_in_the_run_folder(few_images, tmp_path):
@@ -35,7 +23,7 @@ def test_tensorboard_gets_every_epoch_in_the_run_folder(few_images, tmp_path):
     assert json.loads((out / "config.json").read_text())["tracking"] == {"log": "tensorboard", "dir": "tensorboard"}
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    history = _history(out)
+    history = RunFolder(out).history()
     for tag, column in (("val/accuracy", "val_accuracy"), ("train/loss", "train_loss"), ("lr", "lr")):
         scalars = events.Scalars(tag)
         assert [s.step for s in scalars] == [1, 2]
@@ -115,7 +103,7 @@ def test_a_tracker_failing_during_training_is_a_warning(few_images, tmp_path, mo
     monkeypatch.setattr(tracking.TensorBoardTracker, "_log", broken)
     with pytest.warns(RuntimeWarning, match=r"--log tensorboard: epoch 1 not logged .*disk full.*training goes on"):
         out = train(TrainConfig(epochs=1, log="tensorboard"), few_images, tmp_path / "r", progress=False)
-    assert len(_history(out)) == 1 and (out / "model.pt").exists()
+    assert len(RunFolder(out).history()) == 1 and (out / "model.pt").exists()
 
 
 def test_log_settings_are_checked_when_the_config_is_built():

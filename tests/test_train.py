@@ -1,4 +1,3 @@
-import csv
 import dataclasses
 import json
 
@@ -18,20 +17,10 @@ from lesionlab.training.loop import train, train_epochs
 from lesionlab.training.sources import FeatureSource
 
 
-@pytest.fixture(scope="module")
-def few_images(shared_data, tmp_path_factory):
-    return make_subset(shared_data, tmp_path_factory.mktemp("few"), n_train=5, n_test=2)
-
-
-def _history(run):
-    with open(run / "history.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def assert_same_run(a, b) -> None:
     """Same history (but for the timings) and bit-identical saved weights."""
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert strip(_history(a)) == strip(_history(b))
+    assert strip(RunFolder(a).history()) == strip(RunFolder(b).history())
     ma, _ = load_model(a / "model.pt")
     mb, _ = load_model(b / "model.pt")
     for k, v in ma.state_dict().items():
@@ -51,7 +40,7 @@ def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, 
         )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pretrained"] is False and cfg["weights"]["source"] == "random"
-    assert len(_history(out)) == 1
+    assert len(RunFolder(out).history()) == 1
     model, meta = load_model(out / "model.pt")
     assert meta["backbone"] == backbone
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1,)
@@ -118,7 +107,7 @@ def test_resume_after_a_kill_equals_an_unbroken_run(few_images, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train(cfg, few_images, tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "train_state.pt").exists()
-    assert len(_history(tmp_path / "b")) == 2
+    assert len(RunFolder(tmp_path / "b").history()) == 2
     monkeypatch.setattr(RunFolder, "write_history", real)
     resumed = train(cfg, few_images, tmp_path / "b", progress=False)
     assert not (resumed / "train_state.pt").exists()
