@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lesionlab.data.image_cache import GROW, ImageCache, ImageSpec
 from lesionlab.training.augment import (
     EXTRAS,
     RULER,
@@ -22,6 +23,7 @@ from lesionlab.training.augment import (
     vignette_gain,
 )
 from lesionlab.training.config import ConfigError, TrainConfig
+from lesionlab.training.distributed import Ranks
 from lesionlab.training.sources import ImageSource
 
 SPECS = ["dermoscopy", *(f"dermoscopy+{e}" for e in EXTRAS), "dermoscopy+shortcuts+color+aspect"]
@@ -197,14 +199,21 @@ def test_one_spelling_per_augmentation():
     assert TrainConfig(mode="frozen").augmentation == "none"
 
 
-def test_a_finetune_batch_carries_the_extras():
+def test_a_finetune_batch_carries_the_extras(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     y = np.array([0, 1] * 3, np.float32)
+    cache = ImageCache(ImageSpec(32), tmp_path)
+    cache.dir.mkdir(parents=True)
+    cache._grow(GROW)  # slots for images that are not files
+    for slot, img in enumerate(x):
+        cache.put(slot, img)
     weights = cast(Any, SimpleNamespace(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
-    source = ImageSource(x, y, x, y, weights)
-    cfg = TrainConfig(mode="finetune", augment="dermoscopy+shortcuts+color+aspect", precision="fp32")
-    torch.manual_seed(0)
-    batch, targets, *_ = source.batch(torch.arange(6), cfg)
-    assert batch.shape == (6, 3, 32, 32) and batch.dtype == torch.float32
-    assert torch.equal(targets, torch.from_numpy(y))
+    slots = np.arange(6)
+    source = ImageSource(cache, slots, y, slots, y, weights)
+    cfg = TrainConfig(mode="finetune", augment="dermoscopy+shortcuts+color+aspect", precision="fp32", batch_size=6)
+    images, targets, classes, n_global = next(source.feed(cfg, Ranks()).epoch(1))
+    assert images.shape == (6, 3, 32, 32) and images.dtype == torch.uint8  # normalised on the device
+    assert classes is None and n_global == 6
+    assert not torch.equal(images, torch.from_numpy(x).permute(0, 3, 1, 2))  # augmented
+    assert sorted(targets.tolist()) == sorted(y.tolist())

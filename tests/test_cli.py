@@ -154,6 +154,7 @@ TRAIN_FLAGS = {
     "--taxonomy",
     *("--target", "--color-constancy", "--resize", "--skip-invalid"),
     *("--device", "--log", "--log-uri"),
+    *("--input-size", "--data-workers", "--max-steps", "--backend", "--ray-address", "--num-workers"),
 }
 
 

@@ -223,3 +223,13 @@ def test_trials_recorded_before_schema_2_still_count(tmp_path):
     store.save(sw.TrialResult(trial, [], {e: {} for e in grid.epochs}), old_identity)
     assert store.load(trial, identity, grid.epochs) is not None
     assert store.load(trial, sw.trial_identity(grid.config(trial), weights, "other files"), grid.epochs) is None
+
+
+def test_gpus_per_trial_is_the_ray_backends(monkeypatch):
+    with pytest.raises(sw.SweepError, match="--gpus-per-trial"):
+        sw._backend("local", None, None, gpus_per_trial=0.5)
+    pytest.importorskip("ray")
+    from lesionlab.sweep.ray_backend import ray_backend
+
+    with pytest.raises(sw.SweepError, match="must be >= 0"):
+        ray_backend(gpus_per_trial=-1)

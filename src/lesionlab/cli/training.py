@@ -59,9 +59,20 @@ def train(
         None, help="Run folder (default: runs/<backbone>-<mode>-lr<lr>-e<epochs>-s<seed>)."
     ),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
+    backend: str = typer.Option(
+        "local",
+        help="local (this process; several under torchrun: `torchrun --nproc-per-node N -m lesionlab train ...`) or "
+        "ray (Ray Train's data-parallel workers; pip install 'lesionlab[ray]').",
+    ),
+    ray_address: str | None = typer.Option(
+        None, help="--backend ray: the cluster's address (auto, ray://HOST:10001; default: start a local Ray)."
+    ),
+    num_workers: int = typer.Option(2, help="--backend ray: training processes (one GPU each when --device is cuda)."),
     **settings: Any,
 ) -> None:
     """Train one model (resumes when the same command is run again) and evaluate it."""
+    import os
+
     from lesionlab.evaluation.evaluate import evaluate_run
     from lesionlab.training.loop import train as run_train
 
@@ -83,22 +94,37 @@ def train(
             classes=classes,
             threshold_policy=threshold_policy,
             out=out,
+            **(
+                {"backend": backend, "ray_address": ray_address, "num_workers": num_workers}
+                if backend != "local"
+                else {}
+            ),
         )
         evaluated = RunFolder(out).state == "evaluated"
-        run_dir = run_train(
-            cfg,
-            specs[0] if len(specs) == 1 else specs,
-            out,
-            weights,
-            weights_dir,
-            allow_random_init,
-            skip_bad,
-            not quiet,
-            parse_classes(classes),
+        kwargs: dict[str, Any] = dict(
+            weights=weights,
+            weights_dir=weights_dir,
+            allow_random_init=allow_random_init,
+            skip_bad=skip_bad,
+            classes=parse_classes(classes),
             command=command,
             taxonomy=tax,
             skip_invalid=skip_invalid,
         )
+        if backend == "ray":
+            from lesionlab.training.config import device_type
+            from lesionlab.training.ray_train import train_on_ray
+
+            use_gpu = device_type(cfg.device) == "cuda" or (cfg.device == "auto" and ray_address is not None)
+            run_dir = train_on_ray(
+                cfg, specs, out, address=ray_address, num_workers=num_workers, use_gpu=use_gpu, **kwargs
+            )
+        elif backend == "local":
+            run_dir = run_train(cfg, specs[0] if len(specs) == 1 else specs, out, progress=not quiet, **kwargs)
+        else:
+            fail(f"--backend must be local or ray, got '{backend}'")
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # a torchrun process other than rank 0: rank 0 reports and evaluates
         typer.echo(f"trained: {run_dir}")
         if evaluated:  # finished and evaluated earlier: keep that evaluation (it may have used --tta)
             typer.echo(f"already evaluated: {run_dir / REPORT} (`lesionlab evaluate {run_dir}` evaluates again)")
@@ -136,6 +162,9 @@ def sweep(
     allow_random_init: bool = typer.Option(False, help="Sweep backbones without ImageNet weights from random weights."),
     backend: str = typer.Option("local", help="Where trials run: local or ray (pip install 'lesionlab[ray]')."),
     ray_address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+    gpus_per_trial: float = typer.Option(
+        0.0, help="Ray backend: each trial's share of a GPU (e.g. 0.25: four trials per GPU; 0 = CPU trials)."
+    ),
     skip_bad: bool = typer.Option(False, help="Skip unreadable images instead of stopping."),
     classes: str = typer.Option("benign,malignant", help=CLASSES_HELP),
     resamples: int = typer.Option(1000, help=RESAMPLES_HELP),
@@ -174,6 +203,7 @@ def sweep(
             allow_random_init=allow_random_init,
             backend=backend,
             ray_address=ray_address,
+            gpus_per_trial=gpus_per_trial or None,
             skip_bad=skip_bad,
             classes=classes,
             resamples=resamples,
@@ -193,6 +223,7 @@ def sweep(
             command,
             trial_workers or None,
             taxonomy=Taxonomy.from_file(taxonomy) if taxonomy else DEFAULT_TAXONOMY,
+            gpus_per_trial=gpus_per_trial,
         )
     except USER_ERRORS as e:
         fail(str(e))

@@ -36,11 +36,12 @@ TENSORBOARD = "tensorboard"  # --log tensorboard: the event files of the run's p
 RUN_KIND = "lesionlab-run"
 ENSEMBLE_KIND = "lesionlab-ensemble"
 
+#: 5: the scaling issue's options (input_size, data_workers, max_steps) and ``compute.distributed``.
 #: 4: where a run computes and reports (device, log, log_uri; not part of a run's identity) and config.json's
 #: ``compute`` block. 3: the options of the transfer issue (target, colour constancy, resize). 2: config.json records
 #: every training option and its ``schema_version``. 1 (no version): options added after the first release were left
 #: out while off (see ``migrate``).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Training options that schema-1 runs did not record when they were off, and their value then.
 SCHEMA1_TRAIN_DEFAULTS: Mapping[str, Any] = {"ema_decay": 0.0, "fold": 0, "also_val_fold": -1}
 #: Schema-1 runs written before bf16 training existed trained in fp32.
@@ -49,6 +50,9 @@ SCHEMA1_PRECISION = "fp32"
 SCHEMA2_TRAIN_DEFAULTS: Mapping[str, Any] = {"target": "binary", "color_constancy": "none", "resize": "crop"}
 #: Training options added in schema 4: every earlier run trained on the CPU and sent its metrics nowhere else.
 SCHEMA3_TRAIN_DEFAULTS: Mapping[str, Any] = {"device": "cpu", "log": "none", "log_uri": ""}
+#: Training options added in schema 5: earlier runs used the backbone's input size, loaded images in the training
+#: process and trained every step.
+SCHEMA4_TRAIN_DEFAULTS: Mapping[str, Any] = {"input_size": 0, "data_workers": 0, "max_steps": 0}
 
 
 class RunError(LesionlabError):
@@ -72,6 +76,8 @@ def migrate(config: Mapping[str, Any]) -> dict[str, Any]:
         out["train"] = {**SCHEMA2_TRAIN_DEFAULTS, **out["train"]}
     if version < 4 and "train" in out:
         out["train"] = {**SCHEMA3_TRAIN_DEFAULTS, **out["train"]}
+    if version < 5 and "train" in out:
+        out["train"] = {**SCHEMA4_TRAIN_DEFAULTS, **out["train"]}
     out["schema_version"] = SCHEMA_VERSION
     return out
 

@@ -9,6 +9,7 @@ lesionlab installed (the same version as the driver).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from lesionlab.sweep.trials import Backend, Job, SweepError, TrialData, TrialResult, run_trial
@@ -27,11 +28,16 @@ def _trial_task(cfg: TrainConfig, data: TrialData, record: tuple[int, ...]) -> T
     return run_trial(cfg, data, record)
 
 
-def ray_backend(address: str | None = None, num_cpus: int | None = None) -> Backend:
+def ray_backend(address: str | None = None, num_cpus: int | None = None, gpus_per_trial: float = 0.0) -> Backend:
     """A backend that connects to the Ray cluster at ``address`` (None: start a local one; 'auto': the running one).
+
+    ``gpus_per_trial`` > 0: each trial asks Ray for that share of a GPU (0.25: four trials per GPU) and trains on
+    it (``device=cuda``; the device is not part of a trial's result, only where it computes).
 
     When lesionlab starts Ray it also shuts it down; a Ray already initialised by the caller is used as is.
     """
+    if gpus_per_trial < 0:
+        raise SweepError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
     ray = _import_ray()
 
     def run(jobs: list[Job], on_done: Callable[[TrialResult], None], tick: Callable[[int], None]) -> None:
@@ -47,10 +53,13 @@ def ray_backend(address: str | None = None, num_cpus: int | None = None) -> Back
                 configure_logging=False,
             )
         try:
-            task = ray.remote(num_cpus=1)(_trial_task)  # run_trial pins frozen trials to TRIAL_THREADS threads
+            # run_trial pins frozen trials to TRIAL_THREADS threads
+            task = ray.remote(num_cpus=1, num_gpus=gpus_per_trial)(_trial_task)
             refs: dict[int, object] = {}  # one object-store copy per (backbone, seed) data set
             pending = {}
             for cfg, data, record in jobs:
+                if gpus_per_trial > 0:
+                    cfg = dataclasses.replace(cfg, device="cuda")
                 ref = refs.setdefault(id(data), ray.put(data))
                 pending[task.remote(cfg, ref, record)] = cfg.epochs
             while pending:

@@ -270,6 +270,7 @@ def run_sweep(
     command: str = "",
     workers: int | None = None,
     taxonomy: Taxonomy = DEFAULT_TAXONOMY,
+    gpus_per_trial: float = 0.0,
 ) -> SweepOutcome:
     """Runs what is left of the grid, selects per backbone, evaluates, and writes every output file.
 
@@ -280,7 +281,7 @@ def run_sweep(
     t_start = time.perf_counter()
     keep_freed_memory()
     out = Path(out)
-    runner = _backend(backend, ray_address, workers)
+    runner = _backend(backend, ray_address, workers, gpus_per_trial)
     dataset = load_training_data(data, taxonomy, classes, progress=progress)
     data_info = data_record(data, dataset, taxonomy)
     file_hash = dataset.file_list_hash()
@@ -370,13 +371,15 @@ def run_sweep(
     return SweepOutcome(out, rows, choices, selected, len(jobs), seconds)
 
 
-def _backend(name: str, ray_address: str | None, workers: int | None = None) -> Backend:
+def _backend(name: str, ray_address: str | None, workers: int | None = None, gpus_per_trial: float = 0.0) -> Backend:
     if name == "local":
+        if gpus_per_trial:
+            raise SweepError("--gpus-per-trial shares GPUs between Ray tasks: use it with --backend ray")
         return local_backend(workers)
     if name == "ray":
         from lesionlab.sweep.ray_backend import ray_backend  # Ray is an optional extra: imported only when asked
 
-        return ray_backend(ray_address)
+        return ray_backend(ray_address, gpus_per_trial=gpus_per_trial)
     raise SweepError(f"backend must be local or ray, got '{name}'")
 
 

@@ -139,7 +139,7 @@ def run_trial(
         for ep in train_epochs(data, cfg, progress=False):
             history.append(ep.result.row())
             if ep.result.epoch in record:
-                states[ep.result.epoch] = {k: v.detach().clone() for k, v in ep.judged.state_dict().items()}
+                states[ep.result.epoch] = {k: v.detach().cpu().clone() for k, v in ep.judged.state_dict().items()}
             if tick:
                 tick(1)
     return TrialResult(Trial(cfg.backbone, cfg.lr, cfg.seed), history, states)

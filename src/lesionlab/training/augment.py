@@ -242,7 +242,7 @@ def strong_color(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_input(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NxCxHxW -> normalised float."""
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+    """uint8 NxCxHxW -> normalised float32, on the images' device."""
+    m = torch.tensor(mean, device=images_uint8.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images_uint8.device).view(1, 3, 1, 1)
     return (images_uint8.float() / 255.0 - m) / s

@@ -8,6 +8,7 @@ option's help. The command line derives its options and the run's reproducible c
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -116,6 +117,26 @@ class TrainConfig:
     resize: str = setting(
         "crop", "crop (shorter side, centre crop) or squash (whole image to a square): also how predict reads files."
     )
+    input_size: int = setting(
+        0,
+        "Input size in pixels, e.g. 384 (0 = the backbone's own, 224 for most). Predict, export and serve read it "
+        "from the run.",
+        unset=0,
+    )
+    data_workers: int = setting(
+        -1,
+        "finetune: DataLoader worker processes that read the image cache and augment (0 = in the training "
+        "process; default: the cores but one, at most 8). Results do not depend on it (each image's augmentation "
+        "is seeded by seed, epoch and image). Not part of the run's identity.",
+        unset=-1,
+        identity=False,
+    )
+    max_steps: int = setting(
+        0,
+        "Stop after this many optimizer steps (0 = train all epochs; the schedule stays that of all epochs): for "
+        "benchmarks and smoke tests.",
+        unset=0,
+    )
     log: str = setting(
         "none",
         "Also send each epoch's metrics to none, tensorboard (RUN/tensorboard/; pip install 'lesionlab[tensorboard]') "
@@ -153,6 +174,10 @@ class TrainConfig:
             raise ConfigError(f"mode must be one of {MODES}, got '{self.mode}'")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("lr must be > 0, epochs >= 1 and batch size >= 1")
+        if self.input_size and not 32 <= self.input_size <= 2048:
+            raise ConfigError(f"input_size must be 0 (the backbone's) or 32 to 2048 pixels, got {self.input_size}")
+        if self.data_workers < -1 or self.max_steps < 0:
+            raise ConfigError("data_workers must be >= 0 (or -1: the default) and max_steps >= 0")
         if self.optimizer not in ("adam", "adamw") or self.schedule not in ("constant", "cosine"):
             raise ConfigError("optimizer must be adam|adamw and schedule constant|cosine")
         check_fold(self.fold, self.val_fraction, self.second_fold)  # raises DataError, also a LesionlabError
@@ -175,6 +200,11 @@ class TrainConfig:
         return None if self.also_val_fold < 0 else self.also_val_fold
 
     @property
+    def workers(self) -> int:
+        """``data_workers`` resolved: -1 means the cores but one, at most 8."""
+        return default_workers() if self.data_workers < 0 else self.data_workers
+
+    @property
     def augmentation(self) -> str:
         if self.augment == "auto":
             return "dermoscopy" if self.mode == "finetune" else "none"
@@ -189,6 +219,12 @@ def identity_settings(train: Mapping[str, Any]) -> dict[str, Any]:
     """A train block (config.json's, or ``asdict`` of a TrainConfig) without the settings that say where a run
     computes or reports (the device, the tracker): what two runs must share to be the same run."""
     return {k: v for k, v in train.items() if k not in NOT_IDENTITY}
+
+
+def default_workers() -> int:
+    """DataLoader workers by default: the cores beyond the one the training step keeps busy, at most 8 (0 on a
+    single core)."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def device_type(device: str) -> str:

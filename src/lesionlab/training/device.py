@@ -66,10 +66,14 @@ class Compute:
     precision: str
 
     @classmethod
-    def of(cls, cfg: TrainConfig) -> Compute:
+    def of(cls, cfg: TrainConfig, local_rank: int | None = None) -> Compute:
         """The device ``cfg.device`` names and its precision; ConfigError when the device is not there or cannot
-        compute that precision. On CUDA it also switches cuDNN's benchmark mode on."""
-        device = resolve_device(cfg.device)
+        compute that precision. On CUDA it also switches cuDNN's benchmark mode on. ``local_rank``: a process of
+        a distributed run, which takes GPU ``local_rank`` when the device is auto or cuda."""
+        spec = cfg.device
+        if local_rank is not None and spec in ("auto", "cuda") and torch.cuda.is_available():
+            spec = f"cuda:{local_rank}"
+        device = resolve_device(spec)
         if cfg.precision == "bf16" and device.type == "cuda" and not cuda_bf16_supported():
             raise ConfigError(
                 f"precision bf16 but {torch.cuda.get_device_name(device)} does not compute bf16 natively: "
@@ -167,3 +171,7 @@ class RunningMeans:
     def means(self) -> tuple[float, float]:
         """(mean loss, accuracy) of the epoch's batches."""
         return float(self._loss) / self.seen, int(self._correct) / self.seen
+
+    def sums(self) -> tuple[float, float, float]:
+        """(summed loss, correct, images): what the ranks of a distributed run add up."""
+        return float(self._loss), float(self._correct), float(self.seen)

@@ -2,20 +2,23 @@
 
 - :class:`FeatureSource` (``frozen``): cached backbone feature vectors (``features.py``); the trainable module is
   the head alone, so an epoch takes seconds.
-- :class:`ImageSource` (``finetune``): decoded uint8 images, augmented per batch after the source; the trainable
-  module is the whole network. BatchNorm layers of the backbone stay in eval mode (their running statistics are
-  frozen; their scale and shift still learn), because batches of 32 dermoscopy images are too small and too unlike
-  ImageNet to re-estimate them, and because some weights (the Coral MobileNetV2) have BatchNorm folded into the
-  convolutions.
+- :class:`ImageSource` (``finetune``): decoded uint8 images in the on-disk image cache (``data.image_cache``),
+  streamed and augmented by a DataLoader (``stream.py``); the trainable module is the whole network. BatchNorm
+  layers of the backbone stay in eval mode (their running statistics are frozen; their scale and shift still
+  learn), because batches of 32 dermoscopy images are too small and too unlike ImageNet to re-estimate them, and
+  because some weights (the Coral MobileNetV2) have BatchNorm folded into the convolutions.
 
-Sources are plain arrays plus settings, so they pickle (sweep trials run in worker processes and Ray tasks).
+Sources are plain arrays plus settings (an image source: the cache's slots), so they pickle (sweep trials run in
+worker processes and Ray tasks). Each gives the loop a :class:`Feed`, the batches of one epoch after another; in a
+distributed run (``distributed.Ranks``) a feed yields this rank's share of each global batch, and scoring splits
+the validation images between the ranks.
 Besides the 0/1 labels, a ``--target diagnosis`` source holds each image's diagnosis class (``targets.py``; -1
 where only benign/malignant is known) and the head's classes; a binary source holds neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -24,20 +27,34 @@ import torch
 from torch import nn
 
 from lesionlab.data.dataset import Dataset, Sample
+from lesionlab.data.image_cache import ImageCache, ImageSpec
 from lesionlab.data.images import normalize
 from lesionlab.models.backbones import ResolvedWeights
 from lesionlab.models.batching import map_batches
 from lesionlab.models.classifier import Diagnoses, Head, LesionClassifier, build_model
-from lesionlab.training.augment import augment_batch, to_input
+from lesionlab.training.augment import to_input
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.device import AUTOCAST, module_device, to_device
-from lesionlab.training.features import BadDataError, input_preprocessing, load_or_compute
-from lesionlab.training.optim import Loss, binary_auc
+from lesionlab.training.distributed import Ranks
+from lesionlab.training.features import BadDataError, load_or_compute
+from lesionlab.training.optim import Loss, binary_auc, epoch_generator
+from lesionlab.training.stream import AugmentedImages, EpochBatches, training_loader
 from lesionlab.training.targets import class_index
 
 Scores = tuple[float, float, float]  # loss, accuracy, AUC
 #: A batch's float32 binary logits (N,), and its diagnosis logits (N, K) from a diagnosis head, else None.
 Outputs = tuple[torch.Tensor, torch.Tensor | None]
+#: A training batch (on the CPU): inputs, float 0/1 targets, int64 diagnosis classes (-1 where unknown; None for a
+#: binary head), and the size of the global batch this is a share of (itself, in one process).
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]
+
+
+class Feed(Protocol):
+    """The training batches of a source, one epoch at a time (made once per training, so workers persist)."""
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's batches of ``epoch``, in the order drawn from (seed, epoch): the same on every call."""
+        ...
 
 
 class Source(Protocol):
@@ -63,21 +80,17 @@ class Source(Protocol):
 
     def train_mode(self, module: nn.Module) -> None: ...
 
-    def order(self, g: torch.Generator) -> torch.Tensor:
-        """This epoch's permutation of the training set, drawn from the epoch's generator ``g``."""
-        ...
-
-    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Inputs, float 0/1 targets and (diagnosis target only, else None) int64 diagnosis classes, -1 where
-        unknown, of the training items ``idx``."""
+    def feed(self, cfg: TrainConfig, ranks: Ranks, pin_memory: bool = False) -> Feed:
+        """The training batches of every epoch, this rank's share of each (``pin_memory``: for a GPU)."""
         ...
 
     def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> Outputs:
         """float32 binary logits of a training batch, and its diagnosis logits (None for a binary head)."""
         ...
 
-    def score(self, module: nn.Module, split: str, loss_fn: Loss) -> Scores:
-        """Loss, accuracy and AUC of ``module`` on ``split`` (train or val), in eval mode."""
+    def score(self, module: nn.Module, split: str, loss_fn: Loss, ranks: Ranks = Ranks()) -> Scores:
+        """Loss, accuracy and AUC of ``module`` on ``split`` (train or val), in eval mode; the same on every rank
+        (each scores its share and the outputs are gathered)."""
         ...
 
 
@@ -112,17 +125,18 @@ class FeatureSource:
     def train_mode(self, module: nn.Module) -> None:
         module.train()
 
-    def order(self, g: torch.Generator) -> torch.Tensor:
-        return torch.randperm(self.n_train, generator=g)
-
-    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return torch.from_numpy(self.x_train)[idx], torch.from_numpy(self.y_train)[idx], _rows(self.c_train, idx)
+    def feed(self, cfg: TrainConfig, ranks: Ranks, pin_memory: bool = False) -> Feed:
+        if ranks.distributed:
+            raise ValueError(
+                "frozen mode trains its head in one process (it takes seconds): launch it without torchrun"
+            )
+        return _VectorFeed(self, cfg)
 
     def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> Outputs:
         return outputs_of(module, x)  # fp32 whatever cfg.precision says: vectors gain nothing from bf16
 
     @torch.inference_mode()
-    def score(self, module: nn.Module, split: str, loss_fn: Loss) -> Scores:
+    def score(self, module: nn.Module, split: str, loss_fn: Loss, ranks: Ranks = Ranks()) -> Scores:
         x, y, c = (
             (self.x_train, self.y_train, self.c_train) if split == "train" else (self.x_val, self.y_val, self.c_val)
         )
@@ -136,23 +150,46 @@ class FeatureSource:
 
 
 @dataclass
-class ImageSource:
-    """Finetune mode: uint8 N x H x W x 3 images and 0/1 labels, and the weights the network starts from; for a
-    diagnosis head also the classes (``c_train``, ``c_val``) and the head's ``diagnoses``."""
+class _VectorFeed:
+    """A frozen source's batches: rows of the feature arrays in the epoch's permutation."""
 
-    x_train: np.ndarray
+    source: FeatureSource
+    cfg: TrainConfig
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        src, size = self.source, self.cfg.batch_size
+        perm = torch.randperm(src.n_train, generator=epoch_generator(self.cfg.seed, epoch))
+        for i in range(0, src.n_train, size):
+            idx = perm[i : i + size]
+            yield (
+                torch.from_numpy(src.x_train)[idx],
+                torch.from_numpy(src.y_train)[idx],
+                _rows(src.c_train, idx),
+                len(idx),
+            )
+
+
+@dataclass
+class ImageSource:
+    """Finetune mode: the training and validation images (their ``slots`` in the image ``cache``) and 0/1 labels,
+    and the weights the network starts from; for a diagnosis head also the classes (``c_train``, ``c_val``) and
+    the head's ``diagnoses``. ``workers``: DataLoader worker processes (``--data-workers``)."""
+
+    cache: ImageCache
+    s_train: np.ndarray
     y_train: np.ndarray
-    x_val: np.ndarray
+    s_val: np.ndarray
     y_val: np.ndarray
     weights: ResolvedWeights
     rescore_train: bool = False  # a second pass of the network over the training set would double the epoch
     c_train: np.ndarray | None = None
     c_val: np.ndarray | None = None
     diagnoses: Diagnoses | None = None
+    workers: int = 0
 
     @property
     def n_train(self) -> int:
-        return len(self.x_train)
+        return len(self.s_train)
 
     def describe(self, cfg: TrainConfig) -> str:
         return f"finetune {cfg.backbone}"
@@ -168,36 +205,66 @@ class ImageSource:
         module.train()
         freeze_batchnorm(module.get_submodule("backbone"))
 
-    def order(self, g: torch.Generator) -> torch.Tensor:
-        # the augmentation draws (torch's global generator) are seeded from the epoch's generator first, so they
-        # too depend only on (seed, epoch)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        return torch.randperm(self.n_train, generator=g)
-
-    def batch(self, idx: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        images = torch.from_numpy(self.x_train).permute(0, 3, 1, 2)[idx]
-        if cfg.augmentation != "none":  # dermoscopy, with or without extras
-            images = augment_batch(images, self.weights.input_size, cfg.augmentation)
-        x = to_input(images, self.weights.mean, self.weights.std).contiguous(memory_format=torch.channels_last)
-        return x, torch.from_numpy(self.y_train)[idx], _rows(self.c_train, idx)
+    def feed(self, cfg: TrainConfig, ranks: Ranks, pin_memory: bool = False) -> Feed:
+        images = AugmentedImages(self.cache, self.s_train, self.weights.input_size, cfg.augmentation, cfg.seed)
+        sampler = EpochBatches(self.n_train, cfg.batch_size, cfg.seed, ranks.rank, ranks.world)
+        return _ImageFeed(self, training_loader(images, sampler, self.workers, pin_memory), sampler)
 
     def forward(self, module: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> Outputs:
-        # autocast on the batch's device (bf16: about 1.5x on CPUs that compute it natively; bf16 or fp16 on a GPU);
-        # weights and optimizer stay fp32
+        # uint8 in, scaled and normalised on the batch's device; then autocast there (bf16: about 1.5x on CPUs that
+        # compute it natively; bf16 or fp16 on a GPU); weights and optimizer stay fp32
+        x = to_input(x, self.weights.mean, self.weights.std).contiguous(memory_format=torch.channels_last)
         precision = AUTOCAST.get(cfg.precision)
         with torch.autocast(x.device.type, dtype=precision, enabled=precision is not None):
             logits, z = outputs_of(module, x)
         return logits.float(), None if z is None else z.float()
 
-    def score(self, module: nn.Module, split: str, loss_fn: Loss) -> Scores:
-        images, y, c = (
-            (self.x_train, self.y_train, self.c_train) if split == "train" else (self.x_val, self.y_val, self.c_val)
+    def score(self, module: nn.Module, split: str, loss_fn: Loss, ranks: Ranks = Ranks()) -> Scores:
+        slots, y, c = (
+            (self.s_train, self.y_train, self.c_train) if split == "train" else (self.s_val, self.y_val, self.c_val)
         )
-        logits, z = model_outputs(module, images, self.weights.mean, self.weights.std)
+        mine = np.arange(len(slots))[ranks.rank :: ranks.world]
+        parts = ranks.gather((mine, *cached_outputs(module, self.cache, slots[mine], self.weights)))
+        logits = np.zeros(len(slots), np.float32)
+        z = None if parts[0][2] is None else np.zeros((len(slots), parts[0][2].shape[1]), np.float32)
+        for rows, part_logits, part_z in parts:
+            logits[rows] = part_logits
+            if z is not None:
+                z[rows] = part_z
         zt, ct = (None, None) if z is None or c is None else (torch.from_numpy(z), torch.from_numpy(c))
         loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y), zt, ct))
         acc = float(((logits > 0) == (y > 0.5)).mean())  # binary accuracy, whatever the head
         return loss, acc, binary_auc(y, logits)
+
+
+@dataclass
+class _ImageFeed:
+    """An image source's batches: uint8 images from the DataLoader, with their targets."""
+
+    source: ImageSource
+    loader: torch.utils.data.DataLoader
+    sampler: EpochBatches
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        src, size = self.source, self.sampler.batch_size
+        self.sampler.set_epoch(epoch)
+        for k, (images, idx) in enumerate(self.loader):
+            n_global = min(size, src.n_train - k * size)
+            yield images, torch.from_numpy(src.y_train)[idx], _rows(src.c_train, idx), n_global
+
+
+def cached_outputs(
+    module: nn.Module, cache: ImageCache, slots: np.ndarray, weights: ResolvedWeights, chunk: int = 256
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`model_outputs` of the cached images at ``slots``, read ``chunk`` at a time (memory stays bounded)."""
+    parts = [
+        model_outputs(module, cache.read(slots[i : i + chunk]), weights.mean, weights.std)
+        for i in range(0, len(slots), chunk)
+    ]
+    if not parts:
+        return np.zeros(0, np.float32), None
+    logits = np.concatenate([p[0] for p in parts])
+    return logits, None if parts[0][1] is None else np.concatenate([cast(np.ndarray, p[1]) for p in parts])
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -207,8 +274,23 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 def outputs_of(module: nn.Module, x: torch.Tensor) -> Outputs:
-    """(binary logits, diagnosis logits or None) of a head (frozen) or a whole classifier (finetune)."""
-    return cast(Head | LesionClassifier, module).outputs(x)
+    """(binary logits, diagnosis logits or None) of a head (frozen) or a whole classifier (finetune), or of a
+    :class:`TrainingOutputs` wrapper (DDP, which only sees ``forward``)."""
+    if isinstance(module, Head | LesionClassifier):
+        return module.outputs(x)
+    return cast(Outputs, module(x))
+
+
+class TrainingOutputs(nn.Module):
+    """``forward`` = the wrapped module's ``outputs`` (binary and diagnosis logits): what DistributedDataParallel
+    wraps, since it synchronises gradients only of calls to ``forward``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> Outputs:
+        return cast(Head | LesionClassifier, self.module).outputs(x)
 
 
 def _rows(c: np.ndarray | None, idx: torch.Tensor) -> torch.Tensor | None:
@@ -245,8 +327,10 @@ class Inputs:
     mode: str
     weights: ResolvedWeights
     relpaths: list[str]
-    arrays: np.ndarray  # frozen: float32 N x D features; finetune: uint8 N x H x W x 3 images
+    arrays: np.ndarray  # frozen: float32 N x D features; finetune: int64 N slots of the images in ``cache``
     bad: list[tuple[str, str]]  # (relpath, reason) of the files that could not be decoded
+    cache: ImageCache | None = None  # finetune: where the decoded images are
+    workers: int = 0  # finetune: DataLoader worker processes
 
     def rows(self, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
         index = {r: i for i, r in enumerate(self.relpaths)}
@@ -267,7 +351,11 @@ class Inputs:
         c_va = None if diagnoses is None else self.classes(splits["val"], diagnoses)
         if self.mode == "frozen":
             return FeatureSource(x_tr, y_tr, x_va, y_va, c_train=c_tr, c_val=c_va, diagnoses=diagnoses)
-        return ImageSource(x_tr, y_tr, x_va, y_va, self.weights, c_train=c_tr, c_val=c_va, diagnoses=diagnoses)
+        assert self.cache is not None
+        return ImageSource(
+            self.cache, x_tr, y_tr, x_va, y_va, self.weights, c_train=c_tr, c_val=c_va, diagnoses=diagnoses,
+            workers=self.workers,
+        )  # fmt: skip
 
 
 def read_inputs(
@@ -279,19 +367,24 @@ def read_inputs(
     progress: bool,
     resize: str = "crop",
     color_constancy: str = "none",
+    workers: int = 0,
 ) -> Inputs:
-    """Cached features (frozen) or decoded images (finetune) of every file, decoded by ``resize`` and
+    """Cached features (frozen) or cached decoded images (finetune) of every file, decoded by ``resize`` and
     colour-corrected by ``color_constancy`` (TrainConfig's settings); BadDataError on unreadable files unless
-    ``skip_bad``. Finetune images are colour-corrected here, once, so augmentation starts from corrected images
-    (as predictors correct before normalising)."""
+    ``skip_bad``. Finetune images are decoded into the image cache (``data.image_cache``) by ``workers``
+    processes, only where it does not hold them already, and colour-corrected there, once, so augmentation starts
+    from corrected images (as predictors correct before normalising)."""
     if mode == "frozen":
         table = load_or_compute(
             dataset, weights, seed, skip_bad, progress, resize=resize, color_constancy=color_constancy
         )
         return Inputs(mode, weights, table.relpaths, table.features, table.bad)
-    pre = input_preprocessing(weights, resize, color_constancy)
-    decoded = pre.decode(dataset.all, progress)
-    if decoded.bad and not skip_bad:
-        raise BadDataError(decoded.bad)
-    bad = [(e.path, e.reason) for e in decoded.bad]
-    return Inputs(mode, weights, [s.relpath for s in decoded.samples], pre.corrected(decoded.images), bad)
+    cache = ImageCache(ImageSpec(weights.input_size, resize, color_constancy))
+    slots = cache.slots(dataset.all)
+    errors = cache.fill(dataset.all, slots, workers, progress)
+    if errors and not skip_bad:
+        raise BadDataError(errors)
+    bad = {e.path for e in errors}
+    keep = [i for i, s in enumerate(dataset.all) if s.relpath not in bad]
+    relpaths = [dataset.all[i].relpath for i in keep]
+    return Inputs(mode, weights, relpaths, slots[keep], [(e.path, e.reason) for e in errors], cache, workers)
