@@ -81,6 +81,8 @@ class Compute:
             )
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            if local_rank is not None:  # NCCL's object collectives use the current device: one GPU per rank
+                torch.cuda.set_device(device)
         return cls(device, cfg.precision)
 
     @property
