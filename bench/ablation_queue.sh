@@ -3,11 +3,15 @@
 #   nohup bench/ablation_queue.sh f-sq f-cc f-dx a1 > logs/ablation.log 2>&1 &
 # Each run trains on isic-kaggle + ham10000 (lesion-safe), then is scored on the external sets (reported, never
 # tuned on); `python bench/ablation.py runs/r8-*` prints the table. Resumable: a finished run is skipped, an
-# unfinished one resumes from its last epoch. The code is a fixed commit (a git worktree at $SNAPSHOT, made from
-# HEAD when missing), so that edits in the working tree cannot break a queued run.
+# unfinished one resumes from its last epoch. The code is a fixed commit (a git worktree at $SNAPSHOT of
+# $ABLATION_COMMIT, made when missing), so that edits in the working tree cannot break a queued run and every row
+# of the table is trained by the same code: de5a399, the last commit before fine-tuning's data pipeline changed
+# its augmentation draws (ninth session); a run resumed by other code would mix two pipelines.
 cd "$(dirname "$0")/.."
 SNAPSHOT=${SNAPSHOT:-/tmp/lesionlab-snapshot}
-[ -d "$SNAPSHOT" ] || git worktree add --detach "$SNAPSHOT" HEAD -q
+ABLATION_COMMIT=${ABLATION_COMMIT:-de5a399}
+[ -d "$SNAPSHOT" ] || git worktree add --detach "$SNAPSHOT" "$ABLATION_COMMIT" -q
+[ "$(git -C "$SNAPSHOT" rev-parse --short=7 HEAD)" = "${ABLATION_COMMIT:0:7}" ] || { echo "$SNAPSHOT is not $ABLATION_COMMIT"; exit 2; }
 export PYTHONPATH=$SNAPSHOT/src
 D="--data ../shared/data/isic-kaggle --data ../shared/data/ham10000"
 EXT="--only-external --external isic2018=../shared/data/isic2018-task3-test --external ph2=../shared/data/ph2"
