@@ -108,3 +108,20 @@ def test_ray_train_matches_torchrun(reference, few_images, shared_weights):
         assert got[k]["value"] == pytest.approx(want[k]["value"], abs=0.02), k
     config = json.loads((out / "config.json").read_text())
     assert config["compute"]["distributed"]["world_size"] == 2
+
+
+def test_ray_train_refuses_what_it_cannot_run(tmp_path):
+    pytest.importorskip("ray.train", reason="Ray Train is an optional extra: pip install 'lesionlab[ray]'")
+    from lesionlab.training.config import TrainConfig
+    from lesionlab.training.ray_train import RayTrainError, absolute_spec, train_on_ray
+
+    with pytest.raises(RayTrainError, match="frozen mode"):
+        train_on_ray(TrainConfig(), [str(tmp_path)], tmp_path / "out")
+    with pytest.raises(RayTrainError, match="--num-workers"):
+        train_on_ray(TrainConfig(mode="finetune"), [str(tmp_path)], tmp_path / "out", num_workers=0)
+    assert absolute_spec(f"csv:{tmp_path.name}?name=a").startswith("csv:/")  # workers may run elsewhere
+
+
+def test_unknown_backend_is_a_one_line_error(few_images):
+    res = lesionlab(["train", "--data", str(few_images), "--backend", "spark"], check=False)
+    assert res.returncode == 2 and "--backend must be local or ray" in res.stderr
