@@ -167,8 +167,10 @@ def test_finetune_inputs_are_resized_and_corrected_before_augmentation(small_dat
     inputs = read_inputs(ds, _weights(), "finetune", 0, False, False, "squash", "shades-of-gray")
     i = inputs.relpaths.index(ds.all[0].relpath)
     raw = resize_to_input(open_image(ds.all[0].path), 64, RESIZE_SQUASH)
+    assert inputs.cache is not None
     np.testing.assert_array_equal(inputs.cache.read(inputs.arrays[i : i + 1])[0], shades_of_gray(raw))
     plain = read_inputs(ds, _weights(), "finetune", 0, False, False)
+    assert plain.cache is not None
     np.testing.assert_array_equal(
         plain.cache.read(plain.arrays[i : i + 1])[0], resize_to_input(open_image(ds.all[0].path), 64)
     )

@@ -29,6 +29,19 @@ def copied_images(shared_data, tmp_path):
     return tmp_path / "data", src
 
 
+def _count_decoding(monkeypatch) -> list[str]:
+    """The relpaths ImageSpec.make decodes from now on (in this process), in order."""
+    decoded: list[str] = []
+    real = ImageSpec.make
+
+    def counting(spec: ImageSpec, sample):
+        decoded.append(sample.relpath)
+        return real(spec, sample)
+
+    monkeypatch.setattr(ImageSpec, "make", counting)
+    return decoded
+
+
 def _samples(folder):
     from lesionlab.data.sample import Sample
 
@@ -39,9 +52,7 @@ def test_the_cache_decodes_once_and_a_changed_file_again(copied_images, tmp_path
     folder, originals = copied_images
     samples = _samples(folder)
     cache = ImageCache(ImageSpec(64, "crop", "shades-of-gray"), tmp_path / "cache")
-    decoded = []
-    real = ImageSpec.make
-    monkeypatch.setattr(ImageSpec, "make", lambda spec, s: decoded.append(s.relpath) or real(spec, s))
+    decoded = _count_decoding(monkeypatch)
 
     slots = cache.slots(samples)
     assert cache.fill(samples, slots, progress=False) == [] and len(decoded) == 4
@@ -93,9 +104,7 @@ def test_a_finetune_run_decodes_each_image_once_and_repeats_whatever_the_workers
     few_images, shared_weights, tmp_path, monkeypatch
 ):
     cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=2, batch_size=4, precision="fp32", input_size=64)
-    decoded = []
-    real = ImageSpec.make
-    monkeypatch.setattr(ImageSpec, "make", lambda spec, s: decoded.append(s.relpath) or real(spec, s))
+    decoded = _count_decoding(monkeypatch)
     monkeypatch.setenv("LESIONLAB_CACHE_DIR", str(tmp_path / "cache"))
     kw = dict(weights_dir=shared_weights, progress=False)
     a = train(TrainConfig(**{**vars(cfg), "data_workers": 0}), few_images, tmp_path / "w0", **kw)

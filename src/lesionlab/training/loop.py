@@ -37,6 +37,7 @@ from lesionlab.data.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from lesionlab.models.backbones import build_backbone, resolve_weights
 from lesionlab.models.classifier import Head, LesionClassifier, save_model
 from lesionlab.runs import RunFolder
+from lesionlab.runtime import release_freed_memory
 from lesionlab.training import distributed, tracking
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.device import Compute, RunningMeans
@@ -161,11 +162,13 @@ def train_epochs(
                     bar.set_postfix(epoch=epoch, loss=f"{mean:.3f}")
             train_loss, train_acc = reduce_means(running, ranks, compute)  # on a GPU: waits for the last step
             train_seconds = time.perf_counter() - t0
+            release_freed_memory()  # the epoch's activations, before validation allocates its own
 
             judged = module if ema is None else ema.module
             if source.rescore_train:
                 train_loss, train_acc, _ = source.score(judged, "train", loss_fn, ranks)
             val_loss, val_acc, val_auc = source.score(judged, "val", loss_fn, ranks)
+            release_freed_memory()
             lr = sched.get_last_lr()[0]
             assert isinstance(lr, float)  # a tensor only for a tensor cfg.lr
             result = EpochResult(epoch, train_loss, train_acc, val_loss, val_acc, val_auc, lr, time.perf_counter() - t0)

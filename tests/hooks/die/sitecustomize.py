@@ -15,4 +15,4 @@ if os.environ.get("LESIONLAB_TEST_DIE_AT_EPOCH") and os.environ.get("RANK", "0")
             os._exit(9)
         _real(run, rows, fields)
 
-    RunFolder.write_history = _dies
+    RunFolder.write_history = _dies  # type: ignore[method-assign]
