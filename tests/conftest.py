@@ -143,3 +143,19 @@ def image_files(tmp_path) -> dict[str, Path]:
     files["truncated"] = tmp_path / "truncated.jpg"
     files["truncated"].write_bytes(data[: len(data) // 2])
     return files
+
+
+def killed_after_epoch_2(monkeypatch):
+    """The next training run dies (KeyboardInterrupt) while writing the history of its second epoch; returns the
+    real ``RunFolder.write_history`` to put back."""
+    from lesionlab.runs import RunFolder
+
+    real = RunFolder.write_history
+
+    def dies(run, rows, fields):
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        real(run, rows, fields)
+
+    monkeypatch.setattr(RunFolder, "write_history", dies)
+    return real

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from conftest import killed_after_epoch_2
 from lesionlab.runs import RunFolder
 from lesionlab.training import tracking
 from lesionlab.training.config import ConfigError, TrainConfig
@@ -36,14 +37,7 @@ def test_mlflow_gets_the_settings_and_every_epoch_and_a_resumed_run_goes_on(few_
 
     uri = (tmp_path / "mlruns").as_uri()
     cfg = TrainConfig(epochs=3, batch_size=4, log="mlflow", log_uri=uri)
-    real = RunFolder.write_history
-
-    def dies(run, rows, fields):
-        if len(rows) == 2:
-            raise KeyboardInterrupt
-        real(run, rows, fields)
-
-    monkeypatch.setattr(RunFolder, "write_history", dies)
+    real = killed_after_epoch_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, few_images, tmp_path / "r", progress=False)
     first = json.loads((tmp_path / "r" / "config.json").read_text())["tracking"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_subset
+from conftest import killed_after_epoch_2, make_subset
 from lesionlab import runs
 from lesionlab.models.classifier import load_model
 from lesionlab.runs import RunError, RunFolder
@@ -59,20 +59,6 @@ def test_finetune_trains_the_whole_network(precision, few_images, shared_weights
     assert not torch.equal(model.backbone.state_dict()[k], ref.state_dict()[k])  # backbone moved
     # BatchNorm statistics stay frozen in finetune mode
     assert torch.equal(model.backbone.state_dict()["bn1.running_mean"], ref.state_dict()["bn1.running_mean"])
-
-
-def _killed_after_epoch_2(monkeypatch):
-    """The next training run dies (KeyboardInterrupt) while writing the history of its second epoch; returns the
-    real ``write_history`` to put back."""
-    real = RunFolder.write_history
-
-    def dies(run, rows, fields):
-        if len(rows) == 2:
-            raise KeyboardInterrupt
-        real(run, rows, fields)
-
-    monkeypatch.setattr(RunFolder, "write_history", dies)
-    return real
 
 
 def test_precision_auto_means_bf16_only_for_finetune_on_a_cpu_that_has_it(monkeypatch):
@@ -130,7 +116,7 @@ def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(
     unbroken = train(cfg, few_images, tmp_path / "a", weights_dir=shared_weights, progress=False)
     assert json.loads((unbroken / "config.json").read_text())["train"]["ema_decay"] == 0.9
 
-    real = _killed_after_epoch_2(monkeypatch)
+    real = killed_after_epoch_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, few_images, tmp_path / "b", weights_dir=shared_weights, progress=False)
     state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)
@@ -187,7 +173,7 @@ def test_a_schema_1_run_folder_is_still_the_same_run(few_images, tmp_path):
 def test_an_unfinished_schema_1_run_resumes(few_images, tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=3, batch_size=4)
     unbroken = train(cfg, few_images, tmp_path / "a", progress=False)
-    real = _killed_after_epoch_2(monkeypatch)
+    real = killed_after_epoch_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, few_images, tmp_path / "b", progress=False)
     monkeypatch.setattr(RunFolder, "write_history", real)

@@ -54,6 +54,12 @@ def atomic_save_torch(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+def cache_root() -> Path:
+    """``$LESIONLAB_CACHE_DIR`` (default ``~/.cache/lesionlab``): the folder every on-disk cache lives under
+    (features, images, duplicates, pixel statistics), each in a subfolder of its own."""
+    return Path(os.environ.get("LESIONLAB_CACHE_DIR", Path.home() / ".cache" / "lesionlab"))
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

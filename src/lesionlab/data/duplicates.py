@@ -23,7 +23,6 @@ gives ``load_sources(links=...)``; :func:`duplicate_groups` the connected groups
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
 
 from lesionlab.data.images import BadImageError, normalize, open_image
 from lesionlab.data.sample import Sample
-from lesionlab.files import atomic_path
+from lesionlab.files import atomic_path, cache_root
 
 #: Bump when a signature's definition changes: old cache folders are then simply not read.
 SIGNATURE_VERSION = 2
@@ -102,8 +101,8 @@ class SearchStats:
 
 
 def default_cache() -> Path:
-    """``$LESIONLAB_CACHE_DIR/duplicates`` (default ``~/.cache/lesionlab``), as ``training.features.cache_dir``."""
-    return Path(os.environ.get("LESIONLAB_CACHE_DIR", Path.home() / ".cache" / "lesionlab")) / "duplicates"
+    """``$LESIONLAB_CACHE_DIR/duplicates`` (default ``~/.cache/lesionlab``: ``files.cache_root``)."""
+    return cache_root() / "duplicates"
 
 
 def file_key(path: Path) -> str | None:

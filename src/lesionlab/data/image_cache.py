@@ -36,15 +36,10 @@ import numpy as np
 
 from lesionlab.data.images import BadImageError, color_constancy, open_image, resize_to_input
 from lesionlab.data.sample import Sample
-from lesionlab.files import atomic_write_json
+from lesionlab.files import atomic_write_json, cache_root
 
 VERSION = 1
 GROW = 1024  # slots added at a time: the files are extended (sparsely) in chunks, not per image
-
-
-def cache_root() -> Path:
-    """``$LESIONLAB_CACHE_DIR`` (default ``~/.cache/lesionlab``), as the feature and duplicate caches use."""
-    return Path(os.environ.get("LESIONLAB_CACHE_DIR", Path.home() / ".cache" / "lesionlab"))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from lesionlab.data.dataset import Dataset, Sample
 from lesionlab.data.images import RESIZE_MODES, BadImageError, describe_bad
 from lesionlab.errors import DataError
+from lesionlab.files import cache_root
 from lesionlab.models.backbones import ResolvedWeights, build_backbone
 from lesionlab.models.batching import map_batches
 from lesionlab.runs import Preprocessing
@@ -42,7 +42,7 @@ class BadDataError(DataError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LESIONLAB_CACHE_DIR", Path.home() / ".cache" / "lesionlab"))
+    return cache_root()
 
 
 def preprocessing(weights: ResolvedWeights, resize: str = "crop", color_constancy: str = "none") -> dict:
