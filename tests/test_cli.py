@@ -154,7 +154,15 @@ TRAIN_FLAGS = {
     "--taxonomy",
     *("--target", "--color-constancy", "--resize", "--skip-invalid"),
     *("--device", "--log", "--log-uri"),
-    *("--input-size", "--data-workers", "--max-steps", "--backend", "--ray-address", "--num-workers"),
+    *(
+        "--input-size",
+        "--data-workers",
+        "--max-steps",
+        "--grad-checkpointing",
+        "--backend",
+        "--ray-address",
+        "--num-workers",
+    ),
 }
 
 

@@ -100,7 +100,7 @@ def test_epoch_batches_split_each_global_batch_between_ranks():
     assert image_seed(0, 1, 5) != image_seed(0, 1, 6) != image_seed(0, 2, 5)
 
 
-def test_a_finetune_run_decodes_each_image_once_and_repeats_whatever_the_workers(
+def test_a_finetune_run_decodes_each_image_once_and_repeats_whatever_the_workers_or_checkpointing(
     few_images, shared_weights, tmp_path, monkeypatch
 ):
     cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=2, batch_size=4, precision="fp32", input_size=64)
@@ -113,6 +113,9 @@ def test_a_finetune_run_decodes_each_image_once_and_repeats_whatever_the_workers
     b = train(TrainConfig(**{**vars(cfg), "data_workers": 1}), few_images, tmp_path / "w1", **kw)
     assert len(decoded) == n  # the second run decodes nothing
     assert_same_run(a, b)  # each image's augmentation is seeded by (seed, epoch, index), not by the worker
+    checkpointing = TrainConfig(**{**vars(cfg), "data_workers": 0, "grad_checkpointing": True})
+    c = train(checkpointing, few_images, tmp_path / "gc", **kw)
+    assert_same_run(a, c)  # recomputing the blocks' activations gives the very same gradients (BatchNorm is frozen)
     import json
 
     compute = json.loads((b / "config.json").read_text())["compute"]
@@ -134,6 +137,18 @@ def test_input_size_reaches_predict(few_images, shared_weights, tmp_path):
     assert predictor.prepare([image]).shape == (1, 96, 96, 3)
     with pytest.raises(ValueError, match="input_size"):
         TrainConfig(input_size=8)
+
+
+def test_grad_checkpointing_is_refused_where_it_cannot_work():
+    from lesionlab.models.backbones import REGISTRY, _create
+    from lesionlab.models.classifier import CheckpointingError, set_grad_checkpointing
+
+    with pytest.raises(ValueError, match="only with mode finetune"):
+        TrainConfig(mode="frozen", grad_checkpointing=True)
+    with pytest.raises(ValueError, match="vgg16 does not support grad_checkpointing"):
+        TrainConfig(backbone="vgg16", mode="finetune", grad_checkpointing=True)
+    with pytest.raises(CheckpointingError, match="VGG"):  # the spec's flag says what timm does
+        set_grad_checkpointing(_create(REGISTRY["vgg16"]))
 
 
 def test_bad_files_stop_a_finetune_run_unless_skipped(few_images, shared_weights, tmp_path):

@@ -184,6 +184,37 @@ def test_an_unfinished_schema_1_run_resumes(few_images, tmp_path, monkeypatch):
     assert_same_run(resumed, unbroken)
 
 
+def test_a_run_resumes_on_a_fresh_copy_of_its_data_and_an_old_schema_run_too(few_images, tmp_path, monkeypatch):
+    """A copy of the data (new mtimes, same files) is the same data: a run's identity hashes names, labels and
+    sizes; a schema-5 run, whose hash had the mtimes too, is still recognised."""
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(few_images, data, symlinks=False)  # real files, whose mtimes the test may change
+    cfg = TrainConfig(epochs=3, batch_size=4)
+    unbroken = train(cfg, data, tmp_path / "a", progress=False)
+    real = killed_after_epoch_2(monkeypatch)
+    for name in ("b", "old"):
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, data, tmp_path / name, progress=False)
+    monkeypatch.setattr(RunFolder, "write_history", real)
+    from lesionlab.data.dataset import load_dataset
+
+    legacy_hash = load_dataset(data).file_list_hash(mtimes=True)  # what schema 5 recorded
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config.update(schema_version=5, file_list_sha256=legacy_hash)
+    del config["train"]["grad_checkpointing"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert_same_run(train(cfg, data, tmp_path / "old", progress=False), unbroken)
+
+    later = 2_000_000_000  # 2033: every file rewritten, none changed
+    for f in data.rglob("*.jpg"):
+        os.utime(f, (later, later))
+    assert load_dataset(data).file_list_hash(mtimes=True) != legacy_hash  # caches notice; a run does not
+    assert_same_run(train(cfg, data, tmp_path / "b", progress=False), unbroken)
+
+
 def test_other_settings_in_the_same_folder_are_refused(few_images, tmp_path):
     train(TrainConfig(epochs=1), few_images, tmp_path / "r", progress=False)
     with pytest.raises(RunError, match="settings differ: lr"):

@@ -96,12 +96,16 @@ class Dataset:
     def all(self) -> list[Sample]:
         return self.train + self.test
 
-    def file_list_hash(self) -> str:
-        """Identifies the exact files (name, size, mtime) so caches and runs notice a changed dataset."""
+    def file_list_hash(self, mtimes: bool = True) -> str:
+        """Identifies the files by name, label, size and (``mtimes``) modification time. Caches key on all four,
+        so that a file rewritten in place is read again; a run's identity leaves the mtimes out
+        (``mtimes=False``), so that a run resumes on a copy of its data (a restored backup, a container's fresh
+        copy) whose files are the same but newly written."""
         h = hashlib.sha256()
         for s in sorted(self.all, key=lambda s: s.relpath):
             st = s.path.stat()
-            h.update(f"{s.relpath}\t{s.label}\t{st.st_size}\t{int(st.st_mtime)}\n".encode())
+            stamp = f"\t{int(st.st_mtime)}" if mtimes else ""
+            h.update(f"{s.relpath}\t{s.label}\t{st.st_size}{stamp}\n".encode())
         return h.hexdigest()
 
     def without(self, relpaths: set[str]) -> Dataset:

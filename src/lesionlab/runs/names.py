@@ -36,12 +36,14 @@ TENSORBOARD = "tensorboard"  # --log tensorboard: the event files of the run's p
 RUN_KIND = "lesionlab-run"
 ENSEMBLE_KIND = "lesionlab-ensemble"
 
+#: 6: ``grad_checkpointing`` (recompute activations in fine-tuning; not part of a run's identity), and a run's
+#: ``file_list_sha256`` no longer includes the files' mtimes (earlier runs are marked ``FILE_LIST_WITH_MTIMES``).
 #: 5: the scaling issue's options (input_size, data_workers, max_steps) and ``compute.distributed``.
 #: 4: where a run computes and reports (device, log, log_uri; not part of a run's identity) and config.json's
 #: ``compute`` block. 3: the options of the transfer issue (target, colour constancy, resize). 2: config.json records
 #: every training option and its ``schema_version``. 1 (no version): options added after the first release were left
 #: out while off (see ``migrate``).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Training options that schema-1 runs did not record when they were off, and their value then.
 SCHEMA1_TRAIN_DEFAULTS: Mapping[str, Any] = {"ema_decay": 0.0, "fold": 0, "also_val_fold": -1}
 #: Schema-1 runs written before bf16 training existed trained in fp32.
@@ -53,6 +55,10 @@ SCHEMA3_TRAIN_DEFAULTS: Mapping[str, Any] = {"device": "cpu", "log": "none", "lo
 #: Training options added in schema 5: earlier runs used the backbone's input size, loaded images in the training
 #: process and trained every step.
 SCHEMA4_TRAIN_DEFAULTS: Mapping[str, Any] = {"input_size": 0, "data_workers": 0, "max_steps": 0}
+#: Training options added in schema 6: earlier runs kept every activation for the backward pass.
+SCHEMA5_TRAIN_DEFAULTS: Mapping[str, Any] = {"grad_checkpointing": False}
+#: Set by ``migrate`` on runs of schema 5 and earlier: their ``file_list_sha256`` hashed the files' mtimes too.
+FILE_LIST_WITH_MTIMES = "file_list_sha256_includes_mtimes"
 
 
 class RunError(LesionlabError):
@@ -78,6 +84,10 @@ def migrate(config: Mapping[str, Any]) -> dict[str, Any]:
         out["train"] = {**SCHEMA3_TRAIN_DEFAULTS, **out["train"]}
     if version < 5 and "train" in out:
         out["train"] = {**SCHEMA4_TRAIN_DEFAULTS, **out["train"]}
+    if version < 6 and "train" in out:
+        out["train"] = {**SCHEMA5_TRAIN_DEFAULTS, **out["train"]}
+    if version < 6 and "file_list_sha256" in out:
+        out[FILE_LIST_WITH_MTIMES] = True
     out["schema_version"] = SCHEMA_VERSION
     return out
 

@@ -99,7 +99,10 @@ class TrialStore:
         if not path.exists() or not self._path(trial, "pt").exists():
             return None
         rec = files.read_json(path)
-        if rf.migrate(rec.get("identity") or {}) != identity or not set(record) <= set(rec.get("recorded_epochs", [])):
+        old = rf.migrate(rec.get("identity") or {})
+        # a schema-5 trial's file list hashed mtimes too: it no longer matches and is trained again (a cache)
+        old.pop(rf.FILE_LIST_WITH_MTIMES, None)
+        if old != identity or not set(record) <= set(rec.get("recorded_epochs", [])):
             return None
         return rec
 
@@ -284,7 +287,7 @@ def run_sweep(
     runner = _backend(backend, ray_address, workers, gpus_per_trial)
     dataset = load_training_data(data, taxonomy, classes, progress=progress)
     data_info = data_record(data, dataset, taxonomy)
-    file_hash = dataset.file_list_hash()
+    file_hash = dataset.file_list_hash(mtimes=False)  # as a run's: a copy of the data is the same data
     weights = resolve_all(grid, weights_dir, allow_random_init)
     out.mkdir(parents=True, exist_ok=True)
     files.atomic_write_json(

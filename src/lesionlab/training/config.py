@@ -137,6 +137,13 @@ class TrainConfig:
         "benchmarks and smoke tests.",
         unset=0,
     )
+    grad_checkpointing: bool = setting(
+        False,
+        "finetune: keep only each block's input and recompute the block in the backward pass: about half the "
+        "activation memory (large inputs on a small machine, bigger batches on a GPU) for about a third more "
+        "compute; the same weights. Not part of the run's identity.",
+        identity=False,
+    )
     log: str = setting(
         "none",
         "Also send each epoch's metrics to none, tensorboard (RUN/tensorboard/; pip install 'lesionlab[tensorboard]') "
@@ -194,6 +201,10 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if not 0.0 <= self.ema_decay < 1.0 or (self.ema_decay and self.mode != "finetune"):
             raise ConfigError("ema_decay must be in [0, 1) (e.g. 0.998), and only with mode finetune")
+        if self.grad_checkpointing and self.mode != "finetune":
+            raise ConfigError("grad_checkpointing saves activation memory in fine-tuning: only with mode finetune")
+        if self.grad_checkpointing and self.backbone in REGISTRY and not REGISTRY[self.backbone].grad_checkpointing:
+            raise ConfigError(f"{self.backbone} does not support grad_checkpointing (timm cannot recompute its layers)")
 
     @property
     def second_fold(self) -> int | None:

@@ -256,8 +256,8 @@ def _train(
     resolved = resolve_weights(cfg.backbone, weights, weights_dir, allow_random_init, cfg.seed)
     if cfg.input_size:  # the backbone at another input size: everything downstream reads it from the run
         resolved = dataclasses.replace(resolved, input_size=cfg.input_size)
-    file_hash = dataset.file_list_hash()
-    check_existing(run, train_identity(cfg, resolved, file_hash))
+    file_hash = dataset.file_list_hash(mtimes=False)
+    check_existing(run, train_identity(cfg, resolved, file_hash), dataset.file_list_hash)
     # the head's classes: from the whole training pool, so every fold and seed of this data gets the same head
     diagnoses = diagnosis_classes(dataset.train, taxonomy) if cfg.target == "diagnosis" else None
     if run.has(rf.MODEL) and run.has(rf.CONFIG) and not run.has(rf.STATE):

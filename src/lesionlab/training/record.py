@@ -9,7 +9,7 @@ Where a run computes and reports (device, tracker: ``config.NOT_IDENTITY``) is r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,25 @@ def train_identity(cfg: TrainConfig, weights: ResolvedWeights, file_hash: str) -
     return {"train": identity_settings(asdict(cfg)), "weights_sha256": weights.sha256, "file_list_sha256": file_hash}
 
 
-def check_existing(run: RunFolder, identity: dict[str, Any]) -> None:
-    """RunError when ``run`` already holds a run other than ``identity`` (any schema, compared migrated)."""
+def check_existing(
+    run: RunFolder, identity: dict[str, Any], file_list_hash: Callable[[bool], str] | None = None
+) -> None:
+    """RunError when ``run`` already holds a run other than ``identity`` (any schema, compared migrated).
+    ``file_list_hash(mtimes)``: the data's hash, for a run of schema 5 or earlier, whose file list included the
+    files' mtimes."""
     if not run.has(rf.CONFIG):
         return
     old = {**run.config.raw}
     old["train"] = identity_settings(old.get("train", {}))
-    if {k: old.get(k) for k in identity} != identity:
+
+    def same(ident: dict[str, Any]) -> bool:
+        return {k: old.get(k) for k in ident} == ident
+
+    if not same(identity) and not (
+        old.get(rf.FILE_LIST_WITH_MTIMES)
+        and file_list_hash is not None
+        and same({**identity, "file_list_sha256": file_list_hash(True)})
+    ):
         old_train = old.get("train", {})
         diff = [k for k in identity["train"] if old_train.get(k) != identity["train"][k]]
         what = f"settings differ: {', '.join(diff)}" if diff else "weights or data files differ"

@@ -31,7 +31,7 @@ from lesionlab.data.image_cache import ImageCache, ImageSpec
 from lesionlab.data.images import normalize
 from lesionlab.models.backbones import ResolvedWeights
 from lesionlab.models.batching import map_batches
-from lesionlab.models.classifier import Diagnoses, Head, LesionClassifier, build_model
+from lesionlab.models.classifier import Diagnoses, Head, LesionClassifier, build_model, set_grad_checkpointing
 from lesionlab.training.augment import to_input
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.device import AUTOCAST, module_device, to_device
@@ -195,7 +195,10 @@ class ImageSource:
         return f"finetune {cfg.backbone}"
 
     def build(self, cfg: TrainConfig) -> nn.Module:
-        return build_model(self.weights, cfg.seed, dropout=cfg.dropout, diagnoses=self.diagnoses)
+        model = build_model(self.weights, cfg.seed, dropout=cfg.dropout, diagnoses=self.diagnoses)
+        if cfg.grad_checkpointing:  # exact here: fine-tuning freezes BatchNorm (train_mode)
+            set_grad_checkpointing(model.backbone)
+        return model
 
     def prepare(self, module: nn.Module) -> None:
         # channels-last lets oneDNN pick its fast convolution kernels (about 2x on CPU, same numbers)
