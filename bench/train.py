@@ -23,6 +23,7 @@ augmentation, forward, backward, optimizer; not data preparation or validation),
   /proc/*/stat), RssAnon and VmRSS from /proc/PID/status and Pss_Anon from /proc/PID/smaps_rollup, and reports
   each one's peak; then the cache folder's size on disk (allocated blocks: its file is sparse; apparent size
   beside it) and, for contrast, today's design: an in-memory uint8 array of n x size x size x 3 bytes.
+  ``--memory-checkpointing`` adds ``--grad-checkpointing`` (activations recomputed in the backward pass).
 - ``ddp``: this tree on the subset, one process against ``torchrun --standalone --nproc-per-node 2 -m lesionlab
   train`` with the same flags and the same global batch. On 2 cores two processes share the cores one process
   already uses: this measures the cost of DDP (gloo), it cannot be a speed-up.
@@ -563,6 +564,7 @@ def memory(b: Bench) -> dict:
     make_images(gen, a.n, a.size, workers=a.gen_workers, distinct=a.distinct)
     array_bytes = a.n * a.size * a.size * 3
     extra = ["--input-size", str(a.size), "--max-steps", str(a.memory_steps), "--data-workers", str(a.memory_workers)]
+    extra += ["--grad-checkpointing"] if a.memory_checkpointing else []
     with cache_folder(a.cache_root, "memory") as cache:
         r = b.run(
             "memory", new_code(), "efficientnet_lite0", gen, cache, extra, sample=a.sample_interval,
@@ -571,6 +573,7 @@ def memory(b: Bench) -> dict:
         usage = disk_usage(cache)
     mem = r.memory or {}
     row = {
+        "grad_checkpointing": a.memory_checkpointing,
         **{k: mem.get(k) for k in ("peak_rss_anon_gb", "peak_pss_anon_gb", "peak_vm_rss_gb", "peak_processes")},
         "cache_allocated_gb": round(usage["allocated_bytes"] / GB, 3),
         "cache_apparent_gb": round(usage["apparent_bytes"] / GB, 3),
@@ -604,7 +607,8 @@ def memory(b: Bench) -> dict:
     print(arithmetic, flush=True)
     notes = [
         f"efficientnet_lite0 finetune on {gen} ({a.n} generated JPEGs of {a.size} px), --input-size {a.size} "
-        f"--max-steps {a.memory_steps} --data-workers {a.memory_workers}, batch {a.memory_batch_size}, cold cache "
+        f"--max-steps {a.memory_steps} --data-workers {a.memory_workers}"
+        f"{' --grad-checkpointing' if a.memory_checkpointing else ''}, batch {a.memory_batch_size}, cold cache "
         f"({a.distinct or a.n} distinct pictures, the others byte copies in their own files: as costly to decode)",
         f"memory sampled every {a.sample_interval} s, summed over the process tree; GB = 1e9 bytes; VmRSS counts "
         "shared pages once per process (contrast only); Pss_Anon splits shared anonymous pages between processes",
@@ -718,6 +722,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gen-workers", type=int, default=2, help="memory: processes generating the images.")
     ap.add_argument("--memory-steps", type=int, default=200, help="memory: --max-steps.")
     ap.add_argument("--memory-workers", type=int, default=1, help="memory: --data-workers.")
+    ap.add_argument("--memory-checkpointing", action="store_true", help="memory: train with --grad-checkpointing.")
     ap.add_argument(
         "--memory-batch-size",
         type=int,

@@ -161,3 +161,29 @@ def test_bad_files_stop_a_finetune_run_unless_skipped(few_images, shared_weights
     out = train(cfg, data, tmp_path / "b", weights_dir=shared_weights, progress=False, skip_bad=True)
     assert "zz-broken.jpg" in (out / "skipped_files.txt").read_text()
     assert torch.load(out / "model.pt", weights_only=False) is not None
+
+
+def test_validation_batches_hold_a_bounded_number_of_pixels(monkeypatch):
+    """64 images of 224 px a batch, as many pixels at other sizes, half with gradient checkpointing; read from the
+    cache four batches at a time."""
+    from lesionlab.models.backbones import ResolvedWeights
+    from lesionlab.training import sources
+
+    calls: list[tuple[int, int]] = []
+
+    def fake_outputs(module, images, mean, std, batch_size):
+        calls.append((len(images), batch_size))
+        return np.zeros(len(images), np.float32), None
+
+    class FakeCache:
+        def read(self, slots):
+            return np.zeros((len(slots), 1, 1, 3), np.uint8)
+
+    monkeypatch.setattr(sources, "model_outputs", fake_outputs)
+    for size, pixels, batch in ((224, sources.VALIDATION_PIXELS, 64), (384, sources.VALIDATION_PIXELS, 22),
+                                (384, sources.VALIDATION_PIXELS // 2, 11)):  # fmt: skip
+        calls.clear()
+        weights = ResolvedWeights("mobilenetv2", "test", True, "", (0.5,) * 3, (0.5,) * 3, size)
+        logits, _ = sources.cached_outputs(None, FakeCache(), np.arange(300), weights, pixels)  # type: ignore[arg-type]
+        assert len(logits) == 300 and {b for _, b in calls} == {batch}
+        assert [n for n, _ in calls] == [min(4 * batch, 300 - i) for i in range(0, 300, 4 * batch)]

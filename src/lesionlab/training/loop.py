@@ -272,7 +272,7 @@ def _train(
         )
     dataset = dataset.without({p for p, _ in inputs.bad})
     splits = dataset.splits(cfg.split_seed, cfg.val_fraction, cfg.fold, cfg.second_fold)
-    source = inputs.source(splits, diagnoses)
+    source = inputs.source(splits, diagnoses, save_memory=cfg.grad_checkpointing)
     skipped = [(k.item, k.reason) for k in dataset.skipped] + inputs.bad
     config = run_config(cfg, resolved, data, classes, file_hash, splits, len(skipped), command, diagnoses)
     config["data"].update(data_record(data, dataset, taxonomy, skip_invalid))

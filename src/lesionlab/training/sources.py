@@ -42,6 +42,9 @@ from lesionlab.training.stream import AugmentedImages, EpochBatches, training_lo
 from lesionlab.training.targets import class_index
 
 Scores = tuple[float, float, float]  # loss, accuracy, AUC
+#: Pixels in one validation batch: 64 images of 224 px, or as many pixels at other input sizes (at 384 px a batch
+#: of 64 takes 3 GB of activations on the CPU), so that validation's memory does not grow with the input size.
+VALIDATION_PIXELS = 64 * 224 * 224
 #: A batch's float32 binary logits (N,), and its diagnosis logits (N, K) from a diagnosis head, else None.
 Outputs = tuple[torch.Tensor, torch.Tensor | None]
 #: A training batch (on the CPU): inputs, float 0/1 targets, int64 diagnosis classes (-1 where unknown; None for a
@@ -173,7 +176,8 @@ class _VectorFeed:
 class ImageSource:
     """Finetune mode: the training and validation images (their ``slots`` in the image ``cache``) and 0/1 labels,
     and the weights the network starts from; for a diagnosis head also the classes (``c_train``, ``c_val``) and
-    the head's ``diagnoses``. ``workers``: DataLoader worker processes (``--data-workers``)."""
+    the head's ``diagnoses``. ``workers``: DataLoader worker processes (``--data-workers``); ``batch_pixels``: of a
+    validation batch (half of ``VALIDATION_PIXELS`` where the run saves memory with gradient checkpointing)."""
 
     cache: ImageCache
     s_train: np.ndarray
@@ -186,6 +190,7 @@ class ImageSource:
     c_val: np.ndarray | None = None
     diagnoses: Diagnoses | None = None
     workers: int = 0
+    batch_pixels: int = VALIDATION_PIXELS
 
     @property
     def n_train(self) -> int:
@@ -227,7 +232,7 @@ class ImageSource:
             (self.s_train, self.y_train, self.c_train) if split == "train" else (self.s_val, self.y_val, self.c_val)
         )
         mine = np.arange(len(slots))[ranks.rank :: ranks.world]
-        parts = ranks.gather((mine, *cached_outputs(module, self.cache, slots[mine], self.weights)))
+        parts = ranks.gather((mine, *cached_outputs(module, self.cache, slots[mine], self.weights, self.batch_pixels)))
         logits = np.zeros(len(slots), np.float32)
         z = None if parts[0][2] is None else np.zeros((len(slots), parts[0][2].shape[1]), np.float32)
         for rows, part_logits, part_z in parts:
@@ -257,12 +262,16 @@ class _ImageFeed:
 
 
 def cached_outputs(
-    module: nn.Module, cache: ImageCache, slots: np.ndarray, weights: ResolvedWeights, chunk: int = 256
+    module: nn.Module,
+    cache: ImageCache,
+    slots: np.ndarray,
+    weights: ResolvedWeights,
+    batch_pixels: int = VALIDATION_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`model_outputs` of the cached images at ``slots``, read ``chunk`` at a time, in batches of 64 images
-    of 224 px or as many pixels at other sizes (at 384 px a batch of 64 takes 3 GB of activations on the CPU):
-    memory stays bounded whatever the number and size of the images."""
-    batch = max(1, round(64 * (224 / weights.input_size) ** 2))
+    """:func:`model_outputs` of the cached images at ``slots``, in batches of ``batch_pixels`` pixels, read from the
+    cache four batches at a time: memory stays bounded whatever the number and size of the images."""
+    batch = max(1, round(batch_pixels / weights.input_size**2))
+    chunk = 4 * batch
     parts = [
         model_outputs(module, cache.read(slots[i : i + chunk]), weights.mean, weights.std, batch)
         for i in range(0, len(slots), chunk)
@@ -349,9 +358,11 @@ class Inputs:
         return class_index([s for s in samples if s.relpath in readable], diagnoses)
 
     def source(
-        self, splits: dict[str, list[Sample]], diagnoses: Diagnoses | None = None
+        self, splits: dict[str, list[Sample]], diagnoses: Diagnoses | None = None, save_memory: bool = False
     ) -> FeatureSource | ImageSource:
-        """The training source of ``splits`` (its train and val lists); with ``diagnoses``, a diagnosis head's."""
+        """The training source of ``splits`` (its train and val lists); with ``diagnoses``, a diagnosis head's.
+        ``save_memory`` (``--grad-checkpointing``): validation batches of half the pixels, which at large inputs
+        would otherwise take more memory than the checkpointed training step."""
         (x_tr, y_tr), (x_va, y_va) = self.rows(splits["train"]), self.rows(splits["val"])
         c_tr = None if diagnoses is None else self.classes(splits["train"], diagnoses)
         c_va = None if diagnoses is None else self.classes(splits["val"], diagnoses)
@@ -360,7 +371,7 @@ class Inputs:
         assert self.cache is not None
         return ImageSource(
             self.cache, x_tr, y_tr, x_va, y_va, self.weights, c_train=c_tr, c_val=c_va, diagnoses=diagnoses,
-            workers=self.workers,
+            workers=self.workers, batch_pixels=VALIDATION_PIXELS // (2 if save_memory else 1),
         )  # fmt: skip
 
 
