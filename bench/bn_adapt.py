@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 
 from lesionlab.data.sources import load_external
 from lesionlab.evaluation.metrics import metrics_with_ci
-from lesionlab.evaluation.report import fmt
+from lesionlab.evaluation.report import cell
 from lesionlab.inference.adapt import adapt_batchnorm, batchnorm_layers, mix_batchnorm
 from lesionlab.inference.loading import DEFAULT_MODEL_DIR
 from lesionlab.inference.predictor import TorchPredictor
@@ -158,10 +158,6 @@ def run_set(name: str, predictor: TorchPredictor, args: argparse.Namespace) -> d
     return block
 
 
-def _cell(b: dict | None) -> str:
-    return "undefined" if b is None or b["value"] is None or np.isnan(b["value"]) else fmt(b)
-
-
 def _signed(b: dict | None) -> str:
     return "" if b is None else f"{b['value']:+.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]"
 
@@ -178,14 +174,14 @@ def table(results: dict[str, Any]) -> str:
     for name, b in results["sets"].items():
         u = b["unadapted"]
         lines.append(
-            f"| {name} | unadapted | {b['n']} | {_cell(u['auc'])} | {_cell(u['sensitivity'])} | "
-            f"{_cell(u['specificity'])} | | | |"
+            f"| {name} | unadapted | {b['n']} | {cell(u['auc'])} | {cell(u['sensitivity'])} | "
+            f"{cell(u['specificity'])} | | | |"
         )
         for prior, a in b["adapted"].items():
             d = a["delta"] or {}
             lines.append(
-                f"| {name} | AdaBN prior {prior} | {b['n']} | {_cell(a['auc'])} | {_cell(a['sensitivity'])} | "
-                f"{_cell(a['specificity'])} | {_signed(d.get('auc'))} | {_signed(d.get('sensitivity'))} | "
+                f"| {name} | AdaBN prior {prior} | {b['n']} | {cell(a['auc'])} | {cell(a['sensitivity'])} | "
+                f"{cell(a['specificity'])} | {_signed(d.get('auc'))} | {_signed(d.get('sensitivity'))} | "
                 f"{_signed(d.get('specificity'))} |"
             )
     return "\n".join(lines)

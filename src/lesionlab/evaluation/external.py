@@ -29,7 +29,7 @@ from lesionlab.data.sample import Sample
 from lesionlab.errors import LesionlabError
 from lesionlab.evaluation.diagnosis import block_lines, diagnosis_metrics
 from lesionlab.evaluation.metrics import expected_calibration_error, metrics_with_ci
-from lesionlab.evaluation.report import DISCLAIMER, fmt
+from lesionlab.evaluation.report import DISCLAIMER, cell, fmt
 from lesionlab.runs import REPORT, RunFolder
 
 if TYPE_CHECKING:
@@ -260,12 +260,6 @@ def external_metrics(scores: ExternalScores, threshold: float, n_resamples: int 
 # ------------------------------------------------------------------ markdown
 
 
-def _cell(block: Mapping[str, Any] | None) -> str:
-    if block is None or block.get("value") is None or np.isnan(block["value"]):
-        return "undefined"
-    return fmt(block)
-
-
 def _rate_cell(r: Mapping[str, Any] | None) -> str:
     return "" if r is None else f"{r['count']}/{r['n']} = {fmt(r)}"
 
@@ -290,12 +284,12 @@ def report_section(name: str, block: Mapping[str, Any]) -> str:
     lines += [
         f"| metric | at the run's threshold {thr:.4f} | at 0.5 |",
         "|---|---|---|",
-        f"| AUC | {_cell(at_t.get('auc'))} | |",
-        f"| sensitivity | {_cell(at_t.get('sensitivity'))} | {_cell(at_h.get('sensitivity'))} |",
-        f"| specificity | {_cell(at_t.get('specificity'))} | {_cell(at_h.get('specificity'))} |",
+        f"| AUC | {cell(at_t.get('auc'))} | |",
+        f"| sensitivity | {cell(at_t.get('sensitivity'))} | {cell(at_h.get('sensitivity'))} |",
+        f"| specificity | {cell(at_t.get('specificity'))} | {cell(at_h.get('specificity'))} |",
         f"| confusion [[tn, fp], [fn, tp]] | {at_t['confusion']} | {at_h['confusion']} |",
-        f"| ECE ({block['ece'].get('bins', ECE_BINS)} bins) | {_cell(block['ece'])} | |",
-        f"| refusal rate | {_cell(block['refusal_rate'])} ({block['n_refused']}/{block['n']}) | |",
+        f"| ECE ({block['ece'].get('bins', ECE_BINS)} bins) | {cell(block['ece'])} | |",
+        f"| refusal rate | {cell(block['refusal_rate'])} ({block['n_refused']}/{block['n']}) | |",
         "",
     ]
     if len(block.get("by_source", {})) > 1:
@@ -308,8 +302,8 @@ def report_section(name: str, block: Mapping[str, Any]) -> str:
         for src, b in block["by_source"].items():
             a = b["at_threshold"]
             lines.append(
-                f"| {src} | {b['n']} | {b['n_malignant']} | {b['n_refused']} | {_cell(a.get('auc'))} | "
-                f"{_cell(a.get('sensitivity'))} | {_cell(a.get('specificity'))} |"
+                f"| {src} | {b['n']} | {b['n_malignant']} | {b['n_refused']} | {cell(a.get('auc'))} | "
+                f"{cell(a.get('sensitivity'))} | {cell(a.get('specificity'))} |"
             )
         lines.append("")
     lines += [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from lesionlab.evaluation.metrics import METRICS
@@ -20,6 +21,14 @@ SPLIT_TITLES = {
 def fmt(block: Mapping) -> str:
     lo, hi = block["ci95"]
     return f"{block['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def cell(block: Mapping | None) -> str:
+    """:func:`fmt` of a metric block that may be missing or undefined (a value of None or NaN: e.g. sensitivity
+    on a set without malignant images): "undefined" then."""
+    if block is None or block.get("value") is None or math.isnan(block["value"]):
+        return "undefined"
+    return fmt(block)
 
 
 def metrics_table(metrics: Mapping, splits=("val", "test", "test_dedup"), key: str | None = None) -> str:
