@@ -161,7 +161,7 @@ def test_feature_cache_key_names_both_settings_and_keeps_old_entries(small_data)
 
 
 def test_finetune_inputs_are_resized_and_corrected_before_augmentation(small_data):
-    from lesionlab.training.sources import read_inputs
+    from lesionlab.training.inputs import read_inputs
 
     ds = load_dataset(small_data)
     inputs = read_inputs(ds, _weights(), "finetune", 0, False, False, "squash", "shades-of-gray")

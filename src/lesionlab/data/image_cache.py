@@ -37,6 +37,7 @@ import numpy as np
 from lesionlab.data.images import BadImageError, color_constancy, open_image, resize_to_input
 from lesionlab.data.sample import Sample
 from lesionlab.files import atomic_write_json, cache_root
+from lesionlab.runtime import frozen_heap
 
 VERSION = 1
 GROW = 1024  # slots added at a time: the files are extended (sparsely) in chunks, not per image
@@ -196,7 +197,9 @@ class ImageCache:
         )
         bad: list[BadImageError] = []
         desc = f"decode {self.spec.size}px"
-        for err in tqdm(loader, total=len(jobs), desc=desc, disable=not progress, unit="img"):
+        with frozen_heap(workers > 0):
+            results = iter(loader)  # forks the workers
+        for err in tqdm(results, total=len(jobs), desc=desc, disable=not progress, unit="img"):
             if err is not None:  # (path, reason, status): the exception itself does not pickle
                 bad.append(BadImageError(*err))
         self._map_pixels().flush()

@@ -53,8 +53,8 @@ from lesionlab.sweep.trials import (
     torch_threads,
 )
 from lesionlab.training.config import TrainConfig
+from lesionlab.training.inputs import read_inputs
 from lesionlab.training.record import write_run
-from lesionlab.training.sources import read_inputs
 
 __all__ = [  # the names the CLI, the benchmarks and the tests import from here
     "RESULT_FIELDS",

@@ -42,6 +42,7 @@ from lesionlab.training import distributed, tracking
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.device import Compute, RunningMeans
 from lesionlab.training.distributed import Ranks
+from lesionlab.training.inputs import read_inputs
 from lesionlab.training.optim import make_ema, make_loss, make_optimizer
 from lesionlab.training.record import (
     HISTORY_FIELDS,
@@ -51,7 +52,7 @@ from lesionlab.training.record import (
     run_config,
     train_identity,
 )
-from lesionlab.training.sources import Source, TrainingOutputs, read_inputs
+from lesionlab.training.sources import Source, TrainingOutputs
 from lesionlab.training.targets import diagnosis_classes
 
 
