@@ -2,14 +2,14 @@
 # The transfer ablation (docs/results.md 8.1), one job at a time, in the background:
 #   nohup bench/ablation_queue.sh f-sq f-cc f-dx a1 > logs/ablation.log 2>&1 &
 # Each run trains on isic-kaggle + ham10000 (lesion-safe), then is scored on the external sets (reported, never
-# tuned on); `python bench/ablation.py runs/r8-*` prints the table. Resumable: a finished run is skipped, an
-# unfinished one resumes from its last epoch. The code is a fixed commit (a git worktree at $SNAPSHOT of
-# $ABLATION_COMMIT, made when missing), so that edits in the working tree cannot break a queued run and every row
-# of the table is trained by the same code: de5a399, the last commit before fine-tuning's data pipeline changed
-# its augmentation draws (ninth session); a run resumed by other code would mix two pipelines.
+# tuned on); `python bench/ablation.py runs/r8-*` prints the table. Resumable, across sessions too: a finished run
+# is skipped, an unfinished one resumes from its last epoch. The code is a fixed commit (a git worktree at $SNAPSHOT
+# of $ABLATION_COMMIT, made when missing), so that edits in the working tree cannot break a queued run and every
+# fine-tuned row is trained by the same code: c0216d8, the first whose runs resume on a fresh copy of the data
+# (every session here gets newly written files, and older code identified a run's data by their mtimes).
 cd "$(dirname "$0")/.."
-SNAPSHOT=${SNAPSHOT:-/tmp/lesionlab-snapshot}
-ABLATION_COMMIT=${ABLATION_COMMIT:-de5a399}
+ABLATION_COMMIT=${ABLATION_COMMIT:-c0216d8}
+SNAPSHOT=${SNAPSHOT:-/tmp/lesionlab-ablation-$ABLATION_COMMIT}
 [ -d "$SNAPSHOT" ] || git worktree add --detach "$SNAPSHOT" "$ABLATION_COMMIT" -q
 [ "$(git -C "$SNAPSHOT" rev-parse --short=7 HEAD)" = "${ABLATION_COMMIT:0:7}" ] || { echo "$SNAPSHOT is not $ABLATION_COMMIT"; exit 2; }
 export PYTHONPATH=$SNAPSHOT/src
