@@ -212,7 +212,14 @@ def test_a_run_resumes_on_a_fresh_copy_of_its_data_and_an_old_schema_run_too(few
     for f in data.rglob("*.jpg"):
         os.utime(f, (later, later))
     assert load_dataset(data).file_list_hash(mtimes=True) != legacy_hash  # caches notice; a run does not
-    assert_same_run(train(cfg, data, tmp_path / "b", progress=False), unbroken)
+    resumed = train(cfg, data, tmp_path / "b", progress=False)
+    # the feature cache keys on mtimes, so epoch 3 trains on features computed again: equal to rounding, not bits
+    # (oneDNN may pick other kernels under another load)
+    rows = lambda run: [{k: float(v) for k, v in r.items() if k != "seconds"} for r in RunFolder(run).history()]
+    for got, want in zip(rows(resumed), rows(unbroken), strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    ma, mb = load_model(resumed / "model.pt")[0].state_dict(), load_model(unbroken / "model.pt")[0].state_dict()
+    assert all(torch.allclose(ma[k].float(), mb[k].float(), atol=1e-5) for k in ma)
 
 
 def test_other_settings_in_the_same_folder_are_refused(few_images, tmp_path):

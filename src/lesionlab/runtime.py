@@ -42,8 +42,8 @@ def release_freed_memory() -> bool:
 def frozen_heap(enabled: bool = True) -> Iterator[None]:
     """While DataLoader workers fork (``iter(loader)``): this process's Python objects are moved out of the garbage
     collector's reach (``gc.freeze``), so that the collector in a forked worker does not write to every object it
-    scans and copy each page of the parent's heap it touches (measured on 30,000 images: about 200 MB of private
-    memory per worker). The parent collects them again afterwards; nothing is freed that would not be."""
+    scans and copy each page of the parent's heap it touches (a probe of 360,000 objects: the worker's private memory
+    85 -> 13 MB). The parent collects them again afterwards; nothing is freed that would not be."""
     if not enabled:
         yield
         return

@@ -140,8 +140,8 @@ class TrainConfig:
     grad_checkpointing: bool = setting(
         False,
         "finetune: keep only each block's input and recompute the block in the backward pass: about half the "
-        "activation memory (large inputs on a small machine, bigger batches on a GPU) for about a third more "
-        "compute; the same weights. Not part of the run's identity.",
+        "activation memory (large inputs on a small machine, bigger batches on a GPU), training about a fifth "
+        "slower on a CPU; the same weights. Not part of the run's identity.",
         identity=False,
     )
     log: str = setting(
