@@ -21,8 +21,9 @@ run() {  # name, train options...
   local name=$1; shift
   echo "=== $(date +%T) $name: $*"
   if [ -f runs/$name/metrics.json ] && grep -q '"external"' runs/$name/metrics.json; then echo "done earlier"; return; fi
-  $L train $D "$@" --out runs/$name --quiet && $L evaluate runs/$name $EXT --quiet
-  echo "=== $(date +%T) $name finished rc=$?"
+  local rc=0  # the status of train, or of evaluate when train succeeded (not the echo's)
+  $L train $D "$@" --out runs/$name --quiet && $L evaluate runs/$name $EXT --quiet || rc=$?
+  echo "=== $(date +%T) $name finished rc=$rc"
 }
 for job in "$@"; do
   case $job in
