@@ -25,7 +25,7 @@ from lesionlab.runs import RunFolder
 
 BIN = Path(sys.executable).parent
 HOOKS = Path(__file__).parent / "hooks" / "die"
-LR, EPOCHS, BATCH = 1e-3, 3, 4
+LR, EPOCHS, BATCH = 1e-3, 2, 4  # two epochs: the kill lands in the second
 
 
 def _args(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:
@@ -52,6 +52,22 @@ def lesionlab(args: list[str], **kw) -> subprocess.CompletedProcess:
     return _run([str(BIN / "lesionlab"), *args], **kw)
 
 
+def lesionlab_here(args: list[str], env: dict[str, str]) -> None:
+    """A command inside pytest, on one thread like each rank: a subprocess would spend most of its time importing
+    torch and timm again."""
+    from typer.testing import CliRunner
+
+    from lesionlab.cli import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(app, args, env=env)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+
+
 def assert_close_runs(a: Path, b: Path) -> None:
     """Same epochs, losses within 2%, accuracies within one image; weights within the tolerance above."""
     ha, hb = RunFolder(a).history(), RunFolder(b).history()
@@ -73,7 +89,7 @@ def reference(few_images, shared_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     env = {"LESIONLAB_CACHE_DIR": str(root / "cache")}
     one, two = root / "one", root / "two"
-    lesionlab(_args(few_images, shared_weights, one, "--no-eval"), env=env)
+    lesionlab_here(_args(few_images, shared_weights, one, "--no-eval"), env=env)
     torchrun(2, _args(few_images, shared_weights, two), env=env)
     return {"root": root, "env": env, "one": one, "two": two}
 
@@ -92,20 +108,19 @@ def test_a_killed_ddp_run_resumes_on_one_process(reference, few_images, shared_w
     res = torchrun(2, _args(few_images, shared_weights, out, "--no-eval"), env=env, check=False)
     assert res.returncode != 0
     assert len(RunFolder(out).history()) == 1 and (out / "train_state.pt").exists()
-    lesionlab(_args(few_images, shared_weights, out, "--no-eval"), env=reference["env"])  # world size 1 now
+    lesionlab_here(_args(few_images, shared_weights, out, "--no-eval"), env=reference["env"])  # world size 1 now
     assert not (out / "train_state.pt").exists()
     assert_close_runs(out, reference["two"])
 
 
 def test_ray_train_matches_torchrun(reference, few_images, shared_weights):
+    """The weights and losses, within the tolerance above; evaluation after training is the local code's (tested
+    with torchrun), so it is skipped here."""
     pytest.importorskip("ray.train", reason="Ray Train is an optional extra: pip install 'lesionlab[ray]'")
     out = reference["root"] / "ray"
-    lesionlab(_args(few_images, shared_weights, out, "--backend", "ray", "--num-workers", "2"), env=reference["env"])
+    args = _args(few_images, shared_weights, out, "--backend", "ray", "--num-workers", "2", "--no-eval")
+    lesionlab_here(args, env=reference["env"])  # the driver; Ray starts the two workers
     assert_close_runs(out, reference["two"])
-    want = json.loads((reference["two"] / "metrics.json").read_text())["test"]
-    got = json.loads((out / "metrics.json").read_text())["test"]
-    for k in ("accuracy", "auc", "recall", "specificity"):
-        assert got[k]["value"] == pytest.approx(want[k]["value"], abs=0.02), k
     config = json.loads((out / "config.json").read_text())
     assert config["compute"]["distributed"]["world_size"] == 2
 
@@ -123,5 +138,9 @@ def test_ray_train_refuses_what_it_cannot_run(tmp_path):
 
 
 def test_unknown_backend_is_a_one_line_error(few_images):
-    res = lesionlab(["train", "--data", str(few_images), "--backend", "spark"], check=False)
-    assert res.returncode == 2 and "--backend must be local or ray" in res.stderr
+    from typer.testing import CliRunner
+
+    from lesionlab.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--data", str(few_images), "--backend", "spark"])
+    assert res.exit_code == 2 and "--backend must be local or ray" in res.output

@@ -934,3 +934,13 @@ def test_cli_serve_refuses_a_model_without_an_operating_point(onnx_run, tmp_path
     monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: calls.append(a))
     result = CliRunner().invoke(app, ["serve", "--model", str(folder)])
     assert result.exit_code == 2 and not calls and "lesionlab evaluate" in result.output
+
+
+def test_the_service_starts_without_the_evaluation_stack():
+    """Importing the app pulls in neither scikit-learn nor scipy.stats (1-2 s of every server's and Lambda's cold
+    start): the disclaimer and the metric names live in light modules, metrics.py imports them where used."""
+    import subprocess
+
+    code = "import sys, lesionlab.serve.app; print(sorted({'sklearn', 'scipy.stats'} & set(sys.modules)))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert res.stdout.strip() == "[]", res.stdout

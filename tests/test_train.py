@@ -31,7 +31,7 @@ def assert_same_run(a, b) -> None:
 def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, tmp_path):
     with pytest.warns(UserWarning, match="RANDOM"):
         out = train(
-            TrainConfig(backbone=backbone, epochs=1),
+            TrainConfig(backbone=backbone, epochs=1, input_size=64),  # small: the loop, not the numbers
             few_images,
             tmp_path / backbone,
             weights_dir=tmp_path,
@@ -48,7 +48,9 @@ def test_study_backbones_train_one_epoch_from_random_init(backbone, few_images, 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_finetune_trains_the_whole_network(precision, few_images, shared_weights, tmp_path):
-    cfg = TrainConfig(backbone="mobilenetv2", mode="finetune", epochs=1, batch_size=4, lr=1e-3, precision=precision)
+    cfg = TrainConfig(
+        backbone="mobilenetv2", mode="finetune", epochs=1, batch_size=4, lr=1e-3, precision=precision, input_size=64
+    )
     out = train(cfg, few_images, tmp_path / "ft", weights_dir=shared_weights, progress=False)
     assert json.loads((out / "config.json").read_text())["train"]["precision"] == precision
     model, _ = load_model(out / "model.pt")
@@ -112,6 +114,7 @@ def test_ema_is_what_is_kept_and_a_resumed_ema_run_equals_an_unbroken_one(
         precision="fp32",
         augment="none",
         ema_decay=0.9,
+        input_size=64,
     )
     unbroken = train(cfg, few_images, tmp_path / "a", weights_dir=shared_weights, progress=False)
     assert json.loads((unbroken / "config.json").read_text())["train"]["ema_decay"] == 0.9

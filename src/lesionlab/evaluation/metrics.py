@@ -7,12 +7,11 @@ numbers, so evaluation, sweeps and ensembles share one definition of each metric
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit
-from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from lesionlab.errors import LesionlabError
+
+# scipy and scikit-learn are imported where they are used: the service and the command line read this module's
+# names (METRICS, the policy parser) and start a second or two sooner without them.
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 DEFAULT_RESAMPLES = 1000
@@ -36,6 +35,8 @@ def _rates(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 
 def point_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(y).astype(int)
     pred = (np.asarray(prob) >= threshold).astype(int)
     out = _rates(y, pred)
@@ -55,6 +56,8 @@ def confusion(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> list[l
 
 def _rank_auc(scores: np.ndarray, n_pos: int) -> float:
     """Mann-Whitney AUC for scores ordered positives first (ties count one half); equals roc_auc_score."""
+    from scipy.stats import rankdata
+
     ranks = rankdata(scores)
     n_neg = len(scores) - n_pos
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
@@ -151,6 +154,8 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, policy: str = DEFAULT_POLI
             f"policy '{policy}' needs validation images of both classes, got {n_pos} positive of "
             f"{len(y)}; use fixed:0.5 or a larger validation split"
         )
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thr = roc_curve(y, prob, drop_intermediate=False)
     thr = np.clip(thr, 0.0, 1.0)  # sklearn puts +inf first
     if kind == "youden":
@@ -185,6 +190,9 @@ def sensitivity_lower_bound(hits: np.ndarray, n: int, confidence: float = 0.95) 
 
 def fit_temperature(y: np.ndarray, logits: np.ndarray) -> float:
     """Temperature T minimising validation log-loss of sigmoid(logit / T); T > 1 softens over-confidence."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import expit
+
     y = np.asarray(y, dtype=np.float64)
     z = np.asarray(logits, dtype=np.float64)
 

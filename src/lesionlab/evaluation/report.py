@@ -5,12 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from lesionlab.disclaimer import DISCLAIMER
 from lesionlab.evaluation.metrics import METRICS
 
-DISCLAIMER = (
-    "lesionlab is a research tool that screens images; it does not diagnose. A result is not a "
-    "medical opinion: any lesion that worries you needs a clinician."
-)
 SPLIT_TITLES = {
     "val": "validation",
     "test": "test (official split)",

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lesionlab import __version__
 from lesionlab.data.images import DEFAULT_MAX_PIXELS
-from lesionlab.evaluation.report import DISCLAIMER
+from lesionlab.disclaimer import DISCLAIMER
 from lesionlab.serve.errors import ServiceError
 from lesionlab.serve.middleware import BearerAuth, BodyLimit
 from lesionlab.serve.openapi import example_image, install_openapi

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from lesionlab import runs as rf
+from lesionlab.disclaimer import DISCLAIMER
 from lesionlab.evaluation.metrics import METRICS
-from lesionlab.evaluation.report import DISCLAIMER
 from lesionlab.inference.predictor import Predictor
 
 MODEL_CARD_FILE = "MODEL_CARD.md"

@@ -11,7 +11,7 @@ from typing import Literal, cast
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
-from lesionlab.evaluation.report import DISCLAIMER
+from lesionlab.disclaimer import DISCLAIMER
 from lesionlab.inference.predictor import ModelInfo, Prediction
 from lesionlab.serve.codec import BASE64_PATTERN
 from lesionlab.serve.errors import ServiceError

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from lesionlab.evaluation.report import DISCLAIMER
+from lesionlab.disclaimer import DISCLAIMER
 from lesionlab.inference.predictor import ModelInfo, Prediction
 from lesionlab.serve import codec
 from lesionlab.serve.errors import ServiceError
