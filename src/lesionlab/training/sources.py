@@ -250,12 +250,14 @@ class _ImageFeed:
     source: ImageSource
     loader: torch.utils.data.DataLoader
     sampler: EpochBatches
+    forked: bool = False  # the persistent workers exist (forked by the first epoch's iter)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         src, size = self.source, self.sampler.batch_size
         self.sampler.set_epoch(epoch)
-        with frozen_heap(self.loader.num_workers > 0):
-            batches = iter(self.loader)  # forks the persistent workers in the first epoch
+        with frozen_heap(self.loader.num_workers > 0 and not self.forked):
+            batches = iter(self.loader)
+        self.forked = self.loader.persistent_workers
         for k, (images, idx) in enumerate(batches):
             n_global = min(size, src.n_train - k * size)
             yield images, torch.from_numpy(src.y_train)[idx], _rows(src.c_train, idx), n_global
