@@ -1,12 +1,18 @@
 """The transfer ablation table: evaluated runs side by side, from their metrics.json alone (nothing is scored).
 
-Usage: python bench/ablation.py RUN [RUN ...] [--source isic-kaggle] [--json FILE]
+Usage: python bench/ablation.py RUN [RUN ...] [--source isic-kaggle] [--against BASE_RUN] [--json FILE]
 
 Per run: validation AUC (what a choice may look at), then, at the run's own operating threshold (chosen on its
 validation), AUC, sensitivity and specificity with their 95% bootstrap CIs on the cross-source test split of
 ``--source`` (``test_dedup:<source>``: its test images that match no training image of any source) and on each
 external set the run was scored on (``lesionlab evaluate RUN --external NAME=PATH``), and balanced multi-class
 accuracy where the run has a diagnosis head and the set has diagnoses. External sets report; they choose nothing.
+
+``--against BASE_RUN`` adds, per run and set, the paired difference from BASE_RUN (``metrics.paired_differences``:
+AUC, and sensitivity and specificity each at its own run's threshold, with a 95% CI from one stratified bootstrap
+of the images both runs scored; the per-image scores of ``predictions.csv`` and ``external_predictions.csv``,
+so external sets must have been evaluated by code that writes the latter). Two runs' own CIs overlap by
+construction, since they share the set's sampling noise; a paired CI that excludes 0 is a real difference.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from lesionlab.evaluation.metrics import PAIRED, paired_differences
+from lesionlab.evaluation.per_image import aligned, read_scores
 
 
 def ci(block: dict[str, Any] | None) -> str:
@@ -63,14 +72,41 @@ def rows(run: Path, source: str) -> list[list[str]]:
     return out
 
 
+def set_keys(run: Path, source: str) -> list[str]:
+    """The keys of rows(): the cross-source test split, then the external sets."""
+    m = json.loads((run / "metrics.json").read_text())
+    key = f"test_dedup:{source}" if f"test_dedup:{source}" in m else "test_dedup"
+    return [key, *(m.get("external") or {})]
+
+
+def paired(run: Path, base: Path, key: str, n_resamples: int) -> list[str]:
+    """ΔAUC, Δsensitivity, Δspecificity of ``run`` minus ``base`` on the images both scored in set ``key``."""
+    a, b = read_scores(base, key), read_scores(run, key)
+    if not a or not b:
+        return ["no per-image scores", "", "", ""]
+    y, p_base, p_run = aligned(a, b)
+    thresholds = tuple(json.loads((r / "metrics.json").read_text())["threshold"]["value"] for r in (base, run))
+    d = paired_differences(y, p_base, p_run, thresholds, n_resamples)
+    if d is None:
+        return ["one class", "", "", ""]
+    return [f"{d[k]['value']:+.3f} [{d[k]['ci95'][0]:+.3f}, {d[k]['ci95'][1]:+.3f}]" for k in PAIRED] + [str(len(y))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--source", default="isic-kaggle")
+    ap.add_argument("--against", type=Path, help="a run to difference every run from, image by image")
+    ap.add_argument("--n-resamples", type=int, default=1000)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     table = [r for run in args.runs for r in rows(run, args.source)]
     head = ["run", "val AUC", "set", "AUC", "sensitivity", "specificity", "balanced accuracy (7 classes)"]
+    if args.against:
+        keys = [k for run in args.runs for k in set_keys(run, args.source)]
+        runs = [run for run in args.runs for _ in set_keys(run, args.source)]
+        table = [r + paired(run, args.against, k, args.n_resamples) for r, run, k in zip(table, runs, keys)]
+        head += [f"Δ{k} vs {args.against.name}" for k in PAIRED] + ["n paired"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in table:
         print("| " + " | ".join(r) + " |")

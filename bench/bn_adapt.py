@@ -39,10 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.special import expit
-from sklearn.metrics import roc_auc_score
 
 from lesionlab.data.sources import load_external
-from lesionlab.evaluation.metrics import metrics_with_ci
+from lesionlab.evaluation.metrics import metrics_with_ci, paired_differences
 from lesionlab.evaluation.report import cell
 from lesionlab.inference.adapt import adapt_batchnorm, batchnorm_layers, mix_batchnorm
 from lesionlab.inference.loading import DEFAULT_MODEL_DIR
@@ -56,7 +55,6 @@ SETS = {
     "isic2018": REPO.parent / "shared" / "data" / "isic2018-task3-test",
     "ph2": REPO.parent / "shared" / "data" / "ph2",
 }
-RATES = ("auc", "sensitivity", "specificity")
 
 
 def model_logits(model: LesionClassifier, images: np.ndarray, pre: Preprocessing, batch_size: int) -> np.ndarray:
@@ -83,28 +81,6 @@ def rates(y: np.ndarray, p: np.ndarray, threshold: float, n_resamples: int, seed
         "specificity": block["specificity"] if has_neg else None,
         "confusion": block["confusion"],
     }
-
-
-def paired_delta(
-    y: np.ndarray, before: np.ndarray, after: np.ndarray, threshold: float, n_resamples: int, seed: int
-) -> dict[str, Any] | None:
-    """after - before of AUC, sensitivity and specificity, with percentile CIs from one stratified bootstrap that
-    resamples the same images for both (class counts kept, as ``metrics.bootstrap_ci``); None for a one-class set."""
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    if not len(pos) or not len(neg):
-        return None
-
-    def diff(idx: np.ndarray) -> np.ndarray:
-        yy, out = y[idx], []
-        for p in (before[idx], after[idx]):
-            flagged = p >= threshold
-            out.append([roc_auc_score(yy, p), flagged[yy == 1].mean(), (~flagged[yy == 0]).mean()])
-        return np.subtract(out[1], out[0])
-
-    rng = np.random.default_rng(seed)
-    draws = [diff(np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])) for _ in range(n_resamples)]
-    point, (lo, hi) = diff(np.arange(len(y))), np.percentile(np.array(draws), [2.5, 97.5], axis=0)
-    return {k: {"value": float(point[i]), "ci95": [float(lo[i]), float(hi[i])]} for i, k in enumerate(RATES)}
 
 
 def adapted_logits(
@@ -151,7 +127,7 @@ def run_set(name: str, predictor: TorchPredictor, args: argparse.Namespace) -> d
         p = expit(logits / temperature)
         block["adapted"][str(prior)] = {
             **rates(y, p, threshold, args.n_resamples, args.seed),
-            "delta": paired_delta(y, p0, p, threshold, args.n_resamples, args.seed),
+            "delta": paired_differences(y, p0, p, (threshold, threshold), args.n_resamples, args.seed),
             "mean_logit_shift": float(np.mean(logits - before)),
         }
     block["seconds"] = round(time.perf_counter() - t0, 1)

@@ -26,6 +26,7 @@ from lesionlab.evaluation.external import (
     report_section,
     score_external,
 )
+from lesionlab.evaluation.per_image import aligned, read_scores
 from lesionlab.inference.loading import DEFAULT_MODEL_DIR, load_predictor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -223,6 +224,22 @@ def test_evaluate_external_updates_metrics_and_report(tmp_path, samples):
     assert report.startswith("# lesionlab run\n\n## Model\nlite0\n")
     assert report.count(SECTION) == 1 and report.count("### isic2018") == 1 and report.count("### ph2") == 1
     assert not (DEFAULT_MODEL_DIR / "report.md").exists()
+    # per-image scores: the second evaluation replaced isic2018's rows and kept none of the first's
+    scores = read_scores(model, "isic2018")
+    assert len(scores) == 10 and len(read_scores(model, "ph2")) == 3
+    assert {s.relpath for s in isic[:10]} == set(scores)
+    block = metrics["external"]["isic2018"]
+    y, p, _ = aligned(scores, scores)
+    assert int(y.sum()) == block["n_malignant"]
+    benign_passed = (p < block["threshold"])[y == 0]
+    assert benign_passed.mean() == pytest.approx(block["at_threshold"]["specificity"]["value"])
+
+
+def test_paired_scores_need_the_same_labels():
+    with pytest.raises(ValueError, match="labelled differently"):
+        aligned({"a.jpg": (1, 0.9), "b.jpg": (0, 0.1)}, {"a.jpg": (0, 0.9)})
+    y, p, q = aligned({"a.jpg": (1, 0.9), "b.jpg": (0, 0.1)}, {"b.jpg": (0, 0.3), "c.jpg": (1, 0.5)})
+    assert y.tolist() == [0] and p.tolist() == [0.1] and q.tolist() == [0.3]  # the images both scored
 
 
 def test_evaluate_external_works_for_an_ensemble(tmp_path, samples):

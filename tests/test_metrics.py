@@ -3,6 +3,7 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from lesionlab.evaluation.metrics import (
+    PAIRED,
     _rank_auc,
     bootstrap_ci,
     brier,
@@ -12,6 +13,7 @@ from lesionlab.evaluation.metrics import (
     expected_calibration_error,
     fit_temperature,
     metrics_with_ci,
+    paired_differences,
     point_metrics,
     sensitivity_lower_bound,
 )
@@ -143,3 +145,23 @@ def test_a_single_class_validation_set_cannot_place_a_sensitivity_threshold():
         with pytest.raises(ValueError, match="both classes"):
             choose_threshold(y, p, policy)
     assert choose_threshold(y, p, "fixed:0.4") == 0.4
+
+
+def test_paired_differences_are_zero_for_one_model_and_find_a_real_gain():
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.3).astype(int)
+    before = np.clip(rng.normal(0.4 + 0.15 * y, 0.2), 0, 1)
+    same = paired_differences(y, before, before, (0.5, 0.5), n_resamples=200)
+    assert same is not None
+    assert all(same[k] == {"value": 0.0, "ci95": [0.0, 0.0]} for k in PAIRED)
+    after = np.clip(before + 0.2 * y * rng.random(400), 0, 1)  # malignant scores only rise: a real gain
+    d = paired_differences(y, before, after, (0.5, 0.5), n_resamples=200)
+    assert d is not None and d["auc"]["ci95"][0] > 0 and d["sensitivity"]["ci95"][0] > 0
+    assert d["specificity"] == {"value": 0.0, "ci95": [0.0, 0.0]}  # benign scores did not move
+    unpaired = point_metrics(y, after)["auc"] - point_metrics(y, before)["auc"]
+    assert d["auc"]["value"] == pytest.approx(unpaired)
+    assert d["auc"]["ci95"][0] <= d["auc"]["value"] <= d["auc"]["ci95"][1]
+    # each model at its own threshold: the same scores with a threshold that flags everything lose all specificity
+    own = paired_differences(y, before, before, (0.5, 0.0), n_resamples=50)
+    assert own is not None and own["sensitivity"]["value"] >= 0 and own["specificity"]["value"] < 0
+    assert paired_differences(np.zeros(5), before[:5], after[:5], (0.5, 0.5)) is None

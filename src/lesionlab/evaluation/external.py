@@ -29,6 +29,7 @@ from lesionlab.data.sample import Sample
 from lesionlab.errors import LesionlabError
 from lesionlab.evaluation.diagnosis import block_lines, diagnosis_metrics
 from lesionlab.evaluation.metrics import expected_calibration_error, metrics_with_ci
+from lesionlab.evaluation.per_image import write_external_predictions
 from lesionlab.evaluation.report import DISCLAIMER, cell, fmt
 from lesionlab.runs import REPORT, RunFolder
 
@@ -365,7 +366,8 @@ def evaluate_external(
     backend: str = "auto",
 ) -> dict[str, dict]:
     """Scores each named set with the run's predictor (loaded once; an ensemble folder works the same way) at its
-    operating threshold, sets metrics.json["external"][name] (other keys and other sets kept) and rewrites
+    operating threshold, writes its per-image scores to external_predictions.csv (``evaluation.per_image``), sets
+    metrics.json["external"][name] (other keys and other sets kept) and rewrites
     report.md's ``## External evaluation`` section from all of metrics.json's external sets. Returns the new
     blocks by name. Raises ExternalError for no sets or the bundled model's package folder (copy it first),
     RunError for a folder without an operating point."""
@@ -379,10 +381,11 @@ def evaluate_external(
         raise ExternalError(f"{run.path} is the bundled model inside the package; copy it and evaluate the copy")
     predictor = load_predictor(run.path, backend=backend)
     threshold = float(predictor.info.threshold)
-    blocks = {}
+    blocks, scored = {}, {}
     for name, samples in sets.items():
-        scores = score_external(predictor, samples, tta, batch_size, progress, skip_bad)
-        blocks[name] = external_metrics(scores, threshold, n_resamples, seed)
+        scored[name] = score_external(predictor, samples, tta, batch_size, progress, skip_bad)
+        blocks[name] = external_metrics(scored[name], threshold, n_resamples, seed)
+    write_external_predictions(run.path, scored)
     metrics = run.metrics()
     metrics["external"] = {**metrics.get("external", {}), **blocks}
     run.write_metrics(metrics)

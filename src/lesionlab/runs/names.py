@@ -18,6 +18,7 @@ SKIPPED = "skipped_files.txt"
 METRICS = "metrics.json"
 REPORT = "report.md"
 PREDICTIONS = "predictions.csv"
+EXTERNAL_PREDICTIONS = "external_predictions.csv"  # the external sets' per-image scores
 CALIBRATION = "calibration.json"
 FIGURES = "figures"
 OOD_ARRAYS = "ood.npz"  # the lesion detector
