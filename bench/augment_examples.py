@@ -24,7 +24,8 @@ from PIL import Image
 
 from lesionlab.data.dataset import load_dataset
 from lesionlab.data.images import decode_samples
-from lesionlab.training.augment import augment_batch, canonical_augment
+from lesionlab.training.augment import augment_batch
+from lesionlab.training.augment_names import canonical_augment
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "isic-kaggle"

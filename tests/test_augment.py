@@ -12,7 +12,6 @@ import torch
 
 from lesionlab.data.image_cache import GROW, ImageCache, ImageSpec
 from lesionlab.training.augment import (
-    EXTRAS,
     RULER,
     add_shortcuts,
     augment_batch,
@@ -22,6 +21,7 @@ from lesionlab.training.augment import (
     strong_color,
     vignette_gain,
 )
+from lesionlab.training.augment_names import EXTRAS
 from lesionlab.training.config import ConfigError, TrainConfig
 from lesionlab.training.distributed import Ranks
 from lesionlab.training.sources import ImageSource

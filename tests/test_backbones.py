@@ -5,7 +5,6 @@ import torch
 
 from lesionlab.models import backbones
 from lesionlab.models.backbones import (
-    REGISTRY,
     WeightsError,
     build_backbone,
     file_sha256,
@@ -13,6 +12,7 @@ from lesionlab.models.backbones import (
     lukemelas_to_timm,
     resolve_weights,
 )
+from lesionlab.models.registry import REGISTRY
 
 
 def test_registry_maps_study_names_to_timm():

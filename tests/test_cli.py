@@ -412,3 +412,17 @@ def test_sweep_trial_workers_and_its_deprecated_workers_alias(monkeypatch, tmp_p
     assert calls[-1] is None  # 0: one process per core
     help_text = invoke("sweep", "--help").output
     assert "--trial-workers" in help_text and "--workers " not in help_text and "--backend" in help_text
+
+
+def test_the_command_line_starts_without_torch():
+    """Building every command (what `lesionlab --help` and each command's parsing do) imports neither torch, timm,
+    FastAPI nor scikit-learn: they load when a command runs, so `--help`, a typo and `serve` on ONNX start fast."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, typer.main; from lesionlab.cli import app; typer.main.get_command(app); "
+        "print(sorted({'torch', 'timm', 'fastapi', 'sklearn'} & set(sys.modules)))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert res.stdout.strip() == "[]", res.stdout

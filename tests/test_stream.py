@@ -140,8 +140,9 @@ def test_input_size_reaches_predict(few_images, shared_weights, tmp_path):
 
 
 def test_grad_checkpointing_is_refused_where_it_cannot_work():
-    from lesionlab.models.backbones import REGISTRY, _create
+    from lesionlab.models.backbones import _create
     from lesionlab.models.classifier import CheckpointingError, set_grad_checkpointing
+    from lesionlab.models.registry import REGISTRY
 
     with pytest.raises(ValueError, match="only with mode finetune"):
         TrainConfig(mode="frozen", grad_checkpointing=True)

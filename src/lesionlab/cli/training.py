@@ -33,7 +33,7 @@ from lesionlab.cli.common import (
 from lesionlab.cli.options import flag_values, options_from
 from lesionlab.data.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from lesionlab.runs import REPORT, RunFolder
-from lesionlab.sweep.sweep import STUDY_BACKBONES, STUDY_EPOCHS, STUDY_LRS, SweepGrid
+from lesionlab.sweep.grid import STUDY_BACKBONES, STUDY_EPOCHS, STUDY_LRS, SweepGrid
 from lesionlab.training.config import TrainConfig
 
 QUIET_HELP = "No progress bars."

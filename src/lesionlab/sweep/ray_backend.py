@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from lesionlab.sweep.trials import Backend, Job, SweepError, TrialData, TrialResult, run_trial
+from lesionlab.sweep.grid import SweepError
+from lesionlab.sweep.trials import Backend, Job, TrialData, TrialResult, run_trial
 from lesionlab.training.config import TrainConfig
 
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from lesionlab import files
 from lesionlab import runs as rf
+from lesionlab.sweep.grid import SweepGrid
 from lesionlab.sweep.selection import SELECTION_RULE, Choice
-from lesionlab.sweep.trials import SweepGrid
 
 #: Lin & Ghanta 2024, Table 1 (test) and the selected hyper-parameters stated in their Results.
 _STUDY_FIELDS = ("label", "lr", "epochs", "val_accuracy", "accuracy", "precision", "recall", "f1", "auc")

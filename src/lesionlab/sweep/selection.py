@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lesionlab import files
-from lesionlab.sweep.trials import SweepGrid, Trial
+from lesionlab.sweep.grid import SweepGrid, Trial
 
 RESULT_FIELDS = ["backbone", "lr", "epochs", "seed", "val_accuracy", "val_loss", "val_auc", "train_seconds"]
 SELECTION_RULE = (

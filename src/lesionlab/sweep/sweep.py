@@ -34,24 +34,11 @@ from lesionlab.models.backbones import ResolvedWeights, WeightsError, build_back
 from lesionlab.models.classifier import Head, LesionClassifier, build_model
 from lesionlab.runs import RunFolder
 from lesionlab.runtime import keep_freed_memory
+from lesionlab.sweep.grid import STUDY_BACKBONES, STUDY_EPOCHS, STUDY_LRS, TRIAL_THREADS, SweepError, SweepGrid, Trial
 from lesionlab.sweep.local import local_backend
 from lesionlab.sweep.report import write_reports
 from lesionlab.sweep.selection import RESULT_FIELDS, SELECTION_RULE, Choice, result_rows, select, write_results
-from lesionlab.sweep.trials import (
-    STUDY_BACKBONES,
-    STUDY_EPOCHS,
-    STUDY_LRS,
-    TRIAL_THREADS,
-    Backend,
-    Job,
-    SweepError,
-    SweepGrid,
-    Trial,
-    TrialData,
-    TrialResult,
-    run_trial,
-    torch_threads,
-)
+from lesionlab.sweep.trials import Backend, Job, TrialData, TrialResult, run_trial, torch_threads
 from lesionlab.training.config import TrainConfig
 from lesionlab.training.inputs import read_inputs
 from lesionlab.training.record import write_run

@@ -22,31 +22,10 @@ from collections.abc import Sequence
 
 import torch
 
-EXTRAS = ("shortcuts", "color", "aspect")  # also the order in which they are applied and spelled
+from lesionlab.training.augment_names import augment_parts
+
 SHORTCUT_P = 0.3  # per image and per artefact: the share of training images that get a ruler (ink, dark corners)
 ASPECT = 4 / 3
-
-
-def augment_parts(augment: str) -> tuple[str, ...]:
-    """The extras of ``augment`` (``dermoscopy`` -> ``()``) in their canonical order; ValueError naming the
-    allowed spellings when it is not one of them."""
-    base, *extras = augment.split("+")
-    if base == "none" and not extras:
-        return ()
-    if base != "dermoscopy" or len(set(extras)) != len(extras) or not set(extras) <= set(EXTRAS):
-        raise ValueError(
-            f"augment must be auto, none, dermoscopy, or dermoscopy+EXTRA[+EXTRA...] with extras from "
-            f"{', '.join(EXTRAS)} (e.g. dermoscopy+shortcuts+color+aspect); got '{augment}'"
-        )
-    return tuple(e for e in EXTRAS if e in extras)
-
-
-def canonical_augment(augment: str) -> str:
-    """``augment`` with its extras in the canonical order (``dermoscopy+color+shortcuts`` ->
-    ``dermoscopy+shortcuts+color``), so two spellings of one augmentation are one setting."""
-    if augment in ("auto", "none"):
-        return augment
-    return "+".join(["dermoscopy", *augment_parts(augment)])
 
 
 def augment_batch(images: torch.Tensor, size: int, augment: str = "dermoscopy") -> torch.Tensor:

@@ -14,12 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
-
 from lesionlab.data.splits import check_fold
 from lesionlab.errors import LesionlabError
-from lesionlab.models.backbones import DEFAULT_BACKBONE, REGISTRY
-from lesionlab.training.augment import canonical_augment
+from lesionlab.models.registry import DEFAULT_BACKBONE, REGISTRY
+from lesionlab.training.augment_names import canonical_augment
 
 MODES = ("frozen", "finetune")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -241,6 +239,8 @@ def default_workers() -> int:
 def device_type(device: str) -> str:
     """cpu, cuda or mps: the kind of device a ``--device`` value names (auto: cuda when a CUDA GPU is visible)."""
     if device == "auto":
+        import torch  # here, not at the top: the command line reads the settings without torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device.split(":")[0]
 
@@ -260,11 +260,15 @@ def auto_precision(mode: str, kind: str) -> str:
 
 def cuda_bf16_supported() -> bool:
     """The current CUDA GPU computes bf16 natively (Ampere and later; not the slow emulation of older GPUs)."""
+    import torch
+
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def bf16_supported() -> bool:
     """bf16 autocast is only a speed-up where the CPU computes in bf16 natively (AVX512-BF16 / AMX)."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
