@@ -130,10 +130,11 @@ def paired_differences(
     if not len(pos) or not len(neg):
         return None
 
+    n_pos = len(pos)
+
     def diff(idx: np.ndarray) -> np.ndarray:
-        n_pos = int(np.sum(y[idx] == 1))
-        order = idx[np.argsort(-y[idx], kind="stable")]  # positives first, as _rank_auc reads them
-        rows = [[_rank_auc(s[order], n_pos), f[idx][y[idx] == 1].mean(), (~f[idx][y[idx] == 0]).mean()]
+        """idx: the positives' indices first, then the negatives' (as _rank_auc reads scores, as resampled)."""
+        rows = [[_rank_auc(s[idx], n_pos), f[idx[:n_pos]].mean(), (~f[idx[n_pos:]]).mean()]
                 for s, f in zip(scores, flagged)]  # fmt: skip
         return np.subtract(rows[1], rows[0])
 
@@ -141,7 +142,7 @@ def paired_differences(
     draws = np.array(
         [diff(np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])) for _ in range(n_resamples)]
     )
-    point = diff(np.arange(len(y)))
+    point = diff(np.concatenate([pos, neg]))
     lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
     return {k: {"value": float(point[i]), "ci95": [float(lo[i]), float(hi[i])]} for i, k in enumerate(PAIRED)}
 
