@@ -49,43 +49,39 @@ def balanced(m: dict[str, Any]) -> str:
     return ci(d.get("balanced_accuracy")) if isinstance(d, dict) else ""
 
 
-def rows(run: Path, source: str) -> list[list[str]]:
+def rows(run: Path, source: str, base: Path | None = None, n_resamples: int = 1000) -> list[list[str]]:
+    """One row per set of ``run``: the cross-source test split, then the external sets; with ``base``, each row
+    ends with the paired difference from it (``paired``)."""
     m = json.loads((run / "metrics.json").read_text())
-    sets: list[tuple[str, dict[str, Any]]] = []
     key = f"test_dedup:{source}" if f"test_dedup:{source}" in m else "test_dedup"
-    sets.append((f"{key} (n={m[key]['n']})", m[key]))
-    sets += [(f"{name} (n={e['n']})", e) for name, e in (m.get("external") or {}).items()]
+    sets = [(key, m[key]), *(m.get("external") or {}).items()]
+    threshold = m["threshold"]["value"]
+    against = (base, json.loads((base / "metrics.json").read_text())["threshold"]["value"]) if base else None
     out = []
     for name, block in sets:
         t = at_threshold(block)
-        out.append(
-            [
-                run.name,
-                f"{m['val']['auc']['value']:.3f}",
-                name,
-                ci(t["auc"]),
-                ci(t["sens"]),
-                ci(t["spec"]),
-                balanced(block),
-            ]
-        )
+        row = [
+            run.name,
+            f"{m['val']['auc']['value']:.3f}",
+            f"{name} (n={block['n']})",
+            ci(t["auc"]),
+            ci(t["sens"]),
+            ci(t["spec"]),
+            balanced(block),
+        ]
+        if against:
+            row += paired(run, against[0], name, (against[1], threshold), n_resamples)
+        out.append(row)
     return out
 
 
-def set_keys(run: Path, source: str) -> list[str]:
-    """The keys of rows(): the cross-source test split, then the external sets."""
-    m = json.loads((run / "metrics.json").read_text())
-    key = f"test_dedup:{source}" if f"test_dedup:{source}" in m else "test_dedup"
-    return [key, *(m.get("external") or {})]
-
-
-def paired(run: Path, base: Path, key: str, n_resamples: int) -> list[str]:
-    """ΔAUC, Δsensitivity, Δspecificity of ``run`` minus ``base`` on the images both scored in set ``key``."""
+def paired(run: Path, base: Path, key: str, thresholds: tuple[float, float], n_resamples: int) -> list[str]:
+    """ΔAUC, Δsensitivity, Δspecificity of ``run`` minus ``base`` on the images both scored in set ``key``, each
+    at its own threshold (``thresholds``: base's, run's), and how many images were paired."""
     a, b = read_scores(base, key), read_scores(run, key)
     if not a or not b:
         return ["no per-image scores", "", "", ""]
     y, p_base, p_run = aligned(a, b)
-    thresholds = tuple(json.loads((r / "metrics.json").read_text())["threshold"]["value"] for r in (base, run))
     d = paired_differences(y, p_base, p_run, thresholds, n_resamples)
     if d is None:
         return ["one class", "", "", ""]
@@ -100,12 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-resamples", type=int, default=1000)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    table = [r for run in args.runs for r in rows(run, args.source)]
+    table = [r for run in args.runs for r in rows(run, args.source, args.against, args.n_resamples)]
     head = ["run", "val AUC", "set", "AUC", "sensitivity", "specificity", "balanced accuracy (7 classes)"]
     if args.against:
-        keys = [k for run in args.runs for k in set_keys(run, args.source)]
-        runs = [run for run in args.runs for _ in set_keys(run, args.source)]
-        table = [r + paired(run, args.against, k, args.n_resamples) for r, run, k in zip(table, runs, keys)]
         head += [f"Δ{k} vs {args.against.name}" for k in PAIRED] + ["n paired"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in table:
