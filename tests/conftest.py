@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,11 @@ def killed_after_epoch_2(monkeypatch):
 
     monkeypatch.setattr(RunFolder, "write_history", dies)
     return real
+
+
+def modules_imported(code: str, names: set[str]) -> list[str]:
+    """Which of ``names`` are in sys.modules after ``code`` runs in a fresh interpreter (what an import costs a
+    command's or a server's start), sorted."""
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted({sorted(names)!r} & sys.modules.keys())))"
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(res.stdout)

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from conftest import modules_imported
 from lesionlab.cli import app
 
 runner = CliRunner()
@@ -417,12 +418,5 @@ def test_sweep_trial_workers_and_its_deprecated_workers_alias(monkeypatch, tmp_p
 def test_the_command_line_starts_without_torch():
     """Building every command (what `lesionlab --help` and each command's parsing do) imports neither torch, timm,
     FastAPI nor scikit-learn: they load when a command runs, so `--help`, a typo and `serve` on ONNX start fast."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, typer.main; from lesionlab.cli import app; typer.main.get_command(app); "
-        "print(sorted({'torch', 'timm', 'fastapi', 'sklearn'} & set(sys.modules)))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert res.stdout.strip() == "[]", res.stdout
+    code = "import typer.main\nfrom lesionlab.cli import app\ntyper.main.get_command(app)"
+    assert modules_imported(code, {"torch", "timm", "fastapi", "sklearn"}) == []

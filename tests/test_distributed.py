@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from lesionlab.cli import app
 from lesionlab.models.classifier import load_model
 from lesionlab.runs import RunFolder
 
@@ -48,17 +50,9 @@ def torchrun(n: int, args: list[str], **kw) -> subprocess.CompletedProcess:
     return _run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(n), "-m", "lesionlab", *args], **kw)
 
 
-def lesionlab(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return _run([str(BIN / "lesionlab"), *args], **kw)
-
-
 def lesionlab_here(args: list[str], env: dict[str, str]) -> None:
     """A command inside pytest, on one thread like each rank: a subprocess would spend most of its time importing
     torch and timm again."""
-    from typer.testing import CliRunner
-
-    from lesionlab.cli import app
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -138,9 +132,5 @@ def test_ray_train_refuses_what_it_cannot_run(tmp_path):
 
 
 def test_unknown_backend_is_a_one_line_error(few_images):
-    from typer.testing import CliRunner
-
-    from lesionlab.cli import app
-
     res = CliRunner().invoke(app, ["train", "--data", str(few_images), "--backend", "spark"])
     assert res.exit_code == 2 and "--backend must be local or ray" in res.output

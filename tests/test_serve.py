@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import modules_imported
 from lesionlab.evaluation.report import DISCLAIMER
 from lesionlab.inference.predictor import Prediction
 from lesionlab.serve import aws_lambda, create_app
@@ -939,8 +940,4 @@ def test_cli_serve_refuses_a_model_without_an_operating_point(onnx_run, tmp_path
 def test_the_service_starts_without_the_evaluation_stack():
     """Importing the app pulls in neither scikit-learn nor scipy.stats (1-2 s of every server's and Lambda's cold
     start): the disclaimer and the metric names live in light modules, metrics.py imports them where used."""
-    import subprocess
-
-    code = "import sys, lesionlab.serve.app; print(sorted({'sklearn', 'scipy.stats'} & set(sys.modules)))"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert res.stdout.strip() == "[]", res.stdout
+    assert modules_imported("import lesionlab.serve.app", {"sklearn", "scipy.stats"}) == []
