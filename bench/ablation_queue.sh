@@ -3,7 +3,8 @@
 #   nohup bench/ablation_queue.sh a1 a5 a2 a3 a4 a6 a7 a8 >> logs/ablation.log 2>&1 &
 # Each run trains on isic-kaggle + ham10000 (lesion-safe), then is scored on the external sets (reported, never
 # tuned on); `python bench/ablation.py runs/r8-*` prints the table. Resumable, across sessions too: a finished run
-# is skipped, an unfinished one resumes from its last epoch. The code is a fixed commit (a git worktree at $SNAPSHOT
+# is skipped (in runs/, or its small files kept in bench/results/runs/, which later sessions pair against), an
+# unfinished one resumes from its last epoch. The code is a fixed commit (a git worktree at $SNAPSHOT
 # of $ABLATION_COMMIT, made when missing), so that edits in the working tree cannot break a queued run and every
 # fine-tuned row is trained by the same code: c0216d8, the first whose runs resume on a fresh copy of the data
 # (every session here gets newly written files, and older code identified a run's data by their mtimes).
@@ -15,7 +16,7 @@ ABLATION_COMMIT=${ABLATION_COMMIT:-c0216d8}
 EVAL_COMMIT=${EVAL_COMMIT:-a58b924}
 snapshot() {  # commit -> a worktree of it under /tmp, made when missing
   local dir=/tmp/lesionlab-ablation-$1
-  [ -d "$dir" ] || git worktree add --detach "$dir" "$1" -q
+  [ -d "$dir" ] || { git worktree prune; git worktree add --detach "$dir" "$1" -q; }
   [ "$(git -C "$dir" rev-parse --short=7 HEAD)" = "${1:0:7}" ] || { echo "$dir is not $1" >&2; exit 2; }
   echo "$dir"
 }
@@ -25,13 +26,23 @@ D="--data ../shared/data/isic-kaggle --data ../shared/data/ham10000"
 EXT="--only-external --external isic2018=../shared/data/isic2018-task3-test --external ph2=../shared/data/ph2"
 L=.venv/bin/lesionlab
 FT="--mode finetune --lr 3e-4 --epochs 8 --optimizer adamw --weight-decay 1e-4 --schedule cosine --warmup-epochs 1 --label-smoothing 0.05"
+KEPT=bench/results/runs
+keep() {  # a finished run's small files, to commit: runs/ does not outlive a session; bench/ablation.py reads them
+  mkdir -p "$KEPT/$1"
+  for f in config.json metrics.json history.csv predictions.csv external_predictions.csv; do
+    [ -f "runs/$1/$f" ] && cp "runs/$1/$f" "$KEPT/$1/"
+  done
+}
 run() {  # name, train options...
   local name=$1; shift
   echo "=== $(date +%T) $name: $*"
-  if [ -f runs/$name/metrics.json ] && grep -q '"external"' runs/$name/metrics.json; then echo "done earlier"; return; fi
+  for done in runs/$name $KEPT/$name; do
+    if [ -f $done/metrics.json ] && grep -q '"external"' $done/metrics.json; then echo "done earlier: $done"; return; fi
+  done
   local rc=0  # the status of train, or of evaluate when train succeeded (not the echo's)
   PYTHONPATH=$SNAPSHOT/src $L train $D "$@" --out runs/$name --quiet &&
     PYTHONPATH=$EVAL_SNAPSHOT/src $L evaluate runs/$name $EXT --quiet || rc=$?
+  [ $rc = 0 ] && keep "$name"
   echo "=== $(date +%T) $name finished rc=$rc"
 }
 for job in "$@"; do
