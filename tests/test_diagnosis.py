@@ -159,6 +159,29 @@ def test_external_isic2018_gets_the_task3_metric(diagnosis_run, tmp_path):
     block = evaluate_external(run, {"isic2018": samples}, n_resamples=50, progress=False)["isic2018"]
     assert block["diagnosis"]["n"] == 7 and set(block["diagnosis"]["per_class"]) == set(HAM_CLASSES)
     assert "Balanced multi-class accuracy" in (run / "report.md").read_text()
+    from lesionlab.evaluation.card import model_card
+    from lesionlab.evaluation.report import cell
+
+    card = model_card(run)  # the external row and its diagnoses, read from metrics.json
+    auc, bacc = cell(block["at_threshold"]["auc"]), cell(block["diagnosis"]["balanced_accuracy"])
+    assert f"| isic2018 | 7 (3) | {auc} |" in card and bacc in card and "Diagnoses on isic2018" in card
+
+
+def test_make_default_model_bundles_a_diagnosis_run_with_its_card(exported_run, tmp_path, monkeypatch):
+    import runpy
+
+    out = tmp_path / "default_model"
+    argv = ["make_default_model.py", str(exported_run), "--out", str(out), "--command", "lesionlab train ..."]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(Path(__file__).parents[1] / "tools" / "make_default_model.py"), run_name="__main__")
+    card = (out / "MODEL_CARD.md").read_text()
+    config = json.loads((exported_run / "config.json").read_text())
+    for s in config["data"]["sources"]:  # every source, with its counts
+        assert f"| {s['name']} | {s['format']} |" in card
+    assert all(f"| {d} |" in card for d in HAM_CLASSES) and "| mel | melanoma | malignant |" in card
+    assert "lesionlab calibrate --data" in card and "lesionlab train ..." in card
+    assert torch.load(out / "model.pt", weights_only=True)["state_dict"]["head.net.1.weight"].dtype == torch.float16
+    assert (out / "model.onnx").exists() and not (out.parent / "default_model.tmp").exists()
 
 
 def test_v1_predict_and_the_model_card_carry_the_diagnoses(exported_run, ham_subset):
@@ -187,6 +210,7 @@ def test_v1_predict_and_the_model_card_carry_the_diagnoses(exported_run, ham_sub
         assert sum(body["diagnoses"][d] for d in MALIGNANT) == pytest.approx(body["probability"], abs=1e-6)
         assert batch["results"][by_status[status]]["diagnoses"] == pytest.approx(body["diagnoses"])
     assert card["target"] == "diagnosis" and card["diagnoses"] == HAM_CLASSES
+    assert [s["name"] for s in card["training_data"]["sources"]] == ["isic-kaggle", "ham10000"]
 
 
 def test_diagnosis_target_without_any_diagnosis_is_a_clear_error(kaggle_subset, tmp_path):

@@ -14,9 +14,9 @@ from lesionlab.inference.predictor import Predictor
 MODEL_CARD_FILE = "MODEL_CARD.md"
 LICENCE_NOTES = {
     "code": "lesionlab is Apache-2.0.",
-    "data": "Trained on the Kaggle 'Skin Cancer: Malignant vs. Benign' images, which come from the ISIC Archive; "
-    "ISIC images carry per-image Creative Commons licences (many are CC BY-NC), so check them before any "
-    "commercial use of this model.",
+    "data": "Trained on ISIC Archive images (training_data.sources: e.g. the Kaggle 'Skin Cancer: Malignant vs. "
+    "Benign' set, HAM10000); ISIC images carry per-image Creative Commons licences (many are CC BY-NC), so check "
+    "them before any commercial use of this model.",
     "weights": "The backbone starts from ImageNet weights; their source is listed under weights_source and its "
     "licence applies to the derived model.",
 }
@@ -67,10 +67,17 @@ def external_results(metrics: dict) -> dict | None:
 
 
 def training_data(config: dict) -> dict:
+    """What the model was trained on: ``sources`` (each one's name, format and counts per split and class; one
+    folder for runs older than multi-source training), the split sizes and the positive class."""
     data = config.get("data", {})
+    sources = [
+        {k: s.get(k) for k in ("name", "format", "counts")}
+        for s in data.get("sources") or [{"name": Path(str(data.get("root", ""))).name or None, "format": "folder"}]
+    ]
     return {
-        "dataset": "isic-kaggle (Kaggle 'Skin Cancer: Malignant vs. Benign', ISIC Archive images)",
+        "dataset": " + ".join(str(s["name"]) for s in sources) + " (ISIC Archive dermoscopy images)",
         "folder": Path(str(data.get("root", ""))).name or None,
+        "sources": sources,
         "classes": data.get("classes"),
         "positive_class": data.get("positive_class", "malignant"),
         **{k: data.get(k) for k in ("n_train", "n_val", "n_test", "n_test_dedup", "split_seed")},
