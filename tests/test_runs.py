@@ -10,17 +10,18 @@ import pytest
 from lesionlab import runs
 from lesionlab.runs import OperatingPoint, RunError, RunFolder
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "src" / "lesionlab" / "default_model"
+# the config and calibration of the model bundled up to the twelfth session (schema 1, before schema_version)
+SCHEMA1_MODEL = Path(__file__).resolve().parent / "reference" / "schema1_model"
 
 
-def test_the_bundled_model_is_schema_1_and_loads_migrated():
-    raw = json.loads((DEFAULT_MODEL / runs.CONFIG).read_text())
+def test_a_schema_1_model_loads_migrated():
+    raw = json.loads((SCHEMA1_MODEL / runs.CONFIG).read_text())
     assert "schema_version" not in raw and "precision" not in raw["train"]
-    config = RunFolder(DEFAULT_MODEL).config
+    config = RunFolder(SCHEMA1_MODEL).config
     assert config.raw["schema_version"] == runs.SCHEMA_VERSION
     assert config.train["precision"] == "fp32" and config.train["ema_decay"] == 0.0 and config.train["fold"] == 0
     assert config.backbone == "efficientnet_lite0" and config.preprocessing.input_size == 224
-    op = RunFolder(DEFAULT_MODEL).operating_point()
+    op = RunFolder(SCHEMA1_MODEL).operating_point()
     assert op is not None and 0 < op.threshold < 1
 
 
