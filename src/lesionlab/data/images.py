@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -214,6 +216,40 @@ def decode_samples(
             bad.append(e)
     images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return DecodedSet(images, good, bad)
+
+
+T = TypeVar("T")
+
+
+def opened_batches(
+    items: Sequence[T],
+    open_one: Callable[[T], Image.Image],
+    batch_size: int = 32,
+    desc: str = "score",
+    progress: bool = True,
+) -> Iterator[list[tuple[T, Image.Image | BadImageError]]]:
+    """``items`` in batches of ``batch_size``, each with its decoded image or the BadImageError it raised, in
+    order: only one batch of images is held, whatever the number of files, under one progress bar. What a bad
+    image means (an error, a skipped row, an answer of its own) is the caller's to say."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress)
+    try:
+        for start in range(0, len(items), batch_size):
+            batch: list[tuple[T, Image.Image | BadImageError]] = []
+            for item in items[start : start + batch_size]:
+                try:
+                    batch.append((item, open_one(item)))
+                except BadImageError as e:
+                    batch.append((item, e))
+            yield batch
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+def open_sample(s: Sample) -> Image.Image:
+    return open_image(s.path, s.relpath)
 
 
 def describe_bad(bad: list[BadImageError], limit: int = 20) -> str:

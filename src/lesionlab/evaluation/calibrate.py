@@ -30,7 +30,7 @@ import numpy as np
 
 from lesionlab import files
 from lesionlab import runs as rf
-from lesionlab.data.images import BadImageError, open_image
+from lesionlab.data.images import BadImageError, open_sample, opened_batches
 from lesionlab.data.sample import Sample
 from lesionlab.data.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from lesionlab.evaluation.metrics import DEFAULT_POLICY, DEFAULT_RESAMPLES, check_policy, metrics_with_ci
@@ -74,28 +74,19 @@ def score_site(
 ) -> SiteScores:
     """Raw logits of every sample (``predict_logits``: no temperature), ``batch_size`` decoded images at a time.
     ``tta`` None: as the model's operating point was fitted. SiteError naming an unreadable image."""
-    from tqdm.auto import tqdm
-
     if not samples:
         raise SiteError("the site sample holds no images")
     use_tta = predictor.use_tta(tta)
     logits: list[np.ndarray] = []
-    bar = tqdm(total=len(samples), desc="site", unit="img", disable=not progress)
-    try:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            images = []
-            for s in batch:
-                try:
-                    images.append(open_image(s.path, s.relpath))
-                except BadImageError as e:
-                    raise SiteError(
-                        f"site image {s.relpath} ({s.path}) cannot be read: {e.reason}; fix it or remove its row"
-                    ) from None
-            logits.append(predictor.predict_logits(images, use_tta))
-            bar.update(len(batch))
-    finally:
-        bar.close()
+    for batch in opened_batches(samples, open_sample, batch_size, "site", progress):
+        images = []
+        for s, x in batch:
+            if isinstance(x, BadImageError):
+                raise SiteError(
+                    f"site image {s.relpath} ({s.path}) cannot be read: {x.reason}; fix it or remove its row"
+                )
+            images.append(x)
+        logits.append(predictor.predict_logits(images, use_tta))
     return SiteScores(list(samples), np.concatenate(logits).astype(np.float64), use_tta)
 
 

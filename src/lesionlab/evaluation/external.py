@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.stats import beta
 
-from lesionlab.data.images import BadImageError, open_image
+from lesionlab.data.images import BadImageError, open_sample, opened_batches
 from lesionlab.data.sample import Sample
 from lesionlab.errors import LesionlabError
 from lesionlab.evaluation.diagnosis import block_lines, diagnosis_metrics
@@ -76,8 +76,6 @@ def score_external(
 
     An unreadable image raises ExternalError naming it, unless ``skip_bad``: then it is left out and listed in
     ``skipped``. Raises ExternalError for an empty set or one where no image could be read."""
-    from tqdm.auto import tqdm
-
     if not samples:
         raise ExternalError("the external set holds no images")
     kept: list[Sample] = []
@@ -85,28 +83,23 @@ def score_external(
     refused: list[bool] = []
     skipped: list[tuple[str, str]] = []
     names, diag = predictor.info.diagnoses, []
-    bar = tqdm(total=len(samples), desc="external", unit="img", disable=not progress)
-    for start in range(0, len(samples), batch_size):
-        batch, images = [], []
-        for s in samples[start : start + batch_size]:
-            try:
-                images.append(open_image(s.path, s.relpath))
-                batch.append(s)
-            except BadImageError as e:
-                if not skip_bad:
-                    bar.close()
-                    raise ExternalError(
-                        f"external image {s.relpath} ({s.path}) cannot be read: {e.reason}; "
-                        "fix or remove it, or skip unreadable images (skip_bad)"
-                    ) from None
-                skipped.append((s.relpath, e.reason))
-        for s, p in zip(batch, predictor.analyze(images, tta=tta) if images else []):
+    for batch in opened_batches(samples, open_sample, batch_size, "external", progress):
+        opened = []
+        for s, x in batch:
+            if not isinstance(x, BadImageError):
+                opened.append((s, x))
+            elif skip_bad:
+                skipped.append((s.relpath, x.reason))
+            else:
+                raise ExternalError(
+                    f"external image {s.relpath} ({s.path}) cannot be read: {x.reason}; "
+                    "fix or remove it, or skip unreadable images (skip_bad)"
+                )
+        for (s, _), p in zip(opened, predictor.analyze([x for _, x in opened], tta=tta) if opened else []):
             kept.append(s)
             probs.append(p.probability)
             refused.append(bool(p.refused))
             diag += [[p.diagnoses[n] for n in names]] if p.diagnoses else []
-        bar.update(len(samples[start : start + batch_size]))
-    bar.close()
     if not kept:
         raise ExternalError(f"none of the {len(samples)} external images could be read (e.g. {skipped[0][0]})")
     return ExternalScores(

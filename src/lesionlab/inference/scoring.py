@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image
 
-from lesionlab.data.images import BadImageError, open_image
+from lesionlab.data.images import BadImageError, open_image, opened_batches
 from lesionlab.inference.predictor import Predictor
 
 
@@ -16,37 +16,26 @@ def score_files(
     predictor: Predictor, paths: Sequence[Path], tta: bool | None = None, batch_size: int = 32, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Per path, ``{probability, label, threshold, refused, reason, ood_score}`` (and ``diagnoses`` for a diagnosis
-    model) or ``{error}``; in order. Decoded
-    ``batch_size`` at a time, so memory stays bounded whatever the number of files."""
-    from tqdm.auto import tqdm
-
+    model) or ``{error}``; in order. Decoded ``batch_size`` at a time, so memory stays bounded whatever the
+    number of files."""
     out: list[dict[str, Any]] = []
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        decoded: list[Image.Image] = []
-        answers: list[dict[str, Any] | None] = []
-        for p in chunk:
-            try:
-                decoded.append(open_image(p, str(p)))
-                answers.append(None)
-            except BadImageError as e:
-                answers.append({"error": e.reason})
+    for batch in opened_batches(paths, lambda p: open_image(p, str(p)), batch_size, "predict", progress):
+        decoded = [x for _, x in batch if isinstance(x, Image.Image)]
         predictions = iter(predictor.analyze(decoded, tta) if decoded else [])
-        for a in answers:
-            if a is None:
-                pred = next(predictions)
-                a = {
-                    "probability": round(pred.probability, 6),
-                    "label": pred.label,
-                    "threshold": predictor.info.threshold,
-                    "refused": pred.refused,
-                    "reason": pred.reason,
-                    "ood_score": None if pred.ood_score is None else round(pred.ood_score, 3),
-                }
-                if pred.diagnoses is not None:  # a diagnosis model: P(diagnosis), malignant ones summing to P
-                    a["diagnoses"] = {d: round(q, 6) for d, q in pred.diagnoses.items()}
+        for _, x in batch:
+            if isinstance(x, BadImageError):
+                out.append({"error": x.reason})
+                continue
+            pred = next(predictions)
+            a = {
+                "probability": round(pred.probability, 6),
+                "label": pred.label,
+                "threshold": predictor.info.threshold,
+                "refused": pred.refused,
+                "reason": pred.reason,
+                "ood_score": None if pred.ood_score is None else round(pred.ood_score, 3),
+            }
+            if pred.diagnoses is not None:  # a diagnosis model: P(diagnosis), malignant ones summing to P
+                a["diagnoses"] = {d: round(q, 6) for d, q in pred.diagnoses.items()}
             out.append(a)
-        bar.update(len(chunk))
-    bar.close()
     return out
