@@ -1,0 +1,34 @@
+#!/bin/bash
+# Make a trained, evaluated run the bundled default model, measuring what its model card reports:
+#   bench/bundle.sh runs/NAME            (from the repository root; about 15 minutes on 2 cores)
+# 1. the lesion detector learns to refuse clinical photos (half of ../shared/data/clinical-sd198, split by folder;
+#    measured on the other half), 2. the external sets are scored again with that detector (their refusal counts),
+# 3. ONNX export, 4. single-image latency (bench/serve.py, model and end to end), 5. site calibration on
+# isic2018-task3-test (100/200/400 images, ten draws each, scored on the images not drawn), 6. the bundle and its
+# MODEL_CARD.md (tools/make_default_model.py). Measurements go to bench/results/bundle-NAME-*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:?usage: bench/bundle.sh RUN_DIR}
+NAME=$(basename "$RUN")
+L=.venv/bin/lesionlab
+PY=.venv/bin/python
+OUT=${BUNDLE_RESULTS:-bench/results/bundle-$NAME}   # measurements, and where the bundle goes (a dry run: both elsewhere)
+DEST=${BUNDLE_OUT:-src/lesionlab/default_model}
+EXT="--only-external --external isic2018=../shared/data/isic2018-task3-test --external ph2=../shared/data/ph2"
+step() { echo "=== $(date +%T) $*"; }
+step refusal; $L refusal "$RUN" --non-lesion ../shared/data/clinical-sd198/images --quiet
+step external; $L evaluate "$RUN" $EXT --quiet
+step export; $L export "$RUN"
+step latency; $PY bench/serve.py --model "$RUN" --part runtimes --out "$OUT-serve.json"
+step site calibration; $PY bench/site_calibration.py "$RUN" --sizes 100 200 400 --draws 10 \
+  --policy sensitivity:0.90 --policy sensitivity:0.95 --json "$OUT-site.json"
+step bundle
+TRAIN=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['command'])" "$RUN/config.json")
+$PY tools/make_default_model.py "$RUN" --out "$DEST" --site-calibration "$OUT-site.json" \
+  --command "$TRAIN" \
+  --command "lesionlab refusal $RUN --non-lesion ../shared/data/clinical-sd198/images" \
+  --command "lesionlab evaluate $RUN $EXT" \
+  --command "lesionlab export $RUN" \
+  --command "python bench/site_calibration.py $RUN --policy sensitivity:0.90 --policy sensitivity:0.95 --json $OUT-site.json" \
+  --command "python tools/make_default_model.py $RUN --site-calibration $OUT-site.json"
+step done
