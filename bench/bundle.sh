@@ -15,20 +15,25 @@ PY=.venv/bin/python
 OUT=${BUNDLE_RESULTS:-bench/results/bundle-$NAME}   # measurements, and where the bundle goes (a dry run: both elsewhere)
 DEST=${BUNDLE_OUT:-src/lesionlab/default_model}
 EXT="--only-external --external isic2018=../shared/data/isic2018-task3-test --external ph2=../shared/data/ph2"
-step() { echo "=== $(date +%T) $*"; }
-step refusal; $L refusal "$RUN" --non-lesion ../shared/data/clinical-sd198/images --quiet
-step external; $L evaluate "$RUN" $EXT --quiet
-step export; $L export "$RUN"
-step latency; $PY bench/serve.py --model "$RUN" --part runtimes --out "$OUT-serve.json"
-step site calibration; $PY bench/site_calibration.py "$RUN" --sizes 100 200 400 --draws 10 \
+MADE=()  # each step's command as it ran (the model card's "How it was made")
+step() {  # title, command...
+  echo "=== $(date +%T) $1"; shift
+  MADE+=("$(echo "$@" | sed 's|\.venv/bin/python |python |; s|\.venv/bin/||')")
+  "$@"
+}
+TRAIN=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['command'])" "$RUN/config.json")
+MADE+=("$TRAIN")
+step refusal $L refusal "$RUN" --non-lesion ../shared/data/clinical-sd198/images --quiet
+step external $L evaluate "$RUN" $EXT --quiet
+step export $L export "$RUN"
+echo "=== $(date +%T) latency (measured, not part of the model)"
+$PY bench/serve.py --model "$RUN" --part runtimes --out "$OUT-serve.json"
+step "site calibration" $PY bench/site_calibration.py "$RUN" --sizes 100 200 400 --draws 10 \
   --policy sensitivity:0.90 --policy sensitivity:0.95 --json "$OUT-site.json"
-step bundle
-TRAIN=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['command'])" "$RUN/config.json")
-$PY tools/make_default_model.py "$RUN" --out "$DEST" --site-calibration "$OUT-site.json" \
-  --command "$TRAIN" \
-  --command "lesionlab refusal $RUN --non-lesion ../shared/data/clinical-sd198/images" \
-  --command "lesionlab evaluate $RUN $EXT" \
-  --command "lesionlab export $RUN" \
-  --command "python bench/site_calibration.py $RUN --policy sensitivity:0.90 --policy sensitivity:0.95 --json $OUT-site.json" \
-  --command "python tools/make_default_model.py $RUN --site-calibration $OUT-site.json"
-step done
+BUNDLE=(tools/make_default_model.py "$RUN" --out "$DEST" --site-calibration "$OUT-site.json")
+MADE+=("python ${BUNDLE[*]}")
+COMMANDS=()
+for c in "${MADE[@]}"; do COMMANDS+=(--command "$c"); done
+echo "=== $(date +%T) bundle"
+$PY "${BUNDLE[@]}" "${COMMANDS[@]}"
+echo "=== $(date +%T) done"

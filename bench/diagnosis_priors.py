@@ -29,6 +29,7 @@ from lesionlab.data.loading import dataset_from_record
 from lesionlab.data.sources import load_external
 from lesionlab.evaluation.diagnosis import diagnosis_metrics
 from lesionlab.evaluation.external import NONE, score_external
+from lesionlab.evaluation.report import cell
 from lesionlab.inference.loading import load_predictor
 from lesionlab.runs import RunFolder
 
@@ -50,23 +51,17 @@ def decisions(truth: list[str | None], probs: np.ndarray, names: list[str], prio
     }
 
 
-def fmt(r: dict[str, Any] | None) -> str:
-    if not r or r.get("value") is None:
-        return "n/a"
-    return f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-
-
 def table(name: str, result: dict, names: list[str]) -> str:
     lines = [
-        f"{name}: " + ", ".join(f"{k} {fmt(v['balanced_accuracy'])}" for k, v in result.items() if v),
+        f"{name}: " + ", ".join(f"{k} {cell(v['balanced_accuracy'])}" for k, v in result.items() if v),
         "",
         "| decision | balanced accuracy | " + " | ".join(f"recall {d}" for d in names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
     for k, v in result.items():
         if v:
-            recalls = [fmt(v["per_class"][d]["recall"]) if v["per_class"][d]["recall"] else "" for d in names]
-            lines.append(f"| {k} | {fmt(v['balanced_accuracy'])} | " + " | ".join(recalls) + " |")
+            recalls = [cell(v["per_class"][d]["recall"]) if v["per_class"][d]["recall"] else "" for d in names]
+            lines.append(f"| {k} | {cell(v['balanced_accuracy'])} | " + " | ".join(recalls) + " |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ measurement (``bench/site_calibration.py --json``); nothing is typed in, so a ca
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,6 @@ DIAGNOSIS_NAMES = {
     "vasc": "vascular lesion",
     "scc": "squamous cell carcinoma",
 }
-
-
-def _load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def what_it_is(cfg: Mapping[str, Any]) -> list[str]:
@@ -80,14 +75,14 @@ def diagnosis_mapping(cfg: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def training_data(cfg: Mapping[str, Any]) -> list[str]:
-    data = cfg["data"]
+def training_data(config: rf.RunConfig) -> list[str]:
+    data = config.data
     lines = [
         "## Training data",
         "| source | format | images (benign / malignant) |",
         "|---|---|---|",
     ]
-    for s in data.get("sources") or [{"name": Path(data["root"]).name, "format": "folder", "counts": {}}]:
+    for s in config.sources:
         counts = "; ".join(
             f"{split} {c.get('benign', 0)} / {c.get('malignant', 0)}" for split, c in s.get("counts", {}).items()
         )
@@ -233,8 +228,8 @@ def site_calibration(measured: Mapping[str, Any] | None = None) -> list[str]:
     return lines
 
 
-def limitations(cfg: Mapping[str, Any]) -> list[str]:
-    names = ", ".join(s["name"] for s in cfg["data"].get("sources", [])) or Path(cfg["data"]["root"]).name
+def limitations(config: rf.RunConfig) -> list[str]:
+    names = ", ".join(str(s["name"]) for s in config.sources)
     return [
         "## Intended use",
         "A research and screening aid: it ranks dermoscopic images of single skin lesions by how likely they are "
@@ -260,19 +255,20 @@ def model_card(
 ) -> str:
     """MODEL_CARD.md of ``run`` (a trained, evaluated run folder). ``commands``: how it was made (default: the
     training command config.json records); ``site``: a ``bench/site_calibration.py --json`` record to report."""
-    run = Path(run)
-    cfg, m = _load(run / rf.CONFIG), _load(run / rf.METRICS)
+    folder = rf.RunFolder(run)
+    config, m = folder.config, folder.metrics()
+    cfg = config.raw
     malignant = cfg.get("model", {}).get("malignant_diagnoses", ())
     sections = [
         [f"# Model card: {title}", "", f"> {DISCLAIMER}"],
         what_it_is(cfg),
         diagnosis_mapping(cfg),
-        training_data(cfg),
+        training_data(config),
         performance(m, malignant),
         external(m, malignant),
-        refusal(_load(run / rf.REFUSAL)),
+        refusal(folder.refusal()),
         site_calibration(site),
-        limitations(cfg),
+        limitations(config),
         [
             "## Licence",
             "Code and weights of this package: Apache-2.0. ImageNet weights: see the weights source above. Training "

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from lesionlab.data.images import BadImageError, open_image, opened_batches
 from lesionlab.inference.predictor import Predictor
 
@@ -20,7 +18,7 @@ def score_files(
     number of files."""
     out: list[dict[str, Any]] = []
     for batch in opened_batches(paths, lambda p: open_image(p, str(p)), batch_size, "predict", progress):
-        decoded = [x for _, x in batch if isinstance(x, Image.Image)]
+        decoded = [x for _, x in batch if not isinstance(x, BadImageError)]
         predictions = iter(predictor.analyze(decoded, tta) if decoded else [])
         for _, x in batch:
             if isinstance(x, BadImageError):

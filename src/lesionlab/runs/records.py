@@ -132,6 +132,15 @@ class RunConfig:
         return dict(self.raw.get("data", {}))
 
     @property
+    def sources(self) -> list[dict[str, Any]]:
+        """config.json's data sources (``name``, ``root``, ``format``, ``spec``, ``counts`` per split and class). A
+        run of one folder from before multi-source training records none: that folder then, without counts."""
+        if self.data.get("sources"):
+            return [dict(s) for s in self.data["sources"]]
+        root = Path(str(self.data.get("root", "")))
+        return [{"name": root.name or None, "root": str(root), "format": "folder"}]
+
+    @property
     def data_root(self) -> Path:
         return Path(self.raw["data"]["root"])
 

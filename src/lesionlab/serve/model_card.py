@@ -70,10 +70,7 @@ def training_data(config: dict) -> dict:
     """What the model was trained on: ``sources`` (each one's name, format and counts per split and class; one
     folder for runs older than multi-source training), the split sizes and the positive class."""
     data = config.get("data", {})
-    sources = [
-        {k: s.get(k) for k in ("name", "format", "counts")}
-        for s in data.get("sources") or [{"name": Path(str(data.get("root", ""))).name or None, "format": "folder"}]
-    ]
+    sources = [{k: s.get(k) for k in ("name", "format", "counts")} for s in rf.RunConfig(config).sources]
     return {
         "dataset": " + ".join(str(s["name"]) for s in sources) + " (ISIC Archive dermoscopy images)",
         "folder": Path(str(data.get("root", ""))).name or None,
