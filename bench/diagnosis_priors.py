@@ -12,6 +12,8 @@ if the model's probabilities are right. P(malignant), the threshold and every bi
 Scored once per set with the served predictor (TTA as the run's operating point was fitted): the run's
 validation split (what a choice may look at) and each ``--external`` set (reported, never chosen on). Printed:
 balanced accuracy with its 95% CI (bootstrap stratified by diagnosis) and each diagnosis's recall, both decisions.
+``lesionlab evaluate`` makes the same choice on validation itself (``evaluation.diagnosis.choose_decision``) and
+reports only the chosen rule; this shows both rules on every set, the one not chosen included.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +28,15 @@ import numpy as np
 
 from lesionlab.data.loading import dataset_from_record
 from lesionlab.data.sources import load_external
-from lesionlab.evaluation.diagnosis import diagnosis_metrics
+from lesionlab.evaluation.diagnosis import RULES, diagnosis_metrics, training_priors
 from lesionlab.evaluation.external import NONE, score_external
 from lesionlab.evaluation.report import cell
 from lesionlab.inference.loading import load_predictor
 from lesionlab.runs import RunFolder
 
 
-def priors(train: list, names: list[str]) -> np.ndarray:
-    """Each head class's share of the training images that have one of the head's diagnoses."""
-    n = Counter(s.diagnosis for s in train if s.diagnosis in names)
-    if not n:
-        sys.exit("the run's training split has no diagnoses: not a --target diagnosis run")
-    return np.array([n[d] for d in names], np.float64) / sum(n.values())
-
-
-def decisions(truth: list[str | None], probs: np.ndarray, names: list[str], prior: np.ndarray, n: int) -> dict:
-    adjusted = probs / prior
-    adjusted /= adjusted.sum(axis=1, keepdims=True)
-    return {
-        "argmax": diagnosis_metrics(truth, probs, names, n),
-        "prior_corrected": diagnosis_metrics(truth, adjusted, names, n),
-    }
+def decisions(truth: list[str | None], probs: np.ndarray, names: list[str], prior: dict, n: int) -> dict:
+    return {rule: diagnosis_metrics(truth, probs, names, n, decision={"rule": rule, "priors": prior}) for rule in RULES}
 
 
 def table(name: str, result: dict, names: list[str]) -> str:
@@ -78,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         sys.exit(f"{args.run} has no diagnosis head (train with --target diagnosis)")
     splits = folder.dataset_splits(dataset_from_record(folder.config.raw["data"]))
-    prior = priors(splits["train"], names)
+    prior = training_priors([s.diagnosis for s in splits["train"]], names)
+    if prior is None:
+        sys.exit("the run's training split has no diagnoses: not a --target diagnosis run")
     sets = {"val": splits["val"]}
     for spec in args.external:
         name, _, path = spec.partition("=")
         sets[name] = load_external(f"{path}?name={name}").test
     record: dict[str, Any] = {
         "run": str(args.run),
-        "priors": dict(zip(names, prior.round(4).tolist())),
+        "priors": {n: round(q, 4) for n, q in prior.items()},
         "command": "python bench/diagnosis_priors.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "sets": {},
     }

@@ -253,3 +253,35 @@ def test_a_binary_head_and_its_checkpoints_are_unchanged():
     assert Head(16).diagnoses is None and Diagnoses.from_meta({"backbone": "x", "hidden": 100}) is None
     with pytest.raises(ValueError, match="binary head"):
         Head(16).diagnosis_logits(torch.zeros(2, 16))
+
+
+def test_the_decision_rule_is_chosen_on_validation_and_applied_to_every_set(diagnosis_run):
+    metrics = json.loads((diagnosis_run / "metrics.json").read_text())
+    decision = metrics["diagnosis_decision"]
+    assert decision["chosen_on"] == "val" and decision["rule"] in ("argmax", "prior_corrected")
+    assert set(decision["priors"]) == set(HAM_CLASSES) and sum(decision["priors"].values()) == pytest.approx(1)
+    tried = decision["val_balanced_accuracy"]
+    assert decision["rule"] == max(tried, key=lambda r: (tried[r], r == "argmax"))  # argmax wins a tie
+    assert tried[decision["rule"]] == pytest.approx(metrics["val"]["diagnosis"]["balanced_accuracy"]["value"])
+    assert metrics["val"]["diagnosis"]["decision"] == decision["rule"]
+    assert f"Decision: `{decision['rule']}`" in (diagnosis_run / "report.md").read_text()
+
+
+def test_the_prior_corrected_rule_divides_by_the_training_shares():
+    from lesionlab.evaluation.diagnosis import choose_decision, decide, diagnosis_metrics, training_priors
+
+    names = ["mel", "nv", "vasc"]
+    priors = training_priors(["nv"] * 8 + ["mel"] * 2 + [None, "df"], names)  # no diagnosis or another: not counted
+    assert priors == {"mel": 0.2, "nv": 0.8, "vasc": 0.0}
+    probs = np.array([[0.3, 0.7, 0.0], [0.1, 0.9, 0.0], [0.0, 0.4, 0.6]])
+    assert decide(probs, names).tolist() == [1, 1, 2]
+    # 0.3/0.2 > 0.7/0.8; a class never trained on (share 0) is never chosen, whatever its probability
+    assert decide(probs, names, {"rule": "prior_corrected", "priors": priors}).tolist() == [0, 1, 1]
+    truth = ["mel", "nv", "nv"]
+    chosen = choose_decision(truth, probs, names, priors)
+    assert chosen["rule"] == "prior_corrected" and chosen["val_balanced_accuracy"]["argmax"] == 0.25
+    block = diagnosis_metrics(truth, probs, names, 20, decision=chosen)
+    assert block is not None and block["decision"] == "prior_corrected" and block["balanced_accuracy"]["value"] == 1
+    assert choose_decision(truth, probs, names, None)["rule"] == "argmax"  # no priors: the plain argmax
+    with pytest.raises(ValueError, match="unknown diagnosis decision"):
+        decide(probs, names, {"rule": "vote"})

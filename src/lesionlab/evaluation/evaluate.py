@@ -14,8 +14,9 @@ from scipy.special import expit
 
 from lesionlab import files
 from lesionlab import runs as rf
+from lesionlab.data.loading import dataset_from_record
 from lesionlab.evaluation import plots
-from lesionlab.evaluation.diagnosis import add_diagnosis_metrics, diagnosis_report
+from lesionlab.evaluation.diagnosis import add_diagnosis_metrics, diagnosis_report, training_priors
 from lesionlab.evaluation.metrics import (
     DEFAULT_POLICY,
     DEFAULT_RESAMPLES,
@@ -148,11 +149,13 @@ def evaluate_run(
             "folder on other sets with `evaluate --only-external --external NAME=PATH`"
         )
     config = run.config
-    scores = score_run(run.path, data, tta, progress)
+    dataset = dataset_from_record(config.data, data, progress)
+    scores = score_run(run.path, data, tta, progress, dataset)
     metrics, probs = fitted_metrics(scores, policy, n_resamples, seed, tta)
     diagnoses, malignant = model_diagnoses(run.path)  # a diagnosis head's classes; () for a binary model
-    if diagnoses:
-        add_diagnosis_metrics(metrics, scores, probs, diagnoses, malignant, n_resamples, seed)
+    if diagnoses:  # the decision rule is chosen on validation, with the training split's diagnosis shares
+        priors = training_priors([s.diagnosis for s in run.dataset_splits(dataset)["train"]], diagnoses)
+        add_diagnosis_metrics(metrics, scores, probs, diagnoses, malignant, n_resamples, seed, priors)
     refusal = measure_refusal(run.path, data, progress, refit=True, non_lesion=non_lesion)  # photos to refuse
     metrics["refusal"] = summary(refusal.result)
     if run.has(HISTORY):

@@ -4,7 +4,8 @@ Nothing is fitted here: the run's temperature and operating threshold (chosen on
 applied as they are, so the numbers say how the model travels. Per set the block holds AUC, sensitivity and
 specificity at the run's threshold and at 0.5, ECE, each with a 95% stratified-bootstrap CI; the refusal rate;
 and breakdowns by source and by diagnosis (which benign diagnoses get flagged, which malignant ones are missed);
-for a diagnosis model, balanced multi-class accuracy and recall per diagnosis (``evaluation.diagnosis``).
+for a diagnosis model, balanced multi-class accuracy and recall per diagnosis, under the decision rule the run chose
+on validation (``evaluation.diagnosis``).
 
 Metrics cover every scored image, a refused one at its probability: a refusal is a separate answer that a
 deployment may or may not honour, and leaving the refused out would make a model look better by refusing its
@@ -212,7 +213,13 @@ def _diagnosis_row(y: np.ndarray, p: np.ndarray, refused: np.ndarray, threshold:
     return row
 
 
-def external_metrics(scores: ExternalScores, threshold: float, n_resamples: int = 1000, seed: int = 0) -> dict:
+def external_metrics(
+    scores: ExternalScores,
+    threshold: float,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    decision: Mapping[str, Any] | None = None,
+) -> dict:
     """The metrics.json block of one external set. Keys: ``n``, ``n_malignant``, ``n_benign``, ``n_refused``,
     ``refused_malignant``, ``refusal_rate``, ``threshold``, ``at_threshold`` and ``at_0.5`` (metrics_with_ci's
     shape, plus ``sensitivity`` = recall; for a single-class set see ``_at``: AUC None and a ``note``), ``ece``,
@@ -245,7 +252,7 @@ def external_metrics(scores: ExternalScores, threshold: float, n_resamples: int 
     block["skipped"] = [{"relpath": r, "reason": why} for r, why in scores.skipped]
     if scores.diagnosis_probs is not None:  # a diagnosis model: balanced multi-class accuracy (ISIC 2018 Task 3)
         truth = [None if d == NONE else d for d in scores.diagnoses]
-        diag = diagnosis_metrics(truth, scores.diagnosis_probs, scores.diagnosis_names, n_resamples, seed)
+        diag = diagnosis_metrics(truth, scores.diagnosis_probs, scores.diagnosis_names, n_resamples, seed, decision)
         block.update({"diagnosis": diag} if diag else {})
     block["n_resamples"], block["seed"] = int(n_resamples), int(seed)
     return block
@@ -374,12 +381,13 @@ def evaluate_external(
         raise ExternalError(f"{run.path} is the bundled model inside the package; copy it and evaluate the copy")
     predictor = load_predictor(run.path, backend=backend)
     threshold = float(predictor.info.threshold)
+    metrics = run.metrics()
+    decision = metrics.get("diagnosis_decision")  # chosen on validation; a run evaluated before: argmax
     blocks, scored = {}, {}
     for name, samples in sets.items():
         scored[name] = score_external(predictor, samples, tta, batch_size, progress, skip_bad)
-        blocks[name] = external_metrics(scored[name], threshold, n_resamples, seed)
+        blocks[name] = external_metrics(scored[name], threshold, n_resamples, seed, decision)
     write_external_predictions(run.path, scored)
-    metrics = run.metrics()
     metrics["external"] = {**metrics.get("external", {}), **blocks}
     run.write_metrics(metrics)
     report = (run / REPORT).read_text() if run.has(REPORT) else f"# lesionlab run {run.path.name}\n\n> {DISCLAIMER}\n"

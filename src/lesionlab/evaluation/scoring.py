@@ -103,13 +103,18 @@ def _image_scores(predictor, splits, progress: bool, tta: bool) -> dict[str, Spl
 
 
 def score_run(
-    run_dir: str | Path, data: str | Path | None = None, tta: bool = False, progress: bool = True
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    tta: bool = False,
+    progress: bool = True,
+    dataset: Dataset | None = None,
 ) -> dict[str, SplitScores]:
-    """Uncalibrated logits of one run on val, test and test_dedup."""
+    """Uncalibrated logits of one run on val, test and test_dedup; ``dataset``: the run's data, already read
+    (default: read from its record and ``data``)."""
     from lesionlab.inference.predictor import TorchPredictor
 
     run = RunFolder(run_dir).require_trained()
-    dataset = dataset_from_record(run.config.data, data, progress)
+    dataset = dataset if dataset is not None else dataset_from_record(run.config.data, data, progress)
     splits = {k: v for k, v in run.dataset_splits(dataset).items() if k != "train"}
     if run.config.mode == "frozen" and not tta:
         return _frozen_scores(run, dataset, splits, progress)
