@@ -14,6 +14,7 @@ import typer
 from lesionlab.data.dataset import default_data_dir
 from lesionlab.errors import LesionlabError
 from lesionlab.evaluation.metrics import DEFAULT_POLICY, PolicyError, check_policy
+from lesionlab.evaluation.report import held_out_splits
 
 T = TypeVar("T")
 
@@ -98,7 +99,7 @@ def command_line(command: str, **options: Any) -> str:
 
 def print_summary(metrics: dict) -> None:
     """One line per split: n and the headline metrics with their 95% CIs."""
-    for split in ["val", "test", "test_dedup"] + [k for k in metrics if k.startswith("test:")]:
+    for split in held_out_splits(metrics):
         m = metrics[split]
         typer.echo(
             f"{split:>10}: n={m['n']:4d}  "

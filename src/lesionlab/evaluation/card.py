@@ -15,7 +15,7 @@ from typing import Any
 from lesionlab import runs as rf
 from lesionlab.disclaimer import DISCLAIMER
 from lesionlab.evaluation.diagnosis import block_lines
-from lesionlab.evaluation.report import cell, metrics_table
+from lesionlab.evaluation.report import cell, held_out_splits, metrics_table
 
 #: What the HAM10000 / ISIC 2018 Task 3 codes stand for (the taxonomy maps names to codes, not back).
 DIAGNOSIS_NAMES = {
@@ -100,15 +100,8 @@ def training_data(config: rf.RunConfig) -> list[str]:
     return lines
 
 
-def _test_splits(m: Mapping[str, Any]) -> list[str]:
-    """val, test, test_dedup, and each source's own test columns when more than one source has a test split."""
-    per_source = [k for k in m if k.startswith(("test:", "test_dedup:"))]
-    sources = {k.split(":", 1)[1] for k in per_source}
-    return ["val", "test", "test_dedup", *(sorted(per_source) if len(sources) > 1 else [])]
-
-
 def performance(m: Mapping[str, Any], malignant: Sequence[str] = ()) -> list[str]:
-    splits = [s for s in _test_splits(m) if s in m]
+    splits = held_out_splits(m)
     thr, cal = m["threshold"], m["calibration"]
     tta = "with test-time augmentation (serve with `tta=true`)" if m.get("tta") else "without test-time augmentation"
     lines = [

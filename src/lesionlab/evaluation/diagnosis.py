@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lesionlab.evaluation.report import cell
 from lesionlab.inference.diagnoses import regroup
 
 METRIC = "balanced multi-class accuracy (ISIC 2018 Task 3): mean over the diagnoses present of their recall"
@@ -173,17 +174,10 @@ def add_diagnosis_metrics(
             metrics[split]["diagnosis"] = block
 
 
-def _fmt(r: Mapping[str, Any] | None) -> str:
-    if r is None or r.get("value") is None or np.isnan(r["value"]):
-        return "n/a"
-    lo, hi = r["ci95"]
-    return f"{r['value']:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
 def block_lines(block: Mapping[str, Any], malignant: Sequence[str] = ()) -> list[str]:
     """Markdown lines of one ``diagnosis`` block: balanced accuracy, then recall per diagnosis."""
     lines = [
-        f"Balanced multi-class accuracy (ISIC 2018 Task 3 metric): **{_fmt(block['balanced_accuracy'])}** over "
+        f"Balanced multi-class accuracy (ISIC 2018 Task 3 metric): **{cell(block['balanced_accuracy'])}** over "
         f"{block['n']} images with a diagnosis among the model's {len(block['classes'])} "
         f"({block['n_without_diagnosis']} without a diagnosis, {block['n_other_diagnoses']} with another one, not "
         f"counted); the prediction is {RULES[block.get('decision', ARGMAX)]} (`{block.get('decision', ARGMAX)}`).",
@@ -193,7 +187,7 @@ def block_lines(block: Mapping[str, Any], malignant: Sequence[str] = ()) -> list
     ]
     for name, row in block["per_class"].items():
         kind = "malignant" if name in malignant else "benign" if malignant else ""
-        lines.append(f"| {name} | {kind} | {row['n']} | {row['n_predicted']} | {_fmt(row['recall'])} |")
+        lines.append(f"| {name} | {kind} | {row['n']} | {row['n_predicted']} | {cell(row['recall'])} |")
     return [*lines, ""]
 
 

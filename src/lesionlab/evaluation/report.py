@@ -15,6 +15,14 @@ SPLIT_TITLES = {
 }
 
 
+def held_out_splits(metrics: Mapping) -> list[str]:
+    """The splits of ``metrics`` to show, in order: val, test, test_dedup, then each source's own test and
+    test_dedup when more than one source has them (with one source they repeat the whole splits)."""
+    per_source = [k for k in metrics if k.startswith(("test:", "test_dedup:"))]
+    several = len({k.split(":", 1)[1] for k in per_source}) > 1
+    return [k for k in ("val", "test", "test_dedup", *(sorted(per_source) if several else [])) if k in metrics]
+
+
 def fmt(block: Mapping) -> str:
     lo, hi = block["ci95"]
     return f"{block['value']:.3f} [{lo:.3f}, {hi:.3f}]"
