@@ -3,7 +3,8 @@
 Usage: python bench/ablation.py RUN [RUN ...] [--source isic-kaggle] [--against BASE_RUN] [--json FILE]
 
 Per run: validation AUC (what a choice may look at), then, at the run's own operating threshold (chosen on its
-validation), AUC, sensitivity and specificity with their 95% bootstrap CIs on the cross-source test split of
+validation), AUC, sensitivity and specificity with their 95% bootstrap CIs on validation itself, on the
+cross-source test split of
 ``--source`` (``test_dedup:<source>``: its test images that match no training image of any source) and on each
 external set the run was scored on (``lesionlab evaluate RUN --external NAME=PATH``), and balanced multi-class
 accuracy where the run has a diagnosis head and the set has diagnoses. External sets report; they choose nothing.
@@ -50,11 +51,11 @@ def balanced(m: dict[str, Any]) -> str:
 
 
 def rows(run: Path, source: str, base: Path | None = None, n_resamples: int = 1000) -> list[list[str]]:
-    """One row per set of ``run``: the cross-source test split, then the external sets; with ``base``, each row
-    ends with the paired difference from it (``paired``)."""
+    """One row per set of ``run``: validation (the one a choice may read), the cross-source test split, then the
+    external sets; with ``base``, each row ends with the paired difference from it (``paired``)."""
     m = json.loads((run / "metrics.json").read_text())
     key = f"test_dedup:{source}" if f"test_dedup:{source}" in m else "test_dedup"
-    sets = [(key, m[key]), *(m.get("external") or {}).items()]
+    sets = [("val", m["val"]), (key, m[key]), *(m.get("external") or {}).items()]
     threshold = m["threshold"]["value"]
     against = (base, json.loads((base / "metrics.json").read_text())["threshold"]["value"]) if base else None
     out = []
