@@ -42,7 +42,8 @@ RULES = {
 def training_priors(diagnoses: Sequence[str | None], names: Sequence[str]) -> dict[str, float] | None:
     """Each head class's share of the training images whose diagnosis is one of ``names``; None when none is (a
     class the training split never saw gets its share 0 and is then never chosen by the corrected rule)."""
-    counts = Counter(d for d in diagnoses if d in set(names))
+    head = set(names)
+    counts = Counter(d for d in diagnoses if d in head)
     total = sum(counts.values())
     return {n: counts[n] / total for n in names} if total else None
 
@@ -55,13 +56,9 @@ def decide(probs: np.ndarray, names: Sequence[str], decision: Mapping[str, Any] 
     if decision["rule"] != PRIOR_CORRECTED:
         raise ValueError(f"unknown diagnosis decision {decision['rule']!r}: one of {', '.join(RULES)}")
     prior = np.array([decision["priors"][n] for n in names], np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a class never trained on: share 0, never chosen
-        adjusted = np.where(prior > 0, probs / np.where(prior > 0, prior, 1.0), -np.inf)
+    # a class never trained on (share 0) is never chosen; the division is by 1 there, then masked
+    adjusted = np.where(prior > 0, probs / np.where(prior > 0, prior, 1.0), -np.inf)
     return adjusted.argmax(axis=1)
-
-
-def _balanced(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean([np.mean(pred[y == k] == k) for k in np.unique(y)]))
 
 
 def choose_decision(
@@ -69,13 +66,11 @@ def choose_decision(
 ) -> dict[str, Any]:
     """The rule with the higher balanced accuracy on this (validation) set, argmax on a tie or without priors or
     diagnoses: ``{"rule", "priors", "chosen_on", "description", "val_balanced_accuracy": {rule: value}}``."""
-    index = {n: i for i, n in enumerate(names)}
-    keep = np.array([d in index for d in true], bool)
-    y = np.array([index[d] for d in true if d in index])
     scores: dict[str, float] = {}
-    if keep.any() and priors:
-        for rule in RULES:
-            scores[rule] = _balanced(y, decide(np.asarray(probs)[keep], names, {"rule": rule, "priors": priors}))
+    for rule in RULES if priors else ():
+        block = diagnosis_metrics(true, probs, names, n_resamples=0, decision={"rule": rule, "priors": priors})
+        if block is not None:  # None: no image of this set has one of the head's diagnoses
+            scores[rule] = block["balanced_accuracy"]["value"]
     rule = PRIOR_CORRECTED if scores and scores[PRIOR_CORRECTED] > scores[ARGMAX] else ARGMAX
     return {
         "rule": rule,
