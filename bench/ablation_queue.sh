@@ -55,10 +55,12 @@ for job in "$@"; do
     a3) run r8-a3-ft-color $FT --augment dermoscopy+color ;;
     a4) run r8-a4-ft-aspect $FT --augment dermoscopy+aspect ;;
     a5) run r8-a5-ft-dx $FT --target diagnosis ;;
+    a5s1) run r8-a5-ft-dx-s1 $FT --target diagnosis --seed 1 ;;  # the validation choice, two more seeds (issue 14)
+    a5s2) run r8-a5-ft-dx-s2 $FT --target diagnosis --seed 2 ;;
     a6) run r8-a6-ft-cc $FT --color-constancy shades-of-gray ;;
     a7) run r8-a7-ft-all $FT --target diagnosis --augment dermoscopy+shortcuts+color+aspect --color-constancy shades-of-gray ;;  # together
     a8) run r8-a8-ft-320 $FT --input-size 320 ;;  # input size: twice the pixels, about twice the time
-    *) echo "unknown job $job (f-sq f-cc f-dx a1..a8)"; exit 2 ;;
+    *) echo "unknown job $job (f-sq f-cc f-dx a1..a8 a5s1 a5s2)"; exit 2 ;;
   esac
 done
 echo "QUEUE DONE $(date +%T)"
