@@ -1,11 +1,14 @@
 #!/bin/bash
-# Make a trained, evaluated run the bundled default model, measuring what its model card reports:
-#   bench/bundle.sh runs/NAME            (from the repository root; about 15 minutes on 2 cores)
-# 1. the lesion detector learns to refuse clinical photos (half of ../shared/data/clinical-sd198, split by folder;
-#    measured on the other half), 2. the external sets are scored again with that detector (their refusal counts),
-# 3. ONNX export, 4. single-image latency (bench/serve.py, model and end to end), 5. site calibration on
-# isic2018-task3-test (100/200/400 images, ten draws each, scored on the images not drawn), 6. the bundle and its
-# MODEL_CARD.md (tools/make_default_model.py). Measurements go to bench/results/bundle-NAME-*.json.
+# Make a trained run the bundled default model, measuring what its model card reports:
+#   bench/bundle.sh runs/NAME            (from the repository root; about 5 minutes on 2 quiet cores)
+# 1. evaluation by this code (operating point, diagnosis decision and detector fitted on validation: a run
+#    evaluated by older code, such as the ablation queue's pinned commits, gets the current rules), 2. the lesion
+#    detector learns to refuse clinical photos (half of ../shared/data/clinical-sd198, split by folder; measured on
+#    the other half), 3. the external sets are scored again with that detector (their refusal counts), 4. ONNX
+#    export, 5. single-image latency (bench/serve.py, model and end to end), 6. site calibration on
+#    isic2018-task3-test (100/200/400 images, ten draws each, scored on the images not drawn), 7. the bundle and its
+#    MODEL_CARD.md (tools/make_default_model.py), whose "How it was made" lists these steps as they ran.
+# Measurements go to bench/results/bundle-NAME-*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?usage: bench/bundle.sh RUN_DIR}
@@ -23,6 +26,7 @@ step() {  # title, command...
 }
 TRAIN=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['command'])" "$RUN/config.json")
 MADE+=("$TRAIN")
+step evaluate $L evaluate "$RUN" --quiet
 step refusal $L refusal "$RUN" --non-lesion ../shared/data/clinical-sd198/images --quiet
 step external $L evaluate "$RUN" $EXT --quiet
 step export $L export "$RUN"
